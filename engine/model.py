@@ -1,0 +1,232 @@
+"""Llama for causal LM over packed batches, shaped like the Hugging Face checkpoint.
+
+Module and parameter names follow `LlamaForCausalLM` so every checkpoint tensor maps
+to one place; q/k/v and gate/up are fused into single matmuls and `weight_sources()`
+says which checkpoint tensor fills which rows. All hot ops go through
+`splitinfer.kernels`, which picks Triton or torch per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splitinfer.engine.config import ModelConfig
+from splitinfer.engine.forward_batch import ForwardBatch
+from splitinfer.engine.kv_cache import KVCache
+from splitinfer import kernels
+
+
+def _empty_param(*shape: int) -> nn.Parameter:
+    # Uninitialised on purpose: the model is built on the meta device and materialised
+    # on the target device by `LlamaForCausalLM.build`; the loader fills every element.
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """`y = x W^T (+ b)` with an uninitialised weight [out, in] to be filled by the loader."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _empty_param(out_features, in_features)
+        self.bias = _empty_param(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = _empty_param(vocab_size, hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = _empty_param(hidden_size)
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        rope_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        # contiguous() because the kernels index by token, head and dim with dense strides.
+        q = q.reshape(tokens, self.num_heads, self.head_dim).contiguous()
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        kernels.apply_rope_(q, k, positions, rope_cache)
+        if kv_cache is None:
+            if batch.has_cached_prefix:
+                raise ValueError("a batch with a cached prefix needs the KV cache")
+        else:
+            k_cache, v_cache = kv_cache.layer(self.layer_index)
+            kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        if batch.has_cached_prefix:
+            out = kernels.paged_attention(
+                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.cu_seqlens_q, self.scale
+            )
+        else:
+            out = kernels.flash_attention_varlen(q, k, v, batch.cu_seqlens_q, batch.max_seqlen_q, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        rope_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is fused into the next RMSNorm: (norm(h + r), h + r).
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, batch, kv_cache, rope_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """The whole model. Create it with `build` and fill it with `engine.loader.load_weights`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.rope_cache = torch.empty(0)
+
+    @classmethod
+    def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+        """Allocate the (uninitialised) model directly on `device` in `dtype`: no host copy, no init."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to(dtype=dtype).to_empty(device=device)
+        # A plain attribute, not a buffer, so it stays fp32 whatever the model dtype:
+        # the angles of late positions need the precision.
+        model.rope_cache = kernels.rope_cos_sin_cache(
+            config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        ).to(device)
+        return model.eval()
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the packed tokens `input_ids` [T] at `positions` [T].
+
+        With `kv_cache`, the new tokens' K/V are written at `batch.slot_mapping`.
+        """
+        hidden = self.model.embed_tokens(input_ids)
+        residual = None
+        for layer in self.model.layers:
+            hidden, residual = layer(hidden, residual, positions, batch, kv_cache, self.rope_cache)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """fp32 logits for the rows `batch.logits_indices` selects (all rows when None)."""
+        if batch.logits_indices is not None:
+            hidden = hidden.index_select(0, batch.logits_indices)
+        return F.linear(hidden, self.lm_head_weight).float()
+
+    def weight_sources(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint tensor name, destination view) for every tensor the checkpoint must provide.
+
+        Fused parameters appear once per source tensor, each with the rows it fills.
+        """
+        c = self.config
+        yield "model.embed_tokens.weight", self.model.embed_tokens.weight
+        for i, layer in enumerate(self.model.layers):
+            prefix = f"model.layers.{i}"
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv_rows = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.kv_size), "v_proj": (c.q_size + c.kv_size, c.kv_size)}
+            for name, (start, size) in qkv_rows.items():
+                yield f"{prefix}.self_attn.{name}.weight", attn.qkv_proj.weight.narrow(0, start, size)
+                if attn.qkv_proj.bias is not None:
+                    yield f"{prefix}.self_attn.{name}.bias", attn.qkv_proj.bias.narrow(0, start, size)
+            yield f"{prefix}.self_attn.o_proj.weight", attn.o_proj.weight
+            if attn.o_proj.bias is not None:
+                yield f"{prefix}.self_attn.o_proj.bias", attn.o_proj.bias
+            for j, name in enumerate(("gate_proj", "up_proj")):
+                rows = (j * c.intermediate_size, c.intermediate_size)
+                yield f"{prefix}.mlp.{name}.weight", mlp.gate_up_proj.weight.narrow(0, *rows)
+                if mlp.gate_up_proj.bias is not None:
+                    yield f"{prefix}.mlp.{name}.bias", mlp.gate_up_proj.bias.narrow(0, *rows)
+            yield f"{prefix}.mlp.down_proj.weight", mlp.down_proj.weight
+            if mlp.down_proj.bias is not None:
+                yield f"{prefix}.mlp.down_proj.bias", mlp.down_proj.bias
+            yield f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight
+            yield f"{prefix}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight
+        yield "model.norm.weight", self.model.norm.weight
+        if self.lm_head is not None:
+            yield "lm_head.weight", self.lm_head.weight

@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Write a small, deterministic Hugging Face Llama checkpoint for tests and benchmarks.
+
+The directory it writes (config, safetensors weights, byte-level BPE tokenizer with the
+Llama 3 special tokens and chat template, generation config) loads unchanged in
+``transformers`` and in splitinfer, so the two can be compared token for token. The same
+arguments always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512, max_position=2048),
+    # About 100M parameters: big enough that CPU benchmarks measure compute, not overhead.
+    "bench": dict(layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048, vocab=32000, max_position=4096),
+}
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Weight scales, relative to 1/sqrt(fan_in) so every preset behaves alike. A gain of 2 keeps each
+# layer's output larger than its input: with smaller weights random models fall into greedy
+# loops of one or two tokens. The embedding gain gives logits a standard deviation of about 2,
+# so the top two logits are rarely close enough for rounding to swap them between engines.
+MATRIX_GAIN = 2.0
+EMBED_GAIN = 2.0
+JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+BYTE_ALPHABET = 256  # ByteLevel maps every byte to one printable character.
+
+# The Llama 3 Instruct template: BOS once, then one header/content/eot block per message.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+ENGLISH_TEXT = """\
+The morning train was late again, so Maria walked to the station café and ordered a cup of
+coffee. She opened her notebook and wrote down the three things she had to finish before
+Friday: the report for the council, the letter to her brother, and the list of books for the
+school library. It was 7:45 when the train finally arrived, and the platform was crowded with
+people who had been waiting for more than twenty minutes.
+
+In the small town where she lived, everyone knew the baker, the postman and the woman who
+repaired bicycles. The river ran along the eastern edge of the town, and in summer children
+swam near the old stone bridge while their parents sat in the shade of the trees. Nobody could
+remember when the bridge was built, but a sign on the wall said 1874.
+
+Computers are very good at following instructions, but they only do exactly what they are
+told. A program that reads a file, counts the words and prints the result can be written in a
+few lines. What is hard is not the writing; it is knowing what the program should do when the
+file is empty, when it is too large to fit in memory, or when it does not exist at all.
+
+"Would you like some tea?" asked the old man. "Yes, please," she answered, "with a little milk
+and no sugar." They talked for an hour about the weather, the price of bread, the new road to
+the city and the football match on Saturday. When she left, he gave her a jar of honey from his
+own bees and told her to come back next week.
+"""
+# Repeating the prose keeps its merges ahead of the synthetic filler, so real English
+# tokenizes into plausible pieces even in the large-vocabulary preset.
+ENGLISH_REPEATS = 64
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and validate the command line, filling unset sizes from the chosen preset."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", type=Path, help="Directory to write the checkpoint into (created if missing).")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                   help="Base sizes: 'tiny' (~0.3M parameters) or 'bench' (~100M); explicit flags override it.")
+    p.add_argument("--seed", type=int, default=0, help="Seed for the weights and the synthetic tokenizer text.")
+    p.add_argument("--layers", type=int, help="Number of decoder layers.")
+    p.add_argument("--hidden", type=int, help="Hidden (model) dimension.")
+    p.add_argument("--heads", type=int, help="Number of query attention heads.")
+    p.add_argument("--kv-heads", type=int, help="Number of key/value heads (grouped-query attention).")
+    p.add_argument("--head-dim", type=int, help="Dimension of one attention head; defaults to hidden / heads.")
+    p.add_argument("--intermediate", type=int, help="Hidden dimension of the SwiGLU MLP.")
+    p.add_argument("--vocab", type=int, help="Vocabulary size, special tokens included (at least 300).")
+    p.add_argument("--max-position", type=int, help="max_position_embeddings and the tokenizer's model_max_length.")
+    p.add_argument("--shards", type=int, default=1,
+                   help="Number of safetensors files; more than one also writes model.safetensors.index.json.")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Dtype the weights are saved in.")
+    p.add_argument("--no-tie", action="store_true",
+                   help="Write a separate lm_head.weight instead of tying it to the input embeddings.")
+    p.add_argument("--rope-scaling", choices=["none", "llama3", "linear"], default="none",
+                   help="RoPE scaling written to config.json: none, Llama 3.1 style (factor 8), or linear (factor 2).")
+    p.add_argument("--rope-theta", type=float, default=500000.0, help="RoPE base frequency.")
+    p.add_argument("--attention-bias", action="store_true", help="Give the q/k/v/o projections bias vectors.")
+    p.add_argument("--force", action="store_true", help="Write into OUT even if it already holds files.")
+    args = p.parse_args(argv)
+
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for flag in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_position"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.head_dim is None:
+        if args.hidden % args.heads:
+            p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}; pass --head-dim explicitly")
+        args.head_dim = args.hidden // args.heads
+    if args.head_dim < 2 or args.head_dim % 2:
+        p.error(f"--head-dim must be even and positive (RoPE rotates pairs), got {args.head_dim}")
+    if args.heads % args.kv_heads:
+        p.error(f"--heads {args.heads} is not divisible by --kv-heads {args.kv_heads}")
+    if args.vocab < 300:
+        p.error(f"--vocab must be at least 300 (256 byte tokens + specials + merges), got {args.vocab}")
+    if args.rope_theta <= 0:
+        p.error(f"--rope-theta must be positive, got {args.rope_theta}")
+    if args.rope_scaling == "llama3" and args.max_position < 4:
+        p.error("--rope-scaling llama3 needs --max-position >= 4 (the original context is a quarter of it)")
+    n_tensors = len(tensor_shapes(args))
+    if not 1 <= args.shards <= n_tensors:
+        p.error(f"--shards must be between 1 and the number of tensors ({n_tensors}), got {args.shards}")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
+        p.error(f"{args.out} exists and is not an empty directory; pass --force to write into it anyway")
+    return args
+
+
+def tensor_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
+    """Return every weight name and shape, in the fixed order the random values are drawn."""
+    h, q_dim, kv_dim = args.hidden, args.heads * args.head_dim, args.kv_heads * args.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab, h)}
+    for i in range(args.layers):
+        pre = f"model.layers.{i}."
+        for proj, (rows, cols) in {"q": (q_dim, h), "k": (kv_dim, h), "v": (kv_dim, h), "o": (h, q_dim)}.items():
+            shapes[f"{pre}self_attn.{proj}_proj.weight"] = (rows, cols)
+            if args.attention_bias:
+                shapes[f"{pre}self_attn.{proj}_proj.bias"] = (rows,)
+        shapes[f"{pre}mlp.gate_proj.weight"] = (args.intermediate, h)
+        shapes[f"{pre}mlp.up_proj.weight"] = (args.intermediate, h)
+        shapes[f"{pre}mlp.down_proj.weight"] = (h, args.intermediate)
+        shapes[f"{pre}input_layernorm.weight"] = (h,)
+        shapes[f"{pre}post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if args.no_tie:  # Drawn last, so tied and untied models share every other weight.
+        shapes["lm_head.weight"] = (args.vocab, h)
+    return shapes
+
+
+def make_weights(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """Draw all weights in float32 from one seeded generator, then cast to --dtype."""
+    gen = torch.Generator().manual_seed(args.seed)
+    tensors = {}
+    for name, shape in tensor_shapes(args).items():
+        t = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if "norm" in name:
+            t = 1.0 + 0.1 * t  # Far enough from 1 that an engine ignoring norm weights disagrees.
+        elif name.endswith(".bias"):
+            t = t * 0.02
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t = t * EMBED_GAIN / args.hidden ** 0.5
+        else:
+            t = t * MATRIX_GAIN / shape[1] ** 0.5
+        tensors[name] = t.to(DTYPES[args.dtype]).contiguous()
+    return tensors
+
+
+def split_shards(sizes: list[int], n: int) -> list[int]:
+    """Return n+1 cut indices splitting sizes, in order, into n non-empty groups of similar byte totals."""
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+    cuts = [0]
+    for k in range(1, n):
+        cut = bisect.bisect_left(prefix, prefix[-1] * k / n)
+        cuts.append(min(max(cut, cuts[-1] + 1), len(sizes) - (n - k)))
+    return cuts + [len(sizes)]
+
+
+def save_weights(out: Path, tensors: dict[str, torch.Tensor], n_shards: int) -> None:
+    """Write model.safetensors, or HF-named shards plus model.safetensors.index.json."""
+    metadata = {"format": "pt"}
+    if n_shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        return
+    names = list(tensors)
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    cuts = split_shards(sizes, n_shards)
+    weight_map = {}
+    for k in range(n_shards):
+        file = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
+        group = names[cuts[k]:cuts[k + 1]]
+        save_file({name: tensors[name] for name in group}, str(out / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(group, file))
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    write_json(out / "model.safetensors.index.json", index)
+
+
+def training_text(target: int, seed: int) -> list[str]:
+    """Return the English prose plus enough distinct synthetic words for BPE to reach target entries.
+
+    BPE keeps merging until every distinct pre-token is one token, so the final vocabulary holds at
+    least 256 byte tokens plus one entry per distinct multi-character pre-token: counting those
+    tells how many invented words are needed.
+    """
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    seen = {piece for line in ENGLISH_TEXT.splitlines() for piece, _ in pre.pre_tokenize_str(line) if len(piece) > 1}
+    rng = random.Random(seed)
+    onsets = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl br".split()
+    vowels = "a e i o u ai ea ou io".split()
+    words: list[str] = []
+    while BYTE_ALPHABET + len(seen) < target:
+        word = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(["", "n", "r", "s", "t"])
+                       for _ in range(rng.randint(1, 4)))
+        if "Ġ" + word not in seen:  # Each word follows a space, hence the ByteLevel space marker.
+            seen.add("Ġ" + word)
+            words.append(word)
+    synthetic = [" " + " ".join(words[i:i + 16]) for i in range(0, len(words), 16)]
+    return ENGLISH_TEXT.splitlines() * ENGLISH_REPEATS + synthetic
+
+
+def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
+    """Train a byte-level BPE to vocab - 5 entries and append the Llama 3 special tokens last."""
+    target = vocab - len(SPECIAL_TOKENS)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=target, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(training_text(target, seed), trainer)
+    # Llama 3 style padding, so every id below vocab decodes even if training fell short.
+    reserved = [f"<|reserved_special_token_{k}|>" for k in range(target - tok.get_vocab_size())]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reserved + SPECIAL_TOKENS])
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, tok.token_to_id(bos))]),
+    ])
+    return tok
+
+
+def tokenizer_config(tok: Tokenizer, max_position: int) -> dict:
+    """Return tokenizer_config.json as transformers writes it for a Llama 3 fast tokenizer."""
+    added = {
+        str(tok.token_to_id(t.content)): {"content": t.content, "lstrip": False, "normalized": False,
+                                          "rstrip": False, "single_word": False, "special": True}
+        for t in tok.get_added_tokens_decoder().values()
+    }
+    return {
+        "added_tokens_decoder": dict(sorted(added.items(), key=lambda kv: int(kv[0]))),
+        "bos_token": "<|begin_of_text|>",
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|eot_id|>",
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": max_position,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+def model_config(args: argparse.Namespace, bos_id: int, eos_ids: list[int]) -> dict:
+    """Return config.json in the Llama 3 layout (legacy rope_theta/rope_scaling keys)."""
+    rope_scaling = {
+        "none": None,
+        # original_max_position_embeddings below max_position, so the scaling really changes frequencies.
+        "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": args.max_position // 4},
+        "linear": {"rope_type": "linear", "factor": 2.0},
+    }[args.rope_scaling]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab,
+        "max_position_embeddings": args.max_position,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling,
+        "tie_word_embeddings": not args.no_tie,
+        "attention_bias": args.attention_bias,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_ids,
+        "torch_dtype": args.dtype,
+        # Only used by transformers to initialise weights missing from a checkpoint; none are.
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write obj as indented JSON with a trailing newline."""
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_checkpoint(args: argparse.Namespace) -> tuple[int, int]:
+    """Write every file of the checkpoint into args.out; return (parameter count, bytes written)."""
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("model*.safetensors*"):  # Left by an earlier --force run with other --shards.
+        stale.unlink()
+
+    tok = build_tokenizer(args.vocab, args.seed)
+    tok.save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", tokenizer_config(tok, args.max_position))
+    bos_id = tok.token_to_id("<|begin_of_text|>")
+    eos_ids = [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")]
+    write_json(out / "config.json", model_config(args, bos_id, eos_ids))
+    write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids,
+                                                "do_sample": True, "temperature": 0.6, "top_p": 0.9})
+
+    tensors = make_weights(args)
+    save_weights(out, tensors, args.shards)
+    n_params = sum(t.numel() for t in tensors.values())
+    written = [*out.glob("model*.safetensors*"), *(out / name for name in JSON_FILES)]
+    n_bytes = sum(f.stat().st_size for f in written)
+    return n_params, n_bytes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    n_params, n_bytes = write_checkpoint(args)
+    print(f"wrote {args.out}: {n_params:,} parameters, {n_bytes:,} bytes ({time.perf_counter() - start:.2f}s)",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny checkpoints built once per session with scripts/make_tiny_model.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE_TINY_MODEL = REPO / "scripts" / "make_tiny_model.py"
+
+# Named checkpoint variants the tests share; each covers a different loader/model path.
+VARIANTS: dict[str, tuple[str, ...]] = {
+    # GQA 4:1, Llama-3.1 rope scaling, tied embeddings, one file.
+    "gqa4-llama3-tied": ("--kv-heads", "1", "--rope-scaling", "llama3"),
+    # Multi-head attention, untied lm_head, three shards with an index.
+    "mha-untied-sharded": ("--kv-heads", "4", "--no-tie", "--shards", "3", "--seed", "1"),
+    # GQA 2:1, linear rope scaling, q/k/v/o biases, two shards.
+    "gqa2-linear-bias": ("--kv-heads", "2", "--rope-scaling", "linear", "--attention-bias", "--shards", "2", "--seed", "2"),
+}
+
+
+def build_checkpoint(out: Path, *args: str) -> Path:
+    subprocess.run([sys.executable, str(MAKE_TINY_MODEL), str(out), *args], check=True, capture_output=True, text=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build (once per distinct argument list) a tiny checkpoint and return its directory."""
+    cache: dict[tuple[str, ...], Path] = {}
+
+    def make(*args: str) -> Path:
+        if args not in cache:
+            cache[args] = build_checkpoint(tmp_path_factory.mktemp("ckpt"), *args)
+        return cache[args]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
+    """The default variant: GQA 4:1, llama3 rope scaling, tied embeddings, one file."""
+    return make_checkpoint(*VARIANTS["gqa4-llama3-tied"])
+
+
+@pytest.fixture(scope="session", params=sorted(VARIANTS))
+def variant_checkpoint(request: pytest.FixtureRequest, make_checkpoint: Callable[..., Path]) -> Path:
+    return make_checkpoint(*VARIANTS[request.param])
