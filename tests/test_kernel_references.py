@@ -1,0 +1,107 @@
+"""The pure-torch kernel references against naive math written out in the test.
+
+These references are the CPU path and the oracle of the Triton kernels, so their own
+semantics (GQA mapping, causal alignment, padding slots, rope layout) are pinned here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitinfer import kernels
+from splitinfer.kernels import RopeScaling
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Lq, Hq, D] as the last Lq positions of k, v [Lk, Hkv, D]; K/V repeated per group."""
+    lq, lk = q.shape[0], k.shape[0]
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    allowed = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).to(q.dtype)
+
+
+def test_rms_norm_with_residual_equals_add_then_norm() -> None:
+    x, residual, weight = torch.randn(5, 64), torch.randn(5, 64), torch.randn(64)
+    out, residual_out = kernels.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(residual_out, x + residual)
+    expected = weight * (x + residual) / ((x + residual).pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(out, expected)
+
+
+def test_silu_and_mul_uses_the_first_half_as_gate() -> None:
+    gate_up = torch.randn(3, 10)
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up), torch.nn.functional.silu(gate_up[:, :5]) * gate_up[:, 5:])
+
+
+@pytest.mark.parametrize(
+    ("rope_scaling", "scaling"),
+    [
+        (None, None),
+        ({"rope_type": "linear", "factor": 2.0}, RopeScaling("linear", 2.0)),
+        (
+            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 64},
+            RopeScaling("llama3", 8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64),
+        ),
+    ],
+)
+def test_rope_matches_transformers(rope_scaling: dict | None, scaling: RopeScaling | None) -> None:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
+                         rope_theta=10000.0, rope_scaling=dict(rope_scaling) if rope_scaling else None)
+    cache = kernels.rope_cos_sin_cache(32, 256, 10000.0, scaling)
+    positions = torch.tensor([0, 1, 7, 100, 255])
+    q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
+    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    kernels.apply_rope_(q, k, positions, cache)
+    torch.testing.assert_close(q, q_ref[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k, k_ref[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_store_kv_writes_slots_and_skips_padding() -> None:
+    k_cache = torch.zeros(4, 2, 1, 3)
+    v_cache = torch.zeros(4, 2, 1, 3)
+    k, v = torch.randn(3, 1, 3), torch.randn(3, 1, 3)
+    kernels.store_kv(k, v, k_cache, v_cache, torch.tensor([5, -1, 0]))
+    assert torch.equal(k_cache[2, 1], k[0]) and torch.equal(v_cache[0, 0], v[2])
+    assert k_cache.count_nonzero() == 2 * 3  # the padding row wrote nothing
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_flash_attention_varlen_is_causal_per_sequence(group: int) -> None:
+    lengths = [1, 6, 13]
+    q = torch.randn(sum(lengths), 2 * group, 32)
+    k, v = torch.randn(sum(lengths), 2, 32), torch.randn(sum(lengths), 2, 32)
+    cu = torch.tensor([0, 1, 7, 20], dtype=torch.int32)
+    out = kernels.flash_attention_varlen(q, k, v, cu, max(lengths), scale=0.3)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        torch.testing.assert_close(out[start:end], naive_attention(q[start:end], k[start:end], v[start:end], 0.3))
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_paged_attention_reads_context_through_shuffled_block_tables(group: int) -> None:
+    """Decode (1 query), chunked prefill (4 queries over a cached prefix) and full prefill in one batch."""
+    torch.manual_seed(0)
+    block_size, num_blocks, kv_heads, dim = 4, 16, 2, 32
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    seq_lens = [9, 11, 3]
+    query_lens = [1, 4, 3]
+    tables = torch.tensor([[7, 2, 12, -1], [0, 15, 5, 9], [3, -1, -1, -1]], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 5, 8], dtype=torch.int32)
+    q = torch.randn(8, kv_heads * group, dim)
+    out = kernels.paged_attention(q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), cu)
+    for b, (length, n_q) in enumerate(zip(seq_lens, query_lens)):
+        blocks = tables[b][tables[b] >= 0].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
+        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:length]
+        start = cu[b].item()
+        torch.testing.assert_close(out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, dim**-0.5))
