@@ -1,1 +1,1 @@
-"""server"""
+"""The stateless OpenAI-compatible HTTP servers that talk to the engine over ZeroMQ."""
