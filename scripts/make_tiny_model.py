@@ -2,15 +2,16 @@
 """Write a small, deterministic Hugging Face Llama checkpoint for tests and benchmarks.
 
 The directory it writes (config, safetensors weights, byte-level BPE tokenizer with the
-Llama 3 special tokens and chat template, generation config) loads unchanged in
-``transformers`` and in splitinfer, so the two can be compared token for token. The same
-arguments always give byte-identical files.
+Llama 3 special tokens and chat template, generation config) has the layout of a real
+Llama 3 checkpoint and loads in ``transformers``, so splitinfer can be compared with it token
+for token. The same arguments always give byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import itertools
 import json
 import random
 import sys
@@ -74,31 +75,48 @@ own bees and told her to come back next week.
 ENGLISH_REPEATS = 64
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse and validate the command line, filling unset sizes from the chosen preset."""
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser; sizes default to None so the preset can fill them in."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def size(flag: str, text: str) -> None:
+        key = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=int, help=f"{text} (tiny: {PRESETS['tiny'][key]}, bench: {PRESETS['bench'][key]}).")
+
     p.add_argument("out", type=Path, help="Directory to write the checkpoint into (created if missing).")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="Base sizes: 'tiny' (~0.3M parameters) or 'bench' (~100M); explicit flags override it.")
-    p.add_argument("--seed", type=int, default=0, help="Seed for the weights and the synthetic tokenizer text.")
-    p.add_argument("--layers", type=int, help="Number of decoder layers.")
-    p.add_argument("--hidden", type=int, help="Hidden (model) dimension.")
-    p.add_argument("--heads", type=int, help="Number of query attention heads.")
-    p.add_argument("--kv-heads", type=int, help="Number of key/value heads (grouped-query attention).")
-    p.add_argument("--head-dim", type=int, help="Dimension of one attention head; defaults to hidden / heads.")
-    p.add_argument("--intermediate", type=int, help="Hidden dimension of the SwiGLU MLP.")
-    p.add_argument("--vocab", type=int, help="Vocabulary size, special tokens included (at least 300).")
-    p.add_argument("--max-position", type=int, help="max_position_embeddings and the tokenizer's model_max_length.")
+                   help="Base sizes, 'tiny' (~0.4M parameters) or 'bench' (~100M); explicit flags override them "
+                        "(default: %(default)s).")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed for the weights and the synthetic tokenizer text (default: %(default)s).")
+    size("--layers", "Number of decoder layers")
+    size("--hidden", "Hidden (model) dimension")
+    size("--heads", "Number of query attention heads")
+    size("--kv-heads", "Number of key/value heads, for grouped-query attention")
+    p.add_argument("--head-dim", type=int, help="Dimension of one attention head (default: hidden / heads).")
+    size("--intermediate", "Hidden dimension of the SwiGLU MLP")
+    size("--vocab", "Vocabulary size including the 5 special tokens, at least 300")
+    size("--max-position", "max_position_embeddings in config.json and the tokenizer's model_max_length")
     p.add_argument("--shards", type=int, default=1,
-                   help="Number of safetensors files; more than one also writes model.safetensors.index.json.")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="Dtype the weights are saved in.")
+                   help="Number of safetensors files; more than one also writes model.safetensors.index.json "
+                        "(default: %(default)s).")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="Dtype the weights are saved in (default: %(default)s).")
     p.add_argument("--no-tie", action="store_true",
                    help="Write a separate lm_head.weight instead of tying it to the input embeddings.")
     p.add_argument("--rope-scaling", choices=["none", "llama3", "linear"], default="none",
-                   help="RoPE scaling written to config.json: none, Llama 3.1 style (factor 8), or linear (factor 2).")
-    p.add_argument("--rope-theta", type=float, default=500000.0, help="RoPE base frequency.")
+                   help="RoPE scaling in config.json: Llama 3.1 style (factor 8, original context a quarter of "
+                        "--max-position), linear (factor 2), or none (default).")
+    p.add_argument("--rope-theta", type=float, default=500000.0,
+                   help="RoPE base frequency (default: %(default)s).")
     p.add_argument("--attention-bias", action="store_true", help="Give the q/k/v/o projections bias vectors.")
     p.add_argument("--force", action="store_true", help="Write into OUT even if it already holds files.")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse and validate the command line, filling unset sizes from the chosen preset."""
+    p = build_parser()
     args = p.parse_args(argv)
 
     for key, value in PRESETS[args.preset].items():
@@ -107,9 +125,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_position"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    # transformers' LlamaConfig rejects this even when head_dim is given explicitly.
+    if args.hidden % args.heads:
+        p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     if args.head_dim is None:
-        if args.hidden % args.heads:
-            p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}; pass --head-dim explicitly")
         args.head_dim = args.hidden // args.heads
     if args.head_dim < 2 or args.head_dim % 2:
         p.error(f"--head-dim must be even and positive (RoPE rotates pairs), got {args.head_dim}")
@@ -124,8 +143,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     n_tensors = len(tensor_shapes(args))
     if not 1 <= args.shards <= n_tensors:
         p.error(f"--shards must be between 1 and the number of tensors ({n_tensors}), got {args.shards}")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())) and not args.force:
-        p.error(f"{args.out} exists and is not an empty directory; pass --force to write into it anyway")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"{args.out} exists and is not a directory")
+    if args.out.exists() and any(args.out.iterdir()) and not args.force:
+        p.error(f"{args.out} is not empty; pass --force to write into it anyway")
     return args
 
 
@@ -153,7 +174,7 @@ def tensor_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
 def make_weights(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """Draw all weights in float32 from one seeded generator, then cast to --dtype."""
     gen = torch.Generator().manual_seed(args.seed)
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for name, shape in tensor_shapes(args).items():
         t = torch.randn(shape, generator=gen, dtype=torch.float32)
         if "norm" in name:
@@ -170,14 +191,16 @@ def make_weights(args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 def split_shards(sizes: list[int], n: int) -> list[int]:
     """Return n+1 cut indices splitting sizes, in order, into n non-empty groups of similar byte totals."""
-    prefix = [0]
-    for s in sizes:
-        prefix.append(prefix[-1] + s)
+    prefix = [0, *itertools.accumulate(sizes)]
     cuts = [0]
     for k in range(1, n):
-        cut = bisect.bisect_left(prefix, prefix[-1] * k / n)
+        target = prefix[-1] * k / n
+        cut = bisect.bisect_left(prefix, target)
+        if cut > 0 and target - prefix[cut - 1] < prefix[cut] - target:
+            cut -= 1  # The boundary before the crossing tensor lands nearer the target.
+        # Leave at least one tensor for this shard and for each shard after it.
         cuts.append(min(max(cut, cuts[-1] + 1), len(sizes) - (n - k)))
-    return cuts + [len(sizes)]
+    return [*cuts, len(sizes)]
 
 
 def save_weights(out: Path, tensors: dict[str, torch.Tensor], n_shards: int) -> None:
@@ -246,12 +269,12 @@ def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
 def tokenizer_config(tok: Tokenizer, max_position: int) -> dict:
     """Return tokenizer_config.json as transformers writes it for a Llama 3 fast tokenizer."""
     added = {
-        str(tok.token_to_id(t.content)): {"content": t.content, "lstrip": False, "normalized": False,
-                                          "rstrip": False, "single_word": False, "special": True}
-        for t in tok.get_added_tokens_decoder().values()
+        str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
+                 "single_word": False, "special": True}
+        for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
     return {
-        "added_tokens_decoder": dict(sorted(added.items(), key=lambda kv: int(kv[0]))),
+        "added_tokens_decoder": added,
         "bos_token": "<|begin_of_text|>",
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,
@@ -322,6 +345,10 @@ def write_checkpoint(args: argparse.Namespace) -> tuple[int, int]:
 
     tensors = make_weights(args)
     save_weights(out, tensors, args.shards)
+    # safetensors creates its files owner-only (0600); give them the umask-derived mode of the JSON files.
+    mode = (out / "config.json").stat().st_mode & 0o777
+    for weights_file in out.glob("model*.safetensors"):
+        weights_file.chmod(mode)
     n_params = sum(t.numel() for t in tensors.values())
     written = [*out.glob("model*.safetensors*"), *(out / name for name in JSON_FILES)]
     n_bytes = sum(f.stat().st_size for f in written)
