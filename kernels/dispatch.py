@@ -1,17 +1,130 @@
 """The single place that picks an implementation for each kernel call.
 
-Today every op runs its pure-torch reference, on any device; the Triton kernels join
-here (Triton for CUDA tensors, or when SPLITINFER_KERNELS=triton) without any change
-to the callers.
+Triton runs for CUDA tensors; the pure-torch reference runs for CPU tensors. The
+environment variable SPLITINFER_KERNELS overrides the choice per call:
+`triton` forces Triton (with TRITON_INTERPRET=1 set before triton is imported, the
+kernels then run on CPU tensors under the interpreter: that is how the tests prove
+them), `torch` forces the references, `auto` (the default) decides by device.
 """
 
 from __future__ import annotations
 
-from splitinfer.kernels.activation import silu_and_mul_reference as silu_and_mul
-from splitinfer.kernels.attention import flash_attention_varlen_reference as flash_attention_varlen
-from splitinfer.kernels.attention import paged_attention_reference as paged_attention
-from splitinfer.kernels.kv_store import store_kv_reference as store_kv
-from splitinfer.kernels.rms_norm import rms_norm_reference as rms_norm
-from splitinfer.kernels.rope import apply_rope_reference_ as apply_rope_
+import os
 
-__all__ = ["apply_rope_", "flash_attention_varlen", "paged_attention", "rms_norm", "silu_and_mul", "store_kv"]
+import torch
+
+from splitinfer.kernels import activation, attention, kv_store, norm, rope
+
+try:
+    from splitinfer.kernels import (
+        activation_triton,
+        attention_triton,
+        kv_store_triton,
+        norm_triton,
+        paged_decode_triton,
+        rope_triton,
+    )
+
+    HAS_TRITON = True
+except ImportError:  # triton ships wheels for Linux x86_64 only; elsewhere the references run
+    HAS_TRITON = False
+
+BACKEND_ENV = "SPLITINFER_KERNELS"
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether a call on `tensor` runs the Triton kernel."""
+    backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
+        return True
+    return tensor.is_cuda and HAS_TRITON
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [T, H] times weight [H], fp32 math; with `residual`, fused
+    `residual_out = x + residual` and returns `(rms_norm(residual_out), residual_out)`."""
+    if use_triton(x):
+        return norm_triton.rms_norm_triton(x, weight, eps, residual)
+    return norm.rms_norm_reference(x, weight, eps, residual)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
+    if use_triton(gate_up):
+        return activation_triton.silu_and_mul_triton(gate_up)
+    return activation.silu_and_mul_reference(gate_up)
+
+
+def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half layout) by positions [T]."""
+    if use_triton(q):
+        rope_triton.apply_rope_triton_(q, k, positions, cos_sin_cache)
+    else:
+        rope.apply_rope_reference_(q, k, positions, cos_sin_cache)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k, v [T, Hkv, D] into the paged caches at flat slots [T]; slot -1 writes nothing."""
+    if use_triton(k):
+        kv_store_triton.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        kv_store.store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+def flash_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention within each packed sequence (fresh prefill): q [T, Hq, D], k, v [T, Hkv, D]."""
+    if use_triton(q):
+        return attention_triton.flash_attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    return attention.flash_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float | None = None,
+    max_seqlen_q: int | None = None,
+) -> torch.Tensor:
+    """Packed queries over each sequence's paged context; sequence b's queries are its last
+    `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal.
+
+    `max_seqlen_q` (a host int) sizes the launch grid; 1 selects the split-K decode
+    kernel. When None it is read from `cu_seqlens_q`, which syncs with the device.
+    """
+    if not use_triton(q):
+        return attention.paged_attention_reference(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q
+        )
+    attention_triton.check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if seq_lens.numel() else 0
+    if max_seqlen_q == 1:
+        return paged_decode_triton.paged_decode_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale
+        )
+    return attention_triton.paged_prefill_attention_triton(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
+    )

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run under the interpreter. It must be chosen before
+# anything imports triton (transformers' Llama does), hence here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import subprocess
 import sys
 from collections.abc import Callable

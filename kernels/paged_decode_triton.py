@@ -1,0 +1,182 @@
+"""Triton paged decode attention (one query per sequence) with split-K (flash-decoding).
+
+Stage 1, grid (sequences, KV heads, splits): each program stacks the query heads of
+one KV group on the M dimension of `tl.dot` (padded to 16, masked) and attends over
+one slice of the context, read through the block table; it writes the slice's
+normalised output and log-sum-exp to fp32 scratch. Stage 2, grid (sequences, query
+heads), merges the slices by LSE. With one split, stage 1 writes the output directly.
+
+The grid depends only on the batch size and constants (never on the lengths, which
+stay on the device), so a CUDA graph captured for a batch size stays valid: slices
+past a sequence's length exit at once, and a padding row (length 0) writes zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from splitinfer.kernels.attention_triton import LOG2E, dot_precision
+
+BLOCK_N = 64
+MAX_SPLITS = 16
+
+
+@triton.jit
+def _split_bounds(kv_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Slices are whole BLOCK_N tiles so every program but the last runs unmasked loads.
+    per_split = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    return start, tl.minimum(start + per_split, kv_len)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
+    o_ptr, part_o_ptr, part_lse_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    block_size, qk_scale, group, head_dim,
+    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    start, end = _split_bounds(kv_len, split, NUM_SPLITS, BLOCK_N)
+
+    token = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = kv_head * group + offs_h
+    h_mask = offs_h[:, None] < group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d[None, :] < head_dim
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for n_start in range(start, end, BLOCK_N):
+        cols = n_start + offs_n
+        col_mask = cols < end
+        block = tl.load(block_tables_ptr + seq * stride_bt + cols // block_size, mask=col_mask, other=0).to(tl.int64)
+        in_block = (cols % block_size).to(tl.int64)
+        kv_mask = col_mask[:, None] & d_mask
+        k = tl.load(
+            k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(col_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
+            mask=kv_mask, other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty slice (past the end, or a padding row) leaves l_i = 0: write zeros, not NaN.
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        o = o_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o, out.to(o_ptr.dtype.element_ty), mask=h_mask & d_mask)
+    else:
+        row = (seq * tl.num_programs(1) * group + heads) * NUM_SPLITS + split  # part_o is [B, Hq, S, D]
+        tl.store(part_o_ptr + row[:, None] * head_dim + offs_d[None, :], out, mask=h_mask & d_mask)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=offs_h < group)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_o_ptr, part_lse_ptr, seq_lens_ptr, cu_seqlens_q_ptr, o_ptr,
+    stride_ot, stride_oh, head_dim,
+    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    kv_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    token = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < head_dim
+    base = (seq * tl.num_programs(1) + head) * NUM_SPLITS
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for split in range(NUM_SPLITS):
+        start, end = _split_bounds(kv_len, split, NUM_SPLITS, BLOCK_N)
+        if start < end:  # empty slices wrote nothing
+            lse = tl.load(part_lse_ptr + base + split)
+            part = tl.load(part_o_ptr + (base + split) * head_dim + offs_d, mask=d_mask, other=0.0)
+            m_new = tl.maximum(m, lse)
+            old_scale = tl.exp2(m - m_new)
+            weight = tl.exp2(lse - m_new)
+            acc = acc * old_scale + part * weight
+            total = total * old_scale + weight
+            m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(o_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+def decode_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+    """Split the context when batch x KV heads alone cannot fill the GPU (about two programs per SM).
+
+    Depends on the batch size only, so a CUDA graph per batch size keeps one value.
+    """
+    if device.type != "cuda":
+        return 4  # the interpreter: exercise the split path with a few slices
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = triton.cdiv(2 * sms, max(batch * kv_heads, 1))
+    return max(1, min(MAX_SPLITS, triton.next_power_of_2(splits)))
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D]."""
+    batch = seq_lens.shape[0]
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // kv_heads
+    splits = num_splits or decode_num_splits(batch, kv_heads, q.device)
+    out = torch.empty_like(q) if out is None else out
+    if splits > 1:
+        part_o = torch.empty(batch, q.shape[1], splits, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, q.shape[1], splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
+        out, part_o, part_lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        k_cache.shape[1], scale * LOG2E, group, head_dim,
+        NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if splits > 1:
+        _decode_merge_kernel[(batch, q.shape[1])](
+            part_o, part_lse, seq_lens, cu_seqlens_q, out,
+            out.stride(0), out.stride(1), head_dim,
+            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,227 @@
+"""Every Triton kernel against its torch reference, through the launchers the GPU runs.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); with CUDA the same tests run the compiled kernels. Outputs are
+poisoned with NaN first, so an element the kernel forgets to write fails the test.
+bf16 cases run only with CUDA: the interpreter's bf16 `tl.dot` is wrong (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from splitinfer.kernels import attention, norm, rope
+from splitinfer.kernels.activation import silu_and_mul_reference
+from splitinfer.kernels.activation_triton import silu_and_mul_triton
+from splitinfer.kernels.attention_triton import flash_attention_varlen_triton, paged_prefill_attention_triton
+from splitinfer.kernels.kv_store import store_kv_reference
+from splitinfer.kernels.kv_store_triton import store_kv_triton
+from splitinfer.kernels.paged_decode_triton import paged_decode_attention_triton
+from splitinfer.kernels.norm_triton import rms_norm_triton
+from splitinfer.kernels.rope_triton import apply_rope_triton_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 runs only compiled on a GPU: the interpreter multiplies bf16 bit patterns in tl.dot.
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=[pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="bf16 kernels need CUDA (interpreter bf16 dot is wrong)")],
+    id="bf16",
+)
+DTYPES = [torch.float32, torch.float16, BF16]
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=3e-3, rtol=3e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+TOKENS = [1, 5, 37, 130]
+
+
+def randn(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, device=DEVICE).to(dtype)
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def ragged_lengths(total: int, seed: int) -> list[int]:
+    """Split `total` tokens into up to 5 sequences of random, uneven lengths."""
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, total), min(4, total - 1))) if total > 1 else []
+    bounds = [0, *cuts, total]
+    return [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def cu_seqlens(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", [64, 96])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(dtype: torch.dtype, tokens: int, hidden: int, with_residual: bool) -> None:
+    x, weight = randn(tokens, hidden, dtype=dtype), randn(hidden, dtype=dtype)
+    residual = randn(tokens, hidden, dtype=dtype) if with_residual else None
+    out, residual_out = poisoned(x.shape, dtype), poisoned(x.shape, dtype)
+    result = rms_norm_triton(x, weight, 1e-5, residual, out=out, residual_out=residual_out)
+    expected = norm.rms_norm_reference(x, weight, 1e-5, residual)
+    if with_residual:
+        torch.testing.assert_close(result[0], expected[0], **TOL[dtype])
+        torch.testing.assert_close(result[1], expected[1], **TOL[dtype])
+    else:
+        torch.testing.assert_close(result, expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_silu_and_mul(dtype: torch.dtype, tokens: int) -> None:
+    gate_up = randn(tokens, 2 * 1100, dtype=dtype)  # 1100 > one 1024-wide block: two column blocks
+    out = silu_and_mul_triton(gate_up, out=poisoned((tokens, 1100), dtype))
+    torch.testing.assert_close(out, silu_and_mul_reference(gate_up), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (32, 4, 128)])
+def test_rope(dtype: torch.dtype, tokens: int, q_heads: int, kv_heads: int, head_dim: int) -> None:
+    cache = rope.rope_cos_sin_cache(head_dim, 4096, 500000.0, rope.RopeScaling("llama3", 8.0, original_max_position=1024)).to(DEVICE)
+    positions = torch.randint(0, 4096, (tokens,), device=DEVICE)
+    # q and k as strided views of one qkv projection, as the model passes them.
+    qkv = randn(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q = qkv[:, : q_heads * head_dim].view(tokens, q_heads, head_dim)
+    k = qkv[:, q_heads * head_dim : (q_heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    q_ref, k_ref = q.clone(), k.clone()
+    untouched = qkv[:, (q_heads + kv_heads) * head_dim :].clone()
+    rope.apply_rope_reference_(q_ref, k_ref, positions, cache)
+    apply_rope_triton_(q, k, positions, cache)
+    torch.testing.assert_close(q, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k, k_ref, **TOL[dtype])
+    assert torch.equal(qkv[:, (q_heads + kv_heads) * head_dim :], untouched), "rope wrote into v"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_store_kv_with_padding_slots(dtype: torch.dtype, tokens: int) -> None:
+    num_blocks, block_size, kv_heads, head_dim = 20, 16, 2, 32
+    k, v = randn(tokens, kv_heads, head_dim, dtype=dtype), randn(tokens, kv_heads, head_dim, dtype=dtype)
+    slots = torch.randperm(num_blocks * block_size, device=DEVICE)[:tokens]
+    slots[::3] = -1  # padding rows
+    caches = [poisoned((num_blocks, block_size, kv_heads, head_dim), dtype) for _ in range(4)]
+    store_kv_reference(k, v, caches[0], caches[1], slots)
+    store_kv_triton(k, v, caches[2], caches[3], slots)
+    torch.testing.assert_close(caches[2], caches[0], equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(caches[3], caches[1], equal_nan=True, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_flash_attention_varlen(dtype: torch.dtype, tokens: int, group: int, head_dim: int) -> None:
+    kv_heads = 2
+    lengths = ragged_lengths(tokens, seed=tokens * group)
+    q = randn(tokens, kv_heads * group, head_dim, dtype=dtype)
+    k, v = randn(tokens, kv_heads, head_dim, dtype=dtype), randn(tokens, kv_heads, head_dim, dtype=dtype)
+    cu = cu_seqlens(lengths)
+    out = flash_attention_varlen_triton(q, k, v, cu, max(lengths), out=poisoned(q.shape, dtype))
+    expected = attention.flash_attention_varlen_reference(q.float(), k.float(), v.float(), cu, max(lengths))
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+def paged_case(lengths_q: list[int], context: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype,
+               block_size: int = 16, seed: int = 0):
+    """Caches filled with random K/V, and each sequence's blocks scattered at shuffled ids."""
+    rng = random.Random(seed)
+    blocks_per_seq = [-(-n // block_size) for n in context]
+    ids = list(range(sum(blocks_per_seq) + 3))
+    rng.shuffle(ids)
+    width = max(blocks_per_seq)
+    tables, start = [], 0
+    for n in blocks_per_seq:
+        tables.append(ids[start : start + n] + [-1] * (width - n))
+        start += n
+    k_cache = randn(len(ids), block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = randn(len(ids), block_size, kv_heads, head_dim, dtype=dtype)
+    return (
+        k_cache, v_cache,
+        torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+        torch.tensor(context, dtype=torch.int32, device=DEVICE),
+        cu_seqlens(lengths_q),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_paged_prefill_over_cached_prefix(dtype: torch.dtype, group: int, head_dim: int) -> None:
+    """Chunks of new tokens (37, 5, 1, 130 of them) at the end of longer cached contexts."""
+    lengths_q, context = [37, 5, 1, 130, 12], [37, 90, 200, 160, 12]
+    k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths_q, context, 2, head_dim, dtype, seed=group)
+    q = randn(sum(lengths_q), 2 * group, head_dim, dtype=dtype)
+    out = paged_prefill_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, max(lengths_q), head_dim**-0.5,
+                                         out=poisoned(q.shape, dtype))
+    expected = attention.paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, cu)
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode(dtype: torch.dtype, group: int, head_dim: int, num_splits: int) -> None:
+    """One query per sequence; contexts from 1 token to several split slices, one a padding row (0)."""
+    context = [1, 17, 300, 64, 0]
+    k_cache, v_cache, tables, seq_lens, cu = paged_case([1] * 5, [max(n, 1) for n in context], 2, head_dim, dtype, seed=group)
+    seq_lens[4] = 0  # a CUDA-graph padding row: attends to nothing, must write zeros
+    q = randn(5, 2 * group, head_dim, dtype=dtype)
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, head_dim**-0.5,
+                                        num_splits=num_splits, out=poisoned(q.shape, dtype))
+    expected = attention.paged_attention_reference(q[:4].float(), k_cache.float(), v_cache.float(), tables[:4], seq_lens[:4], cu[:5])
+    torch.testing.assert_close(out[:4].float(), expected, **TOL[dtype])
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+
+
+def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model with SPLITINFER_KERNELS=triton: same logits (prefill and paged decode) and greedy tokens."""
+    from splitinfer.engine import LLM, SamplingParams
+
+    llm = LLM(tiny_checkpoint, device=DEVICE, dtype="float32", num_kv_blocks=64)
+    prompts = [[3, 17, 42, 99, 5], list(range(100, 137))]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def logits_and_tokens():
+        from splitinfer.engine.sequence import Sequence
+
+        seqs = [Sequence(i, p, params, None, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
+        runner = llm.runner
+        with torch.inference_mode():
+            ids, positions, batch = runner.prefill_inputs(seqs)
+            prefill = llm.model.compute_logits(llm.model(ids, positions, batch, runner.kv_cache), batch)
+            for seq in seqs:
+                seq.output_token_ids.append(7)
+            ids, positions, batch = runner.decode_inputs(seqs)
+            decode = llm.model.compute_logits(llm.model(ids, positions, batch, runner.kv_cache), batch)
+        return prefill, decode, [o.token_ids for o in llm.generate(prompts, params)]
+
+    monkeypatch.setenv("SPLITINFER_KERNELS", "torch")
+    expected = logits_and_tokens()
+    monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
+    from splitinfer.kernels import dispatch
+
+    launches: list[str] = []
+    for module, name in [(dispatch.paged_decode_triton, "paged_decode_attention_triton"),
+                         (dispatch.attention_triton, "flash_attention_varlen_triton"),
+                         (dispatch.norm_triton, "rms_norm_triton")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
+    actual = logits_and_tokens()
+    assert {"paged_decode_attention_triton", "flash_attention_varlen_triton", "rms_norm_triton"} <= set(launches)
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(actual[1], expected[1], atol=1e-4, rtol=1e-4)
+    assert actual[2] == expected[2]
