@@ -87,8 +87,13 @@ def _attention_kernel(
     tl.store(o_ptr + o_rows + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=row_mask & d_mask)
 
 
-def _tiles(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages): starting points from public FA2 kernels for sm80/sm90."""
+def _tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages): starting points from public FA2 kernels for sm80/sm90.
+
+    fp32 tiles are halved so Q plus the pipelined K/V stages stay well under 227 KB of shared memory.
+    """
+    if dtype == torch.float32:
+        return 64, 32, 4, 2
     if head_dim <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 2
@@ -146,7 +151,7 @@ def flash_attention_varlen_triton(
     if q.shape[0] == 0 or num_seqs == 0:
         return out
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    block_m, block_n, warps, stages = _tiles(q.shape[-1])
+    block_m, block_n, warps, stages = _tiles(q.shape[-1], q.dtype)
     grid = (triton.cdiv(max_seqlen, block_m), q.shape[1], num_seqs)
     _attention_kernel[grid](
         q, k, v, out,
@@ -176,7 +181,7 @@ def paged_prefill_attention_triton(
 ) -> torch.Tensor:
     """Several new tokens per sequence over its paged context (prefill after a cached prefix, chunked prefill)."""
     out = torch.empty_like(q) if out is None else out
-    block_m, block_n, warps, stages = _tiles(q.shape[-1])
+    block_m, block_n, warps, stages = _tiles(q.shape[-1], q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), q.shape[1], seq_lens.shape[0])
     _attention_kernel[grid](
         q, k_cache, v_cache, out,

@@ -9,25 +9,26 @@ them), `torch` forces the references, `auto` (the default) decides by device.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from types import ModuleType
 
 import torch
 
 from splitinfer.kernels import activation, attention, kv_store, norm, rope
 
-try:
-    from splitinfer.kernels import (
-        activation_triton,
-        attention_triton,
-        kv_store_triton,
-        norm_triton,
-        paged_decode_triton,
-        rope_triton,
-    )
+# Triton ships wheels for Linux x86_64 only; elsewhere the references run. It is
+# imported on first use, so that TRITON_INTERPRET may still be set before then
+# (the kernel bench does) and CPU-only runs never pay for the import.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-    HAS_TRITON = True
-except ImportError:  # triton ships wheels for Linux x86_64 only; elsewhere the references run
-    HAS_TRITON = False
+
+@functools.cache
+def _triton(name: str) -> ModuleType:
+    """The Triton launcher module `splitinfer.kernels.<name>`, imported on first use."""
+    return importlib.import_module(f"splitinfer.kernels.{name}")
+
 
 BACKEND_ENV = "SPLITINFER_KERNELS"
 BACKENDS = ("auto", "triton", "torch")
@@ -53,21 +54,21 @@ def rms_norm(
     """RMSNorm of x [T, H] times weight [H], fp32 math; with `residual`, fused
     `residual_out = x + residual` and returns `(rms_norm(residual_out), residual_out)`."""
     if use_triton(x):
-        return norm_triton.rms_norm_triton(x, weight, eps, residual)
+        return _triton("norm_triton").rms_norm_triton(x, weight, eps, residual)
     return norm.rms_norm_reference(x, weight, eps, residual)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU: [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
     if use_triton(gate_up):
-        return activation_triton.silu_and_mul_triton(gate_up)
+        return _triton("activation_triton").silu_and_mul_triton(gate_up)
     return activation.silu_and_mul_reference(gate_up)
 
 
 def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half layout) by positions [T]."""
     if use_triton(q):
-        rope_triton.apply_rope_triton_(q, k, positions, cos_sin_cache)
+        _triton("rope_triton").apply_rope_triton_(q, k, positions, cos_sin_cache)
     else:
         rope.apply_rope_reference_(q, k, positions, cos_sin_cache)
 
@@ -77,7 +78,7 @@ def store_kv(
 ) -> None:
     """Write k, v [T, Hkv, D] into the paged caches at flat slots [T]; slot -1 writes nothing."""
     if use_triton(k):
-        kv_store_triton.store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        _triton("kv_store_triton").store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         kv_store.store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
@@ -93,7 +94,7 @@ def flash_attention_varlen(
 ) -> torch.Tensor:
     """Attention within each packed sequence (fresh prefill): q [T, Hq, D], k, v [T, Hkv, D]."""
     if use_triton(q):
-        return attention_triton.flash_attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+        return _triton("attention_triton").flash_attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal)
     return attention.flash_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale, causal)
 
 
@@ -117,14 +118,14 @@ def paged_attention(
         return attention.paged_attention_reference(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q
         )
-    attention_triton.check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
+    _triton("attention_triton").check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if seq_lens.numel() else 0
     if max_seqlen_q == 1:
-        return paged_decode_triton.paged_decode_attention_triton(
+        return _triton("paged_decode_triton").paged_decode_attention_triton(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale
         )
-    return attention_triton.paged_prefill_attention_triton(
+    return _triton("attention_triton").paged_prefill_attention_triton(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
     )

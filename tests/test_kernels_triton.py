@@ -215,9 +215,9 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
     from splitinfer.kernels import dispatch
 
     launches: list[str] = []
-    for module, name in [(dispatch.paged_decode_triton, "paged_decode_attention_triton"),
-                         (dispatch.attention_triton, "flash_attention_varlen_triton"),
-                         (dispatch.norm_triton, "rms_norm_triton")]:
+    for module, name in [(dispatch._triton("paged_decode_triton"), "paged_decode_attention_triton"),
+                         (dispatch._triton("attention_triton"), "flash_attention_varlen_triton"),
+                         (dispatch._triton("norm_triton"), "rms_norm_triton")]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
     actual = logits_and_tokens()
