@@ -1,11 +1,24 @@
-"""The engine: checkpoint loading, the Llama model, KV cache, batching and sampling.
+"""The engine: checkpoint loading, the Llama model, paged KV cache, continuous batching, sampling.
 
-The offline entry points are `LLM` and `SamplingParams`.
+Offline entry points: `LLM` and `SamplingParams`. The step API the engine process
+drives: `EngineCore` with `EngineConfig`.
 """
 
 from splitinfer.engine.config import ModelConfig
-from splitinfer.engine.errors import CheckpointError
+from splitinfer.engine.engine_core import EngineConfig, EngineCore, EngineStats, StepOutput
+from splitinfer.engine.errors import CheckpointError, RequestError
 from splitinfer.engine.llm import LLM, RequestOutput
 from splitinfer.engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "CheckpointError", "ModelConfig", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM",
+    "CheckpointError",
+    "EngineConfig",
+    "EngineCore",
+    "EngineStats",
+    "ModelConfig",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+    "StepOutput",
+]

@@ -15,3 +15,12 @@ class CheckpointError(ValueError):
     def __init__(self, path: Path | str, message: str) -> None:
         self.path = Path(path)
         super().__init__(f"{self.path}: {message}")
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (bad parameters, too long, unknown id): the caller's fault,
+    reported without disturbing other requests. `field` names the offending input when one does."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)

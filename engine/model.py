@@ -194,10 +194,10 @@ class LlamaForCausalLM(nn.Module):
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """fp32 logits for the rows `batch.logits_indices` selects (all rows when None)."""
-        if batch.logits_indices is not None:
-            hidden = hidden.index_select(0, batch.logits_indices)
+    def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of the rows `indices` selects (e.g. `ForwardBatch.logits_indices`); all rows when None."""
+        if indices is not None:
+            hidden = hidden.index_select(0, indices)
         return F.linear(hidden, self.lm_head_weight).float()
 
     def weight_sources(self) -> Iterator[tuple[str, torch.Tensor]]:

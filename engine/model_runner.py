@@ -1,76 +1,100 @@
-"""Turns a list of sequences into one model forward plus sampling.
+"""Turns one scheduled step into a model forward plus sampling.
 
-It owns the model and the KV cache, builds the packed inputs and `ForwardBatch` for
-a prefill or a decode step, and returns one new token per sequence.
+It owns the model, the KV cache and the sampler. A step may mix decodes (one token)
+and prefill chunks (many tokens, possibly after a cached prefix) of different
+sequences in one packed forward; a decode-only step goes through the static-buffer
+graph runner instead. Logits are computed only for the sequences that sample.
 """
 
 from __future__ import annotations
 
 import torch
 
+from splitinfer.engine.cuda_graph import DecodeGraphRunner
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model import LlamaForCausalLM
-from splitinfer.engine.sampler import sample
-from splitinfer.engine.sequence import Sequence
+from splitinfer.engine.sampler import Sampler, SamplerOutput
+from splitinfer.engine.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, default_generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: KVCache,
+        sampler: Sampler,
+        max_num_seqs: int,
+        max_model_len: int,
+        use_cuda_graphs: bool,
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.sampler = sampler
         self.device = model.rope_cache.device
-        self.default_generator = default_generator
+        self.block_size = kv_cache.block_size
+        max_blocks = -(-max_model_len // self.block_size)
+        self.graph_runner = DecodeGraphRunner(model, kv_cache, max_num_seqs, max_blocks, use_cuda_graphs)
 
-    @property
-    def block_size(self) -> int:
-        return self.kv_cache.block_size
-
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        """Flat cache slots of the sequence's token positions [start, end)."""
-        bs = self.block_size
-        return [seq.block_table[pos // bs] * bs + pos % bs for pos in range(start, end)]
-
-    def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    def prefill_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
-        """Every prompt token of fresh sequences, packed; logits for each one's last token."""
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[pos // bs] * bs + pos % bs for pos in range(start, end)]
+
+    def prepare(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
+        """Packed inputs and attention metadata of a step; logits rows for the sampling sequences."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        lengths: list[int] = []
-        for seq in seqs:
-            n = len(seq.prompt_token_ids)
-            ids += seq.prompt_token_ids
-            positions += range(n)
-            slots += self._slots(seq, 0, n)
-            lengths.append(n)
-        batch = ForwardBatch.for_prefill(lengths, self.device)
-        batch.slot_mapping = self._tensor(slots, torch.int64)
+        cu = [0]
+        seq_lens: list[int] = []
+        logits_rows: list[int] = []
+        for item in step.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slots += self._slots(seq.block_table, start, end)
+            cu.append(cu[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+            if item.samples:
+                logits_rows.append(cu[-1] - 1)
+        width = max(len(item.seq.block_table) for item in step.scheduled)
+        tables = [item.seq.block_table + [-1] * (width - len(item.seq.block_table)) for item in step.scheduled]
+        batch = ForwardBatch(
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            max_seqlen_q=max(item.num_new_tokens for item in step.scheduled),
+            slot_mapping=self._tensor(slots, torch.int64),
+            block_tables=self._tensor(tables, torch.int32),
+            has_cached_prefix=any(item.seq.num_computed_tokens > 0 for item in step.scheduled),
+            logits_indices=self._tensor(logits_rows, torch.int64),
+        )
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch
 
-    def decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
-        """The newest token of each running sequence, attending to its whole cached context."""
+    def _decode_hidden(self, step: SchedulerOutput) -> torch.Tensor:
+        seqs = [item.seq for item in step.scheduled]
         positions = [seq.num_tokens - 1 for seq in seqs]
-        width = max(len(seq.block_table) for seq in seqs)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-        batch = ForwardBatch(
-            cu_seqlens_q=self._tensor(list(range(len(seqs) + 1)), torch.int32),
-            seq_lens=self._tensor([seq.num_tokens for seq in seqs], torch.int32),
-            max_seqlen_q=1,
-            slot_mapping=self._tensor([self._slots(s, p, p + 1)[0] for s, p in zip(seqs, positions)], torch.int64),
-            block_tables=self._tensor(tables, torch.int32),
-            has_cached_prefix=True,
-            logits_indices=None,
+        return self.graph_runner.run(
+            input_ids=[seq.last_token_id for seq in seqs],
+            positions=positions,
+            slot_mapping=[self._slots(seq.block_table, p, p + 1)[0] for seq, p in zip(seqs, positions)],
+            seq_lens=[seq.num_tokens for seq in seqs],
+            block_tables=[seq.block_table for seq in seqs],
         )
-        return self._tensor([seq.last_token_id for seq in seqs], torch.int64), self._tensor(positions, torch.int64), batch
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], prefill: bool) -> list[int]:
-        """Run one forward over `seqs` and sample one next token for each."""
-        input_ids, positions, batch = self.prefill_inputs(seqs) if prefill else self.decode_inputs(seqs)
-        hidden = self.model(input_ids, positions, batch, self.kv_cache)
-        logits = self.model.compute_logits(hidden, batch)
-        generators = [seq.generator or self.default_generator for seq in seqs]
-        return sample(logits, [seq.params for seq in seqs], generators).tolist()
+    def execute(self, step: SchedulerOutput) -> SamplerOutput:
+        """Run the step's forward; sample one token for each sequence that completes its known tokens."""
+        sampling = [item.seq for item in step.scheduled if item.samples]
+        if step.is_decode_only and len(step.scheduled) <= self.graph_runner.buckets[-1]:
+            logits = self.model.compute_logits(self._decode_hidden(step))
+        else:
+            input_ids, positions, batch = self.prepare(step)
+            hidden = self.model(input_ids, positions, batch, self.kv_cache)
+            logits = self.model.compute_logits(hidden, batch.logits_indices)
+        if not sampling:
+            return SamplerOutput([], [])
+        return self.sampler(logits, sampling)

@@ -1,7 +1,8 @@
-"""One request's state while it generates."""
+"""One request's state while it is scheduled, computed and sampled."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
@@ -9,34 +10,85 @@ import torch
 from splitinfer.engine.sampling_params import SamplingParams
 
 
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Logprobs:
+    """The log-probability of a sampled token and the `top` most likely alternatives, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(slots=True)
 class Sequence:
-    """Prompt and generated tokens, the KV blocks that hold them, and why it finished."""
+    """Tokens (prompt then output), how many have K/V in the cache, and the blocks holding them.
 
-    request_id: int
+    `num_computed_tokens` counts tokens whose K/V are written; the next forward feeds
+    tokens from there on. After a preemption it drops to 0 and the whole sequence, its
+    outputs included, is recomputed; tokens already emitted are never emitted again.
+    """
+
+    request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
-    output_token_ids: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    token_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
+    # Prefix-cache keys of the sequence's full blocks, in order (block i has key block_keys[i]).
+    block_keys: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    logprobs: list[Logprobs] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def last_token_id(self) -> int:
-        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+        return self.token_ids[-1]
 
     @property
     def finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.status is SequenceStatus.FINISHED
 
-    def append(self, token_id: int, stop_ids: frozenset[int], max_model_len: int) -> None:
-        """Add a generated token and decide whether the sequence is done."""
-        self.output_token_ids.append(token_id)
-        if token_id in stop_ids or token_id in self.params.stop_token_ids:
-            self.finish_reason = "stop"
-        elif len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
-            self.finish_reason = "length"
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_token(self, token_id: int, stop_ids: frozenset[int], max_model_len: int) -> str | None:
+        """Add a sampled token; return the finish reason if it ends the sequence."""
+        self.token_ids.append(token_id)
+        p = self.params
+        if self.num_output_tokens >= p.min_tokens and (
+            (token_id in stop_ids and not p.ignore_eos) or token_id in p.stop_token_ids
+        ):
+            return "stop"
+        if self.num_output_tokens >= p.max_tokens or self.num_tokens >= max_model_len:
+            return "length"
+        return None

@@ -83,6 +83,9 @@ def paged_attention_reference(
         start, end = bounds[b], bounds[b + 1]
         if end == start:
             continue
+        if length == 0:  # a CUDA-graph padding row attends to nothing
+            out[start:end] = 0
+            continue
         k = gather_kv(k_cache, block_tables[b], length)
         v = gather_kv(v_cache, block_tables[b], length)
         out[start:end] = _attend(q[start:end], k.to(q.dtype), v.to(q.dtype), scale, causal=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,16 +46,18 @@ def test_greedy_generate_equals_transformers_for_64_tokens(make_checkpoint, name
     assert len(set(outs[1].token_ids)) > 1, "a degenerate model would make this test meaningless"
 
 
-def test_greedy_generate_stops_at_eos_like_transformers(llm: LLM, tiny_checkpoint: Path) -> None:
+def test_greedy_generate_stops_at_the_checkpoints_eos_like_transformers(
+    llm: LLM, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     prompt = [5, 6, 7, 8]
     free_run = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
-    # Make the third generated token an eos id: generation must stop right there.
+    # A copy of the checkpoint whose generation_config makes the third generated token an eos id.
     eos = free_run.token_ids[2]
-    llm.stop_ids = frozenset({eos})
-    try:
-        out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0))[0]
-    finally:
-        llm.stop_ids = frozenset(llm.config.eos_token_ids)
+    path = Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+    generation = json.loads((path / "generation_config.json").read_text())
+    generation["eos_token_id"] = [eos]
+    (path / "generation_config.json").write_text(json.dumps(generation))
+    out = LLM(path, device="cpu", dtype="float32").generate([prompt], SamplingParams(max_tokens=40, temperature=0.0))[0]
     assert out.token_ids == free_run.token_ids[: free_run.token_ids.index(eos) + 1]
     assert out.finish_reason == "stop"
     assert out.token_ids == hf_greedy(tiny_checkpoint, prompt, 40, eos=[eos])
@@ -109,9 +113,9 @@ def test_many_prompts_fill_several_waves_of_a_small_kv_cache(tiny_checkpoint: Pa
 @pytest.mark.parametrize(
     ("prompts", "params", "message"),
     [
-        ([[]], SamplingParams(), "prompt 0 is empty"),
+        ([[]], SamplingParams(), "prompt 0: the prompt is empty"),
         ([[1, 999999]], SamplingParams(), "token id outside"),
-        ([[1] * 2040], SamplingParams(max_tokens=16), "exceeds max_model_len=2048"),
+        ([[1] * 2040], SamplingParams(max_tokens=16), "prompt 0: .*exceeds max_model_len=2048"),
         ([[1], [2]], [SamplingParams()], "got 1 sampling params for 2 prompts"),
     ],
 )

@@ -196,17 +196,25 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
     def logits_and_tokens():
+        from splitinfer.engine.model_runner import ModelRunner
+        from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
         from splitinfer.engine.sequence import Sequence
 
-        seqs = [Sequence(i, p, params, None, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
-        runner = llm.runner
+        seqs = [Sequence(str(i), p, params, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
+        runner = ModelRunner(llm.engine.model, llm.engine.kv_cache, None, 4, 64, use_cuda_graphs=False)
+        model, cache = llm.engine.model, llm.engine.kv_cache
+
+        def forward(new_tokens: list[int]) -> torch.Tensor:
+            ids, positions, batch = runner.prepare(SchedulerOutput([ScheduledSeq(s, n) for s, n in zip(seqs, new_tokens)], []))
+            for seq, n in zip(seqs, new_tokens):
+                seq.num_computed_tokens += n
+            return model.compute_logits(model(ids, positions, batch, cache), batch.logits_indices)
+
         with torch.inference_mode():
-            ids, positions, batch = runner.prefill_inputs(seqs)
-            prefill = llm.model.compute_logits(llm.model(ids, positions, batch, runner.kv_cache), batch)
+            prefill = forward([len(p) for p in prompts])
             for seq in seqs:
-                seq.output_token_ids.append(7)
-            ids, positions, batch = runner.decode_inputs(seqs)
-            decode = llm.model.compute_logits(llm.model(ids, positions, batch, runner.kv_cache), batch)
+                seq.token_ids.append(7)
+            decode = forward([1, 1])
         return prefill, decode, [o.token_ids for o in llm.generate(prompts, params)]
 
     monkeypatch.setenv("SPLITINFER_KERNELS", "torch")

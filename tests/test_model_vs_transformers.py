@@ -16,6 +16,7 @@ from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
 from splitinfer.engine.sequence import Sequence
 
 TOLERANCE = 1e-4
@@ -36,7 +37,7 @@ def packed_logits(model: LlamaForCausalLM, prompts: list[list[int]], all_logits:
     ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.tensor([i for p in prompts for i in range(len(p))])
     batch = ForwardBatch.for_prefill([len(p) for p in prompts], "cpu", all_logits=all_logits)
-    return model.compute_logits(model(ids, positions, batch), batch)
+    return model.compute_logits(model(ids, positions, batch), batch.logits_indices)
 
 
 def test_one_prompt_matches_transformers(variant_checkpoint: Path) -> None:
@@ -72,22 +73,27 @@ def test_prefill_then_decode_through_paged_cache_matches_transformers(variant_ch
                              model.config.head_dim, torch.float32, "cpu")
     cache.k.fill_(float("nan"))  # a read of an unwritten slot poisons the logits
     cache.v.fill_(float("nan"))
-    runner = ModelRunner(model, cache, torch.Generator().manual_seed(0))
+    runner = ModelRunner(model, cache, sampler=None, max_num_seqs=2, max_model_len=160, use_cuda_graphs=False)
     blocks = list(range(40))
     rng.shuffle(blocks)
     prompts = [random_prompt(rng, 5, vocab), random_prompt(rng, 18, vocab)]
-    seqs = [Sequence(i, p, SamplingParams(max_tokens=21), None) for i, p in enumerate(prompts)]
+    seqs = [Sequence(str(i), p, SamplingParams(max_tokens=21)) for i, p in enumerate(prompts)]
     seqs[0].block_table, seqs[1].block_table = blocks[:7], blocks[7:17]
     continuations = [random_prompt(rng, 20, vocab) for _ in prompts]
 
+    def forward(new_tokens: list[int]) -> torch.Tensor:
+        step = SchedulerOutput([ScheduledSeq(seq, n) for seq, n in zip(seqs, new_tokens)], [])
+        ids, positions, batch = runner.prepare(step)
+        for seq, n in zip(seqs, new_tokens):
+            seq.num_computed_tokens += n
+        return model.compute_logits(model(ids, positions, batch, cache), batch.logits_indices)
+
     with torch.inference_mode():
-        ids, positions, batch = runner.prefill_inputs(seqs)
-        step_logits = [model.compute_logits(model(ids, positions, batch, cache), batch)]
+        step_logits = [forward([len(p) for p in prompts])]
         for step in range(20):
             for seq, tokens in zip(seqs, continuations):
-                seq.output_token_ids.append(tokens[step])
-            ids, positions, batch = runner.decode_inputs(seqs)
-            step_logits.append(model.compute_logits(model(ids, positions, batch, cache), batch))
+                seq.token_ids.append(tokens[step])
+            step_logits.append(forward([1, 1]))
 
     for b, (prompt, tokens) in enumerate(zip(prompts, continuations)):
         reference = hf_logits(variant_checkpoint, prompt + tokens)

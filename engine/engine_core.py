@@ -1,0 +1,263 @@
+"""The engine core: the step API the engine process drives and the offline `LLM` wraps.
+
+    core = EngineCore(EngineConfig(model="path"))
+    core.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=32))
+    while core.has_unfinished():
+        for out in core.step():   # (request_id, new_token_ids, finish_reason, logprobs)
+            ...
+    core.abort("r1")              # frees its KV blocks at once; the next step reports it
+
+One step schedules (continuous batching, chunked prefill, preemption), runs one
+forward and samples, then updates every sequence and frees finished ones' blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
+from splitinfer.engine.config import ModelConfig
+from splitinfer.engine.errors import RequestError
+from splitinfer.engine.forward_batch import ForwardBatch
+from splitinfer.engine.kv_cache import KVCache
+from splitinfer.engine.kv_manager import KVCacheManager
+from splitinfer.engine.loader import load_weights
+from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
+from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.sampler import Sampler
+from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.engine.scheduler import Scheduler
+from splitinfer.engine.sequence import Logprobs, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything that shapes an engine. Sizes of the KV cache: `num_kv_blocks` if given; else on
+    CUDA what `gpu_memory_utilization` leaves after a profiling forward, on CPU `kv_cache_gb`."""
+
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_gb: float = 1.0
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """What one step produced for one request: its new tokens, and why it ended if it did."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[Logprobs] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    waiting: int
+    running: int
+    kv: BlockPoolStats
+    num_preemptions: int
+    computed_tokens: int  # tokens fed through the model (prompts, recomputation, decode inputs)
+    generated_tokens: int
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        start = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = c = ModelConfig.from_dir(config.model)
+        if config.max_model_len is not None and not 0 < config.max_model_len <= c.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len must be in [1, {c.max_position_embeddings}] (max_position_embeddings), "
+                f"got {config.max_model_len}"
+            )
+        self.max_model_len = config.max_model_len or c.max_position_embeddings
+        if config.block_size <= 0 or config.max_num_seqs <= 0:
+            raise ValueError("block_size and max_num_seqs must be positive")
+
+        self.model = LlamaForCausalLM.build(c, self.device, self.dtype)
+        load_weights(self.model, c.path)
+        self.stop_ids = frozenset(c.eos_token_ids)
+        generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.sampler = Sampler(c.vocab_size, self.stop_ids, generator)
+
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCache.allocate(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
+                                         self.dtype, self.device)
+        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.sampler, config.max_num_seqs, self.max_model_len,
+            use_cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
+        )
+        self.requests: dict[str, Sequence] = {}
+        self._aborted: list[str] = []
+        self._num_preemptions = 0
+        self._computed_tokens = 0
+        self._generated_tokens = 0
+        per_block = self._bytes_per_block()
+        logger.info(
+            "engine ready in %.1f s: %s on %s in %s; KV cache %d blocks x %d tokens = %d tokens (%.2f GB); "
+            "max_model_len %d, prefix caching %s, CUDA graphs %s",
+            time.perf_counter() - start, c.path.name, self.device, str(self.dtype).removeprefix("torch."),
+            num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 1e9,
+            self.max_model_len, "on" if config.enable_prefix_caching else "off",
+            "on" if self.runner.graph_runner.graphs else "off",
+        )
+
+    def _bytes_per_block(self) -> int:
+        c = self.model_config
+        return KVCache.bytes_per_block(c.num_layers, self.config.block_size, c.num_kv_heads, c.head_dim, self.dtype)
+
+    def _num_kv_blocks(self) -> int:
+        per_block = self._bytes_per_block()
+        if self.config.num_kv_blocks is not None:
+            blocks = self.config.num_kv_blocks
+        elif self.device.type == "cuda":
+            blocks = blocks_from_budget(
+                cuda_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_forward), per_block
+            )
+        else:
+            blocks = blocks_from_budget(self.config.kv_cache_gb * 1e9, per_block)
+        if blocks <= 0:
+            raise ValueError(
+                f"no memory left for the KV cache ({per_block} bytes per block); lower max_num_batched_tokens, "
+                "raise gpu_memory_utilization or kv_cache_gb, or set num_kv_blocks"
+            )
+        return blocks
+
+    @torch.inference_mode()
+    def _profile_forward(self) -> None:
+        """The largest activations a step can need: a full token budget of prefill, then logits
+        and sampling for max_num_seqs rows."""
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+        seqs = min(self.config.max_num_seqs, tokens)
+        lengths = [tokens // seqs] * seqs
+        lengths[-1] += tokens - sum(lengths)
+        batch = ForwardBatch.for_prefill(lengths, self.device)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(self.model(ids, positions, batch), batch.logits_indices)
+        logits.softmax(dim=-1).sort(dim=-1)
+
+    # The step API -------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises RequestError if it is invalid or could never fit."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
+        self._validate(prompt_token_ids, params)
+        generator = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(str(request_id), list(prompt_token_ids), params, generator)
+        self.requests[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not prompt:
+            raise RequestError("the prompt is empty", field="prompt")
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise RequestError(f"the prompt has a token id outside [0, {vocab})", field="prompt")
+        if params.max_token_id() >= vocab:
+            raise RequestError(f"a token id in logit_bias or stop_token_ids is outside [0, {vocab})",
+                               field="logit_bias" if any(t >= vocab for t in params.logit_bias) else "stop_token_ids")
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt)} tokens; with max_tokens={params.max_tokens} that exceeds "
+                f"max_model_len={self.max_model_len}",
+                field="max_tokens" if len(prompt) < self.max_model_len else "prompt",
+            )
+        if self.kv.blocks_for(total) > self.pool.num_blocks:
+            raise RequestError(
+                f"the request needs {self.kv.blocks_for(total)} KV blocks at full length; the cache has "
+                f"{self.pool.num_blocks}", field="max_tokens",
+            )
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its blocks now; the next step reports it
+        with finish reason "abort". False if the id is unknown or already finished."""
+        seq = self.requests.get(request_id)
+        if seq is None or seq.finished:
+            return False
+        self.scheduler.abort(seq)
+        self._aborted.append(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def step(self) -> list[StepOutput]:
+        outputs = [StepOutput(rid, [], "abort") for rid in self._aborted]
+        for rid in self._aborted:
+            self.requests.pop(rid, None)
+        self._aborted = []
+        plan = self.scheduler.schedule()
+        self._num_preemptions += len(plan.preempted)
+        if not plan.scheduled:
+            return outputs
+        sampled = self.runner.execute(plan)
+        for item in plan.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            self.kv.commit_computed(item.seq)
+        self._computed_tokens += plan.num_tokens
+        sampling = [item.seq for item in plan.scheduled if item.seq.num_computed_tokens == item.seq.num_tokens]
+        for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
+            reason = seq.append_token(token, self.stop_ids, self.max_model_len)
+            if logprobs is not None:
+                seq.logprobs.append(logprobs)
+            self._generated_tokens += 1
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                del self.requests[seq.request_id]
+            outputs.append(StepOutput(seq.request_id, [token], reason, [logprobs] if logprobs else None))
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            waiting=len(self.scheduler.waiting),
+            running=len(self.scheduler.running),
+            kv=self.pool.stats(),
+            num_preemptions=self._num_preemptions,
+            computed_tokens=self._computed_tokens,
+            generated_tokens=self._generated_tokens,
+        )

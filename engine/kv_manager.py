@@ -1,0 +1,60 @@
+"""Sequence-level KV-cache bookkeeping on top of the caching block allocator."""
+
+from __future__ import annotations
+
+from splitinfer.engine.block_pool import ROOT_KEY, BlockPool
+from splitinfer.engine.sequence import Sequence
+
+
+class KVCacheManager:
+    """Gives sequences the blocks they need, reuses cached prefixes, and registers
+    blocks in the prefix cache once their K/V are written."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def apply_prefix_cache(self, seq: Sequence) -> None:
+        """For a sequence with nothing computed: take the cached blocks of its longest cached
+        prefix and count those tokens as computed."""
+        if seq.num_computed_tokens or seq.block_table:
+            raise RuntimeError(f"request {seq.request_id}: prefix reuse applies only to a sequence with no blocks")
+        match = self.pool.match_prefix(seq.token_ids)
+        self.pool.take_cached(match.block_ids)
+        seq.block_table = list(match.block_ids)
+        seq.block_keys = match.keys
+        seq.num_computed_tokens = len(match.block_ids) * self.block_size
+        seq.num_cached_tokens = seq.num_computed_tokens
+        self.pool.record_prefix_query(seq.num_tokens, seq.num_computed_tokens)
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        return needed <= self.pool.num_free
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Extend the block table to hold `num_new_tokens` more tokens; False (and no change) if blocks run out."""
+        needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed > self.pool.num_free:
+            return False
+        if needed > 0:
+            seq.block_table += self.pool.allocate(needed)
+        return True
+
+    def commit_computed(self, seq: Sequence) -> None:
+        """Register every block that became full of computed tokens since the last call."""
+        full = seq.num_computed_tokens // self.block_size
+        parent = seq.block_keys[-1] if seq.block_keys else ROOT_KEY
+        for i in range(len(seq.block_keys), full):
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            parent = self.pool.register_full_block(seq.block_table[i], parent, tokens)
+            seq.block_keys.append(parent)
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks (cached ones stay findable until evicted)."""
+        self.pool.free(seq.block_table)
+        seq.block_table = []
+        seq.block_keys = []
+        seq.num_computed_tokens = 0

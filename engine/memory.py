@@ -1,0 +1,44 @@
+"""How many KV-cache blocks fit: from free GPU memory after a profiling forward, or from a size on CPU."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def blocks_from_budget(budget_bytes: float, bytes_per_block: int) -> int:
+    return max(int(budget_bytes // bytes_per_block), 0)
+
+
+def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[], None]) -> float:
+    """Bytes left for the KV cache on `device` after a worst-case forward (`profile`).
+
+    vLLM's accounting: the engine may use `utilization` of the device's total memory;
+    from that subtract the torch peak of the profiling run (weights plus the largest
+    activations) and what lives outside torch's allocator (CUDA context, cuBLAS
+    workspaces), measured as the device's used memory minus torch's reserved memory.
+    """
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    gc.collect()
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    profile()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = max((total - free) - torch.cuda.memory_reserved(device), 0)
+    budget = total * utilization - peak - non_torch
+    logger.info(
+        "GPU memory: %.2f GiB total, x %.2f utilization; profiling peak %.2f GiB, outside torch %.2f GiB; "
+        "%.2f GiB left for the KV cache",
+        total / 2**30, utilization, peak / 2**30, non_torch / 2**30, budget / 2**30,
+    )
+    return budget

@@ -1,0 +1,133 @@
+"""Continuous batching: which tokens of which requests the next forward computes.
+
+Every step first gives each running request in decode its next token, then spends the
+rest of the token budget (`max_num_batched_tokens`) on prefill: running requests whose
+prompt is still being computed, then waiting requests in arrival order (FIFO), with
+long prompts split into chunks. When the KV cache runs out of blocks the most recently
+admitted running request is preempted: its blocks are freed and it goes back to the
+front of the queue, to be recomputed later (its prefix may still be cached).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from splitinfer.engine.kv_manager import KVCacheManager
+from splitinfer.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes the sequence's last known token, so a new one is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0 for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs}) "
+                "so every running request can decode in each step"
+            )
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        # Decodes first (one token each), then prompts still being prefilled, oldest first.
+        in_decode = [s for s in self.running if s.num_computed_tokens >= s.num_prompt_tokens]
+        in_prefill = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
+        for seq in in_decode + in_prefill:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n <= 0:
+                continue
+            if not self._allocate_or_preempt(seq, n, preempted):
+                continue
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        # No admissions in a step that had to preempt: the cache is full.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                self.kv.apply_prefix_cache(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.kv.allocate(seq, n):
+                break  # keep its cached blocks: it stays first in line
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n))
+            budget -= n
+        return SchedulerOutput(scheduled, preempted)
+
+    def _allocate_or_preempt(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+        """Find blocks for `seq`, preempting the newest running requests as needed; False if `seq` itself went."""
+        while not self.kv.allocate(seq, n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        assert self.running[-1] is seq, "only the most recently admitted request is preempted"
+        self.running.pop()
+        self.kv.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a running request: free its blocks now."""
+        self.running.remove(seq)
+        self._release(seq, reason)
+
+    def abort(self, seq: Sequence) -> None:
+        """End a request wherever it is (waiting, mid-prefill, running), freeing its blocks now."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            return
+        self._release(seq, "abort")
+
+    def _release(self, seq: Sequence, reason: str) -> None:
+        if seq.block_table:
+            self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
