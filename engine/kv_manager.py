@@ -30,10 +30,6 @@ class KVCacheManager:
         seq.num_cached_tokens = seq.num_computed_tokens
         self.pool.record_prefix_query(seq.num_tokens, seq.num_computed_tokens)
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return needed <= self.pool.num_free
-
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Extend the block table to hold `num_new_tokens` more tokens; False (and no change) if blocks run out."""
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
