@@ -8,7 +8,7 @@ from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.engine_core import EngineConfig, EngineCore, EngineStats, StepOutput
 from splitinfer.engine.errors import CheckpointError, RequestError
 from splitinfer.engine.llm import LLM, RequestOutput
-from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.protocol.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",

@@ -30,7 +30,7 @@ from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.sampler import Sampler
-from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.protocol.sampling_params import SamplingParams
 from splitinfer.engine.scheduler import Scheduler
 from splitinfer.engine.sequence import Logprobs, Sequence, SequenceStatus
 

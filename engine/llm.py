@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from splitinfer.engine.engine_core import EngineConfig, EngineCore
-from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.protocol.sampling_params import SamplingParams
 from splitinfer.engine.sequence import Logprobs
 from splitinfer.engine.tokenizer import Tokenizer
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.protocol.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

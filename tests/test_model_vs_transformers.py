@@ -15,7 +15,7 @@ from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
-from splitinfer.engine.sampling_params import SamplingParams
+from splitinfer.protocol.sampling_params import SamplingParams
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
 from splitinfer.engine.sequence import Sequence
 

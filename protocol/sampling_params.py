@@ -1,4 +1,8 @@
-"""Per-request generation settings, validated at construction."""
+"""Per-request generation settings, validated at construction.
+
+Plain Python (no torch): the engine samples with them and the `Generate` message of the
+protocol carries them, so servers build and validate them without importing the engine.
+"""
 
 from __future__ import annotations
 
