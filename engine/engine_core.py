@@ -79,12 +79,21 @@ class EngineConfig:
 
 @dataclass(frozen=True, slots=True)
 class StepOutput:
-    """What one step produced for one request: its new tokens, and why it ended if it did."""
+    """What one step produced for one request: its new tokens, why it ended if it did, and
+    its token counts so far (`num_cached_tokens`: prompt tokens served by the prefix cache)."""
 
     request_id: str
     new_token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[Logprobs] | None = None
+    logprobs: list[Logprobs] | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+
+    @classmethod
+    def of(cls, seq: Sequence, new_token_ids: list[int], logprobs: list[Logprobs] | None = None) -> StepOutput:
+        return cls(seq.request_id, new_token_ids, seq.finish_reason, logprobs,
+                   seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +139,7 @@ class EngineCore:
             use_cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
         )
         self.requests: dict[str, Sequence] = {}
-        self._aborted: list[str] = []
+        self._aborted: list[Sequence] = []  # reported by the next step
         self._num_preemptions = 0
         self._computed_tokens = 0
         self._generated_tokens = 0
@@ -183,15 +192,17 @@ class EngineCore:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises RequestError if it is invalid or could never fit."""
+        request_id = str(request_id)
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
-        self._validate(prompt_token_ids, params)
+        self.validate_request(prompt_token_ids, params)
         generator = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(str(request_id), list(prompt_token_ids), params, generator)
+        seq = Sequence(request_id, list(prompt_token_ids), params, generator)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
-    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
+    def validate_request(self, prompt: list[int], params: SamplingParams) -> None:
+        """Raise RequestError (naming the field) for a request this engine would refuse."""
         vocab = self.model_config.vocab_size
         if not prompt:
             raise RequestError("the prompt is empty", field="prompt")
@@ -220,16 +231,17 @@ class EngineCore:
         if seq is None or seq.finished:
             return False
         self.scheduler.abort(seq)
-        self._aborted.append(request_id)
+        del self.requests[request_id]
+        self._aborted.append(seq)
         return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def step(self) -> list[StepOutput]:
-        outputs = [StepOutput(rid, [], "abort") for rid in self._aborted]
-        for rid in self._aborted:
-            self.requests.pop(rid, None)
+        """Schedule, run one forward, sample; returns one output per request that produced a
+        token, finished, or was aborted since the last step."""
+        outputs = [StepOutput.of(seq, []) for seq in self._aborted]
         self._aborted = []
         plan = self.scheduler.schedule()
         self._num_preemptions += len(plan.preempted)
@@ -243,13 +255,11 @@ class EngineCore:
         sampling = [item.seq for item in plan.scheduled if item.seq.num_computed_tokens == item.seq.num_tokens]
         for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
             reason = seq.append_token(token, self.stop_ids, self.max_model_len)
-            if logprobs is not None:
-                seq.logprobs.append(logprobs)
             self._generated_tokens += 1
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 del self.requests[seq.request_id]
-            outputs.append(StepOutput(seq.request_id, [token], reason, [logprobs] if logprobs else None))
+            outputs.append(StepOutput.of(seq, [token], [logprobs] if logprobs else None))
         return outputs
 
     def stats(self) -> EngineStats:

@@ -24,6 +24,8 @@ class ForwardBatch:
       when none does, attention runs over the fresh K/V alone (prefill) without reading the cache.
     - `logits_indices` [B] int64: which rows to compute logits for (each sequence's last
       token); None computes logits for every token.
+    - `decode_workspace`: preallocated fp32 scratch for split-K decode attention (the graph
+      runner's), so that a decode step allocates nothing; None lets the kernel allocate.
     """
 
     cu_seqlens_q: torch.Tensor
@@ -33,6 +35,7 @@ class ForwardBatch:
     block_tables: torch.Tensor | None = None
     has_cached_prefix: bool = False
     logits_indices: torch.Tensor | None = None
+    decode_workspace: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -17,9 +17,22 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def apply_prefix_cache(self, seq: Sequence) -> None:
-        """For a sequence with nothing computed: take the cached blocks of its longest cached
-        prefix and count those tokens as computed."""
+    def admit(self, seq: Sequence, budget: int) -> int:
+        """Start a waiting sequence: reuse its longest cached prefix and allocate blocks for up to
+        `budget` of its remaining tokens. Returns how many tokens to compute now; 0 when the
+        blocks run out, and then the sequence holds nothing (a waiting request that kept blocks
+        could, with others, hold the whole pool while nothing runs). Released prefix blocks stay
+        cached, so the next attempt finds them again unless they were evicted meanwhile."""
+        self._apply_prefix_cache(seq)
+        n = min(seq.num_uncomputed_tokens, budget)
+        if not self.allocate(seq, n):
+            self.free(seq)
+            return 0
+        self.pool.record_prefix_query(seq.num_tokens, seq.num_cached_tokens)
+        return n
+
+    def _apply_prefix_cache(self, seq: Sequence) -> None:
+        """Take the cached blocks of the sequence's longest cached prefix; count them as computed."""
         if seq.num_computed_tokens or seq.block_table:
             raise RuntimeError(f"request {seq.request_id}: prefix reuse applies only to a sequence with no blocks")
         match = self.pool.match_prefix(seq.token_ids)
@@ -28,7 +41,6 @@ class KVCacheManager:
         seq.block_keys = match.keys
         seq.num_computed_tokens = len(match.block_ids) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
-        self.pool.record_prefix_query(seq.num_tokens, seq.num_computed_tokens)
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Extend the block table to hold `num_new_tokens` more tokens; False (and no change) if blocks run out."""

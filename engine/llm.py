@@ -69,7 +69,7 @@ class LLM:
         self._next_id += len(prompts)
         for i, (rid, tokens, p) in enumerate(zip(ids, token_lists, params)):
             try:
-                self.engine._validate(tokens, p)
+                self.engine.validate_request(tokens, p)
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from exc
         for rid, tokens, p in zip(ids, token_lists, params):

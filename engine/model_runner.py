@@ -76,9 +76,9 @@ class ModelRunner:
 
     def _decode_hidden(self, step: SchedulerOutput) -> torch.Tensor:
         seqs = [item.seq for item in step.scheduled]
-        positions = [seq.num_tokens - 1 for seq in seqs]
+        positions = [seq.num_computed_tokens for seq in seqs]
         return self.graph_runner.run(
-            input_ids=[seq.last_token_id for seq in seqs],
+            input_ids=[seq.token_ids[p] for seq, p in zip(seqs, positions)],
             positions=positions,
             slot_mapping=[self._slots(seq.block_table, p, p + 1)[0] for seq, p in zip(seqs, positions)],
             seq_lens=[seq.num_tokens for seq in seqs],
@@ -86,15 +86,20 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def compute_logits(self, step: SchedulerOutput) -> torch.Tensor:
+        """The step's forward: fp32 logits [S, V] of the S sequences that sample (a decode-only
+        step through the static-buffer graph runner, any other as one packed forward)."""
+        if step.is_decode_only and len(step.scheduled) <= self.graph_runner.max_batch_size:
+            return self.model.compute_logits(self._decode_hidden(step))
+        input_ids, positions, batch = self.prepare(step)
+        hidden = self.model(input_ids, positions, batch, self.kv_cache)
+        return self.model.compute_logits(hidden, batch.logits_indices)
+
+    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> SamplerOutput:
         """Run the step's forward; sample one token for each sequence that completes its known tokens."""
+        logits = self.compute_logits(step)
         sampling = [item.seq for item in step.scheduled if item.samples]
-        if step.is_decode_only and len(step.scheduled) <= self.graph_runner.buckets[-1]:
-            logits = self.model.compute_logits(self._decode_hidden(step))
-        else:
-            input_ids, positions, batch = self.prepare(step)
-            hidden = self.model(input_ids, positions, batch, self.kv_cache)
-            logits = self.model.compute_logits(hidden, batch.logits_indices)
         if not sampling:
             return SamplerOutput([], [])
         return self.sampler(logits, sampling)

@@ -39,7 +39,9 @@ class SchedulerOutput:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(s.num_new_tokens == 1 and s.seq.num_computed_tokens > 0 for s in self.scheduled)
+        """Every sequence feeds exactly its last known token over a cached context: the shape of
+        a decode step (a prefill chunk of one token that is not the last does not qualify)."""
+        return all(s.num_new_tokens == 1 and s.samples and s.seq.num_computed_tokens > 0 for s in self.scheduled)
 
 
 class Scheduler:
@@ -53,7 +55,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        # Running requests by id, in admission order (dicts keep it): the last is preempted
+        # first, and finishing or aborting one is O(1).
+        self.running: dict[str, Sequence] = {}
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -63,65 +67,65 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        scheduled: dict[str, ScheduledSeq] = {}
         preempted: list[Sequence] = []
         # Decodes first (one token each), then prompts still being prefilled, oldest first.
-        in_decode = [s for s in self.running if s.num_computed_tokens >= s.num_prompt_tokens]
-        in_prefill = [s for s in self.running if s.num_computed_tokens < s.num_prompt_tokens]
+        running = list(self.running.values())
+        in_decode = [s for s in running if s.num_computed_tokens >= s.num_prompt_tokens]
+        in_prefill = [s for s in running if s.num_computed_tokens < s.num_prompt_tokens]
         for seq in in_decode + in_prefill:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
             if n <= 0:
                 continue
-            if not self._allocate_or_preempt(seq, n, preempted):
-                continue
-            scheduled.append(ScheduledSeq(seq, n))
-            budget -= n
+            while not self.kv.allocate(seq, n):
+                victim = self._preempt_newest()
+                preempted.append(victim)
+                # The victim may already hold a place in this step (a decode scheduled before
+                # an older request's prefill chunk): its blocks are gone, so it leaves the step.
+                dropped = scheduled.pop(victim.request_id, None)
+                if dropped is not None:
+                    budget += dropped.num_new_tokens
+                if victim is seq:
+                    break
+            else:  # no break: the blocks were found
+                scheduled[seq.request_id] = ScheduledSeq(seq, n)
+                budget -= n
         # No admissions in a step that had to preempt: the cache is full.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.kv.apply_prefix_cache(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self.kv.allocate(seq, n):
-                break  # keep its cached blocks: it stays first in line
+            n = self.kv.admit(seq, budget)
+            if n == 0:
+                break  # out of blocks: it stays first in line (FIFO), holding nothing
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, n))
+            self.running[seq.request_id] = seq
+            scheduled[seq.request_id] = ScheduledSeq(seq, n)
             budget -= n
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(list(scheduled.values()), preempted)
 
-    def _allocate_or_preempt(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
-        """Find blocks for `seq`, preempting the newest running requests as needed; False if `seq` itself went."""
-        while not self.kv.allocate(seq, n):
-            victim = self.running[-1]
-            self._preempt(victim)
-            preempted.append(victim)
-            if victim is seq:
-                return False
-        return True
-
-    def _preempt(self, seq: Sequence) -> None:
-        assert self.running[-1] is seq, "only the most recently admitted request is preempted"
-        self.running.pop()
+    def _preempt_newest(self) -> Sequence:
+        """Free the most recently admitted running request's blocks and put it first in line;
+        it is recomputed from its tokens (prompt and outputs) when readmitted."""
+        _, seq = self.running.popitem()
         self.kv.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
+        return seq
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End a running request: free its blocks now."""
-        self.running.remove(seq)
+        del self.running[seq.request_id]
         self._release(seq, reason)
 
     def abort(self, seq: Sequence) -> None:
         """End a request wherever it is (waiting, mid-prefill, running), freeing its blocks now."""
         if seq.status is SequenceStatus.RUNNING:
-            self.running.remove(seq)
+            del self.running[seq.request_id]
         elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+            self.waiting.remove(seq)  # O(waiting), but aborts are rare next to steps
         else:
             return
         self._release(seq, "abort")

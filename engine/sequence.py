@@ -46,7 +46,6 @@ class Sequence:
     num_cached_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
-    logprobs: list[Logprobs] = field(default_factory=list)
     num_preemptions: int = 0
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ tests); `dispatch` chooses the implementation per call. Import from here only.
 
 from splitinfer.kernels.dispatch import (
     apply_rope_,
+    decode_workspace_numel,
     flash_attention_varlen,
     paged_attention,
     rms_norm,
@@ -17,6 +18,7 @@ from splitinfer.kernels.rope import RopeScaling, rope_cos_sin_cache
 __all__ = [
     "RopeScaling",
     "apply_rope_",
+    "decode_workspace_numel",
     "flash_attention_varlen",
     "paged_attention",
     "rms_norm",

@@ -68,6 +68,7 @@ def paged_attention_reference(
     cu_seqlens_q: torch.Tensor,
     scale: float | None = None,
     max_seqlen_q: int | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries q [T, Hq, D] over each sequence's cached context.
 
@@ -75,7 +76,7 @@ def paged_attention_reference(
     positions out of `seq_lens[b]`; its keys are read through `block_tables[b]`,
     causally by absolute position. The caches must already hold the new tokens.
     """
-    del max_seqlen_q  # only the Triton launch grid needs it
+    del max_seqlen_q, workspace  # only the Triton launch and its scratch need them
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()

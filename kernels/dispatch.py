@@ -31,6 +31,8 @@ def _triton(name: str) -> ModuleType:
 
 
 BACKEND_ENV = "SPLITINFER_KERNELS"
+# Split-K decode cuts a context into at most this many slices (see paged_decode_triton).
+MAX_DECODE_SPLITS = 16
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -107,16 +109,20 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,
     scale: float | None = None,
     max_seqlen_q: int | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed queries over each sequence's paged context; sequence b's queries are its last
     `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal.
 
     `max_seqlen_q` (a host int) sizes the launch grid; 1 selects the split-K decode
     kernel. When None it is read from `cu_seqlens_q`, which syncs with the device.
+    `workspace`: fp32 scratch of at least `decode_workspace_numel(batch, Hq, D)` elements
+    for the split-K partial results, so that a decode step allocates nothing; without
+    it the decode kernel allocates its scratch per call.
     """
     if not use_triton(q):
         return attention.paged_attention_reference(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q, workspace
         )
     _triton("attention_triton").check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -124,8 +130,14 @@ def paged_attention(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if seq_lens.numel() else 0
     if max_seqlen_q == 1:
         return _triton("paged_decode_triton").paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, workspace=workspace
         )
     return _triton("attention_triton").paged_prefill_attention_triton(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
     )
+
+
+def decode_workspace_numel(batch: int, num_heads: int, head_dim: int) -> int:
+    """fp32 elements of split-K decode scratch for `batch` sequences: each (sequence, query
+    head, slice) keeps a partial output of `head_dim` values and its log-sum-exp."""
+    return batch * num_heads * MAX_DECODE_SPLITS * (head_dim + 1)

@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from splitinfer.kernels.attention_triton import LOG2E, dot_precision
+from splitinfer.kernels.dispatch import MAX_DECODE_SPLITS
 
 BLOCK_N = 64
-MAX_SPLITS = 16
 
 
 @triton.jit
@@ -135,7 +135,25 @@ def decode_num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
         return 4  # the interpreter: exercise the split path with a few slices
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = triton.cdiv(2 * sms, max(batch * kv_heads, 1))
-    return max(1, min(MAX_SPLITS, triton.next_power_of_2(splits)))
+    return max(1, min(MAX_DECODE_SPLITS, triton.next_power_of_2(splits)))
+
+
+def _split_scratch(
+    batch: int, num_heads: int, splits: int, head_dim: int, workspace: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense part_o [B, Hq, S, D] and part_lse [B, Hq, S] views, carved from `workspace` when given."""
+    o_numel, lse_numel = batch * num_heads * splits * head_dim, batch * num_heads * splits
+    if workspace is None:
+        workspace = torch.empty(o_numel + lse_numel, dtype=torch.float32, device=device)
+    elif workspace.dtype != torch.float32 or not workspace.is_contiguous() or workspace.numel() < o_numel + lse_numel:
+        raise ValueError(
+            f"the decode workspace must be contiguous fp32 with >= {o_numel + lse_numel} elements for {batch} "
+            f"sequences and {splits} splits, got {workspace.dtype} with {workspace.numel()}"
+        )
+    flat = workspace.view(-1)
+    part_o = flat[:o_numel].view(batch, num_heads, splits, head_dim)
+    part_lse = flat[o_numel : o_numel + lse_numel].view(batch, num_heads, splits)
+    return part_o, part_lse
 
 
 def paged_decode_attention_triton(
@@ -148,16 +166,22 @@ def paged_decode_attention_triton(
     scale: float,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D]."""
+    """One query per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D].
+
+    `workspace`: preallocated fp32 scratch (`dispatch.decode_workspace_numel` elements) for the
+    split partials; allocated per call when None.
+    """
     batch = seq_lens.shape[0]
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
     splits = num_splits or decode_num_splits(batch, kv_heads, q.device)
+    if not 1 <= splits <= MAX_DECODE_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_DECODE_SPLITS}], got {splits}")
     out = torch.empty_like(q) if out is None else out
     if splits > 1:
-        part_o = torch.empty(batch, q.shape[1], splits, head_dim, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, q.shape[1], splits, dtype=torch.float32, device=q.device)
+        part_o, part_lse = _split_scratch(batch, q.shape[1], splits, head_dim, workspace, q.device)
     else:
         part_o = part_lse = out  # unused
     block_d = triton.next_power_of_2(head_dim)

@@ -187,6 +187,24 @@ def test_paged_decode(dtype: torch.dtype, group: int, head_dim: int, num_splits:
     assert torch.equal(out[4], torch.zeros_like(out[4]))
 
 
+def test_paged_decode_in_a_preallocated_workspace_matches_per_call_scratch() -> None:
+    """The graph runner's split-K scratch: garbage left from earlier steps must not leak into
+    the result, and a workspace too small for the batch is refused, not overrun."""
+    from splitinfer.kernels import decode_workspace_numel
+
+    context = [3, 200, 64]
+    k_cache, v_cache, tables, seq_lens, cu = paged_case([1] * 3, context, 2, 64, torch.float32, seed=5)
+    q = randn(3, 8, 64, dtype=torch.float32)
+    fresh = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4)
+    workspace = torch.full((decode_workspace_numel(8, 8, 64),), float("nan"), device=DEVICE)
+    reused = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4,
+                                           workspace=workspace)
+    torch.testing.assert_close(reused, fresh, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="workspace"):
+        paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4,
+                                      workspace=workspace[:100])
+
+
 def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny model with SPLITINFER_KERNELS=triton: same logits (prefill and paged decode) and greedy tokens."""
     from splitinfer.engine import LLM, SamplingParams
