@@ -60,21 +60,36 @@ class Sampler:
                     logits[row, list(stops)] = float("-inf")
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Repetition (transformers: over prompt and output), then frequency and presence (OpenAI:
+        over the output) penalties, for all penalised rows at once."""
         rows = [row for row, seq in enumerate(seqs) if seq.params.has_penalties]
         if not rows:
             return
-        device = logits.device
-        for row in rows:
-            seq, p = seqs[row], seqs[row].params
-            output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
-            counts = torch.zeros(self.vocab_size, device=device).index_add_(0, output, torch.ones(len(output), device=device))
-            if p.repetition_penalty != 1:
-                seen = counts > 0
-                seen[torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=device)] = True
-                penalised = torch.where(logits[row] > 0, logits[row] / p.repetition_penalty,
-                                        logits[row] * p.repetition_penalty)
-                logits[row] = torch.where(seen, penalised, logits[row])
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        device, vocab = logits.device, self.vocab_size
+        params = [seqs[row].params for row in rows]
+        index = torch.tensor(rows, device=device)
+        penalised = logits.index_select(0, index)
+        # Token-id lists padded with `vocab`, a spare column that is dropped afterwards.
+        counts = self._scatter_counts([seqs[row].output_token_ids for row in rows], device)
+        seen = counts > 0
+        if any(p.repetition_penalty != 1 for p in params):
+            in_prompt = self._scatter_counts([seqs[row].prompt_token_ids for row in rows], device) > 0
+            repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+            scaled = torch.where(penalised > 0, penalised / repetition, penalised * repetition)
+            penalised = torch.where(seen | in_prompt, scaled, penalised)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        penalised -= frequency * counts + presence * seen
+        logits[index] = penalised
+
+    def _scatter_counts(self, token_lists: list[list[int]], device: torch.device) -> torch.Tensor:
+        """[len(token_lists), vocab] float counts of each token id in each list."""
+        width = max(1, max(len(tokens) for tokens in token_lists))
+        padded = torch.tensor([tokens + [self.vocab_size] * (width - len(tokens)) for tokens in token_lists],
+                              dtype=torch.int64).to(device, non_blocking=True)
+        counts = torch.zeros(len(token_lists), self.vocab_size + 1, device=device)
+        counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
+        return counts[:, : self.vocab_size]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         greedy_tokens = logits.argmax(dim=-1)
