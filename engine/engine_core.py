@@ -103,6 +103,7 @@ class EngineStats:
     kv: BlockPoolStats
     num_preemptions: int
     computed_tokens: int  # tokens fed through the model (prompts, recomputation, decode inputs)
+    prompt_tokens: int  # of those, prompt positions (recomputed ones again after a preemption)
     generated_tokens: int
 
 
@@ -142,6 +143,7 @@ class EngineCore:
         self._aborted: list[Sequence] = []  # reported by the next step
         self._num_preemptions = 0
         self._computed_tokens = 0
+        self._prompt_tokens = 0
         self._generated_tokens = 0
         per_block = self._bytes_per_block()
         logger.info(
@@ -249,8 +251,11 @@ class EngineCore:
             return outputs
         sampled = self.runner.execute(plan)
         for item in plan.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.kv.commit_computed(item.seq)
+            seq = item.seq
+            self._prompt_tokens += max(0, min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
+                                       - seq.num_computed_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.kv.commit_computed(seq)
         self._computed_tokens += plan.num_tokens
         sampling = [item.seq for item in plan.scheduled if item.seq.num_computed_tokens == item.seq.num_tokens]
         for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
@@ -269,5 +274,6 @@ class EngineCore:
             kv=self.pool.stats(),
             num_preemptions=self._num_preemptions,
             computed_tokens=self._computed_tokens,
+            prompt_tokens=self._prompt_tokens,
             generated_tokens=self._generated_tokens,
         )

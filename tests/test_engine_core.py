@@ -96,6 +96,8 @@ def test_sixteen_requests_batched_together_equal_transformers_one_at_a_time(
         assert finish_of(outputs[rid]) == "length"
         last = outputs[rid][-1]
         assert (last.num_prompt_tokens, last.num_output_tokens) == (len(prompt), max_tokens)
+    stats = core.stats()
+    assert stats.prompt_tokens == sum(PROMPT_LENGTHS) and stats.generated_tokens == sum(MAX_TOKENS)
     assert_pool_empty(core)
 
 

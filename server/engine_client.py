@@ -1,0 +1,348 @@
+"""The HTTP servers' connection to the engine: an asyncio client on a ZeroMQ DEALER socket.
+
+    client = EngineClient("ipc:///run/user/1000/splitinfer-engine.sock")
+    await client.start()                     # connect and handshake; client.info is the HelloReply
+    async for out in client.generate("req-1", prompt_ids, SamplingParams(max_tokens=32)):
+        ...                                  # protocol RequestOutput: new tokens, finish reason, counts
+    await client.abort(["req-1"])
+    await client.close()                     # says Goodbye
+
+One background task receives every message and routes `Outputs` to per-request queues by
+request id; another heartbeats (Ping) well inside the engine's lease. When the engine stops
+answering, says it is shutting down, or comes back as a new instance, every in-flight
+request fails with a retryable `EngineUnavailable`, the health state turns `unavailable`,
+and the client reconnects by itself with backoff (a fresh socket, so nothing sent to the
+dead engine is replayed to the new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from splitinfer.protocol import (
+    Abort,
+    Error,
+    ErrorCode,
+    Generate,
+    Goodbye,
+    Hello,
+    HelloReply,
+    Limits,
+    Outputs,
+    Ping,
+    Pong,
+    ProtocolError,
+    RequestOutput,
+    SamplingParams,
+    Shutdown,
+    Stats,
+    StatsReply,
+    decode,
+    encode,
+)
+
+logger = logging.getLogger(__name__)
+
+# Replies from the engine can be large (HelloReply carries the tokenizer files).
+ENGINE_REPLY_LIMITS = Limits(max_frame_bytes=512 * 2**20, max_prompt_tokens=2**31 - 1)
+
+
+class Health(enum.Enum):
+    CONNECTING = "connecting"
+    READY = "ready"
+    UNAVAILABLE = "unavailable"
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot be reached or went away; the request may be retried (HTTP 503)."""
+
+    retryable = True
+
+
+class EngineRequestError(Exception):
+    """The engine refused a request (bad parameters, too long, ...): the caller's fault (HTTP 400)."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.message)
+        self.code = error.code
+        self.param = error.param
+        self.retryable = error.retryable
+
+
+class _Stream:
+    """One request's outputs, in order, ending with a finish reason or an exception."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+
+class EngineClient:
+    def __init__(
+        self,
+        address: str,
+        client_id: str | None = None,
+        connect_timeout_s: float = 10.0,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        self.address = address
+        self.client_id = client_id or f"server-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # A new nonce per process: the engine aborts what an earlier process under this id left.
+        self.nonce = uuid.uuid4().hex
+        self.connect_timeout_s = connect_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.info: HelloReply | None = None
+        self.health = Health.CONNECTING
+        self._context = zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._sender: zmq.Socket | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._pings: dict[int, asyncio.Future[float]] = {}
+        self._stats: deque[asyncio.Future[StatsReply]] = deque()
+        self._hello: asyncio.Future[HelloReply] | None = None
+        self._ping_ids = itertools.count()
+        self._last_heard = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._reconnecting: asyncio.Task | None = None
+        self._closed = False
+
+    # Connection ----------------------------------------------------------------------
+
+    async def start(self) -> HelloReply:
+        """Connect and handshake; raises EngineUnavailable if the engine does not answer in time."""
+        info = await self._connect(self.connect_timeout_s)
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="engine-heartbeat"))
+        return info
+
+    async def _connect(self, timeout_s: float) -> HelloReply:
+        self._open_socket()
+        self._hello = asyncio.get_running_loop().create_future()
+        try:
+            info = await asyncio.wait_for(self._handshake(), timeout_s)
+        except asyncio.TimeoutError:
+            self.health = Health.UNAVAILABLE
+            raise EngineUnavailable(f"the engine at {self.address} did not answer within {timeout_s:.1f} s") from None
+        if self.info is not None and info.engine_id != self.info.engine_id:
+            logger.warning("connected to a new engine instance %s (was %s)", info.engine_id, self.info.engine_id)
+        self.info = info
+        self._last_heard = time.monotonic()
+        self.health = Health.READY
+        logger.info("connected to engine %s at %s: model %s", info.engine_id, self.address, info.model_name)
+        return info
+
+    async def _handshake(self) -> HelloReply:
+        hello = encode(Hello(client_id=self.client_id, nonce=self.nonce, pid=os.getpid()))
+        while True:  # with IMMEDIATE, a send fails until the connection is up
+            try:
+                self._sender.send(hello, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                await asyncio.sleep(0.01)
+        return await asyncio.shield(self._hello)
+
+    def _open_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        for task in self._tasks:
+            if task.get_name() == "engine-receive":
+                task.cancel()
+        self._tasks = [t for t in self._tasks if t.get_name() != "engine-receive"]
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        # Queue nothing for an engine that is not connected: a send fails at once instead.
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(1000 * self.max_backoff_s))
+        sock.connect(self.address)
+        self._socket = sock
+        # Sends go through a synchronous view of the same socket, so that a failed
+        # non-blocking send raises here (the asyncio socket would hide it in a future).
+        self._sender = zmq.Socket.shadow(sock.underlying)
+        self._tasks.append(asyncio.create_task(self._receive(sock), name="engine-receive"))
+
+    def _send(self, message: object) -> None:
+        if self._socket is None:
+            raise EngineUnavailable("the engine client is not started")
+        try:
+            self._sender.send(encode(message), zmq.NOBLOCK)
+        except zmq.Again:
+            self._lost("not connected")
+            raise EngineUnavailable(f"the engine at {self.address} is not connected") from None
+
+    async def close(self) -> None:
+        """Say Goodbye (the engine aborts whatever is left) and stop every task."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(EngineUnavailable, zmq.ZMQError):
+            if self.health is Health.READY:
+                self._send(Goodbye(client_id=self.client_id))
+                await asyncio.sleep(0.01)  # let the frame leave before the socket closes
+        tasks = self._tasks + ([self._reconnecting] if self._reconnecting else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._fail_all(EngineUnavailable("the engine client was closed"))
+        if self._socket is not None:
+            self._socket.close(linger=0)
+
+    # Background tasks ----------------------------------------------------------------
+
+    async def _receive(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            data = await sock.recv()
+            self._last_heard = time.monotonic()
+            try:
+                message = decode(data, ENGINE_REPLY_LIMITS)
+            except ProtocolError as exc:
+                logger.error("undecodable message from the engine: %s", exc)
+                continue
+            self._dispatch(message)
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, Outputs):
+            for out in message.outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is None:
+                    continue  # aborted by us, or from an earlier connection
+                stream.queue.put_nowait(out)
+                if out.finish_reason is not None:
+                    del self._streams[out.request_id]
+        elif isinstance(message, Pong):
+            future = self._pings.pop(message.nonce, None)
+            if future is not None and not future.done():
+                future.set_result(time.perf_counter() - message.sent_at)
+        elif isinstance(message, StatsReply):
+            while self._stats:
+                future = self._stats.popleft()
+                if not future.done():
+                    future.set_result(message)
+                    break
+        elif isinstance(message, HelloReply):
+            if self._hello is not None and not self._hello.done():
+                self._hello.set_result(message)
+        elif isinstance(message, Error):
+            self._on_error(message)
+        elif isinstance(message, Shutdown):
+            self._lost(f"the engine is shutting down: {message.message}")
+        else:
+            logger.warning("unexpected %s from the engine", type(message).__name__)
+
+    def _on_error(self, error: Error) -> None:
+        if error.code == ErrorCode.NO_SESSION:
+            self._lost("the engine no longer knows this client (restarted, or our lease ran out)")
+            return
+        stream = self._streams.pop(error.request_id, None) if error.request_id is not None else None
+        if stream is not None:
+            stream.queue.put_nowait(
+                EngineUnavailable(error.message) if error.retryable else EngineRequestError(error))
+        elif error.code != ErrorCode.UNKNOWN_REQUEST:  # an Abort racing a finish is expected
+            logger.warning("engine error %s: %s", error.code, error.message)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            lease = self.info.lease_s if self.info else 5.0
+            await asyncio.sleep(lease / 4)
+            if self.health is not Health.READY:
+                continue
+            with contextlib.suppress(EngineUnavailable):
+                self._send(Ping(nonce=next(self._ping_ids), sent_at=time.perf_counter()))
+            # Three quarters of a lease of silence: the engine is gone (or stuck); heartbeats
+            # go out every quarter, so a live engine has answered two of them by now.
+            if time.monotonic() - self._last_heard > 0.75 * lease:
+                self._lost(f"no answer from the engine for {time.monotonic() - self._last_heard:.1f} s")
+
+    def _lost(self, why: str) -> None:
+        """The engine is gone: fail in-flight requests (retryable) and reconnect in the background."""
+        if self._closed or self.health is Health.UNAVAILABLE:
+            return
+        logger.warning("engine unavailable: %s; %d in-flight request(s) failed; reconnecting", why, len(self._streams))
+        self.health = Health.UNAVAILABLE
+        self._fail_all(EngineUnavailable(f"the engine became unavailable ({why}); retry the request"))
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="engine-reconnect")
+
+    async def _reconnect(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            try:
+                await self._connect(timeout_s=max(backoff, 0.5))
+                return
+            except EngineUnavailable:
+                await asyncio.sleep(backoff)
+                backoff = min(2 * backoff, self.max_backoff_s)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.queue.put_nowait(exc)
+        self._streams.clear()
+        for future in [*self._pings.values(), *self._stats]:
+            if not future.done():
+                future.set_exception(exc)
+        self._pings.clear()
+        self._stats.clear()
+
+    # Requests ------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs until it finishes. Leaving the loop early
+        (the HTTP client disconnected, a stop string matched) aborts it in the engine."""
+        if self.health is not Health.READY:
+            raise EngineUnavailable(f"the engine at {self.address} is {self.health.value}")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        stream = _Stream()
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            self._send(Generate(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._streams.pop(request_id, None)
+                with contextlib.suppress(EngineUnavailable):
+                    self._send(Abort(request_ids=[request_id], reason="client stopped reading"))
+
+    async def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.queue.put_nowait(EngineUnavailable(f"request {request_id} was aborted"))
+        self._send(Abort(request_ids=list(request_ids), reason=reason))
+
+    async def stats(self, timeout_s: float = 5.0) -> StatsReply:
+        future: asyncio.Future[StatsReply] = asyncio.get_running_loop().create_future()
+        self._stats.append(future)
+        self._send(Stats())
+        return await asyncio.wait_for(future, timeout_s)
+
+    async def ping(self, timeout_s: float = 5.0) -> float:
+        """Round-trip time to the engine in seconds."""
+        nonce = next(self._ping_ids)
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[nonce] = future
+        self._send(Ping(nonce=nonce, sent_at=time.perf_counter()))
+        return await asyncio.wait_for(future, timeout_s)
