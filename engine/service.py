@@ -152,6 +152,7 @@ class EngineService:
         self._times = LoopTimes()
         self._last_report = time.monotonic()
         self._rates = TokenRates()
+        self._rates.record(time.monotonic(), 0, 0)  # rates count from the start
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
