@@ -32,7 +32,7 @@ from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.sampler import Sampler
 from splitinfer.protocol.sampling_params import SamplingParams
 from splitinfer.engine.scheduler import Scheduler
-from splitinfer.engine.sequence import Logprobs, Sequence, SequenceStatus
+from splitinfer.engine.sequence import Logprobs, Sequence
 
 logger = logging.getLogger(__name__)
 

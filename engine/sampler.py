@@ -65,7 +65,7 @@ class Sampler:
         rows = [row for row, seq in enumerate(seqs) if seq.params.has_penalties]
         if not rows:
             return
-        device, vocab = logits.device, self.vocab_size
+        device = logits.device
         params = [seqs[row].params for row in rows]
         index = torch.tensor(rows, device=device)
         penalised = logits.index_select(0, index)

@@ -108,7 +108,6 @@ class EngineClient:
         self.health = Health.CONNECTING
         self._context = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
-        self._sender: zmq.Socket | None = None
         self._streams: dict[str, _Stream] = {}
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._stats: deque[asyncio.Future[StatsReply]] = deque()
@@ -147,7 +146,7 @@ class EngineClient:
         hello = encode(Hello(client_id=self.client_id, nonce=self.nonce, pid=os.getpid()))
         while True:  # with IMMEDIATE, a send fails until the connection is up
             try:
-                self._sender.send(hello, zmq.NOBLOCK)
+                self._send_now(hello)
                 break
             except zmq.Again:
                 await asyncio.sleep(0.01)
@@ -168,19 +167,29 @@ class EngineClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(1000 * self.max_backoff_s))
         sock.connect(self.address)
         self._socket = sock
-        # Sends go through a synchronous view of the same socket, so that a failed
-        # non-blocking send raises here (the asyncio socket would hide it in a future).
-        self._sender = zmq.Socket.shadow(sock.underlying)
         self._tasks.append(asyncio.create_task(self._receive(sock), name="engine-receive"))
 
     def _send(self, message: object) -> None:
         if self._socket is None:
             raise EngineUnavailable("the engine client is not started")
         try:
-            self._sender.send(encode(message), zmq.NOBLOCK)
+            self._send_now(encode(message))
         except zmq.Again:
             self._lost("not connected")
             raise EngineUnavailable(f"the engine at {self.address} is not connected") from None
+
+    def _send_now(self, data: bytes) -> None:
+        """Send without waiting; raises zmq.Again if the engine is not connected.
+
+        Through the asyncio socket itself, never a second (shadow) socket: ZeroMQ's file
+        descriptor is edge-triggered, and pyzmq re-checks pending receives after each of its
+        own sends; a send behind its back can swallow the edge and stall the receive task.
+        With NOBLOCK the returned future is already resolved, so its error is read here.
+        """
+        future = self._socket.send(data, zmq.NOBLOCK)
+        error = future.exception()
+        if error is not None:
+            raise error
 
     async def close(self) -> None:
         """Say Goodbye (the engine aborts whatever is left) and stop every task."""

@@ -113,3 +113,45 @@ class Worker:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(proc: subprocess.Popen, log: Path, port: int, timeout_s: float = 30.0) -> float:
+    """Poll GET /health until 200; returns the seconds it took."""
+    import urllib.error
+    import urllib.request
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                return time.monotonic() - start
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"server on port {port} not healthy within {timeout_s} s:\n{log.read_text(errors='replace')}")
+
+
+def start_server(address: str, port: int, log: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
+    """`python -m splitinfer.server` on 127.0.0.1:port, returned once /health answers 200."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "splitinfer.server", "--engine", address, "--port", str(port), *extra],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+    if wait:
+        try:
+            wait_for_health(proc, log, port)
+        except BaseException:
+            stop(proc)
+            raise
+    return proc

@@ -22,7 +22,7 @@ import zmq
 from procs import PYTHON, REPO, Worker, start_engine, stop
 from splitinfer.engine import LLM
 from splitinfer.protocol import (
-    PROTOCOL_VERSION, Error, Hello, HelloReply, Ping, SamplingParams, Stats, StatsReply, decode, encode,
+    PROTOCOL_VERSION, Error, Hello, HelloReply, SamplingParams, Stats, StatsReply, decode, encode,
 )
 from splitinfer.server.engine_client import ENGINE_REPLY_LIMITS, EngineClient, EngineUnavailable, Health
 
@@ -52,8 +52,13 @@ class Peer:
         return reply
 
     def stats(self) -> StatsReply:
+        """The engine's stats; this peer does not heartbeat, so it says Hello again when the
+        engine has expired its lease (as the protocol asks of any client)."""
         reply = self.request(Stats())
-        assert isinstance(reply, StatsReply)
+        if isinstance(reply, Error) and reply.code == "no_session":
+            self.hello()
+            reply = self.request(Stats())
+        assert isinstance(reply, StatsReply), reply
         return reply
 
     def close(self) -> None:

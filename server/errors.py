@@ -1,0 +1,44 @@
+"""Every failure a client sees, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Handlers raise `APIError`; the app turns it (and anything unexpected) into that JSON with
+the right status, so no response is ever a 422 or a plain-text 500.
+"""
+
+from __future__ import annotations
+
+from starlette.responses import JSONResponse
+
+# OpenAI's `type` for each status we produce.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param, code)
+
+
+def engine_unavailable(detail: str) -> APIError:
+    return APIError(503, f"the engine is unavailable: {detail}", code="engine_unavailable")

@@ -1,0 +1,209 @@
+"""OpenAI request bodies -> validated requests and per-choice `SamplingParams`.
+
+Every error is an `APIError` 400 naming the offending `param`. Unknown fields are ignored
+(clients send fields we have never heard of); a known feature we do not support (tools,
+structured output, echo, ...) is refused rather than silently dropped. vLLM's extensions
+are accepted at the top level, which is where the OpenAI SDK's `extra_body` puts them:
+top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from splitinfer.protocol import SamplingParams
+from splitinfer.server.errors import bad_request
+
+MAX_N = 128
+MAX_STOP_STRINGS = 16
+MAX_COMPLETIONS_LOGPROBS = 20  # OpenAI caps it at 5; the engine gives up to 20
+EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos")
+
+# Known OpenAI features we do not implement, and the values that mean "not used".
+UNSUPPORTED_CHAT = {
+    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "web_search_options": (None,),
+}
+UNSUPPORTED_COMPLETIONS = {"suffix": (None, ""), "echo": (None, False)}
+
+
+@dataclass(frozen=True, slots=True)
+class Common:
+    """What chat and completions requests share."""
+
+    model: str
+    n: int
+    stream: bool
+    include_usage: bool
+    stop: tuple[str, ...]
+    max_tokens: int | None  # None: as many as the context allows
+    params: SamplingParams  # per-choice settings; max_tokens and seed are set per choice
+    user: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    common: Common
+    messages: list[dict]
+    logprobs: bool
+    top_logprobs: int
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRequest:
+    common: Common
+    prompts: list[str | list[int]]  # several prompts make several groups of n choices
+    logprobs: int | None
+
+
+def _typed(body: dict, name: str, types: type | tuple[type, ...], what: str, default: object = None) -> object:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise bad_request(f"'{name}' must be {what}, got {value!r}", param=name)
+    if not isinstance(value, types):
+        raise bad_request(f"'{name}' must be {what}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _refuse_unsupported(body: dict, unsupported: dict[str, tuple]) -> None:
+    for name, harmless in unsupported.items():
+        if name in body and body[name] not in harmless:
+            raise bad_request(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise bad_request("'stop' must be a non-empty string or a list of them", param="stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP_STRINGS} strings", param="stop")
+    return tuple(stops)
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = _typed(body, "logit_bias", dict, "an object of token id -> bias", {})
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_request(f"'logit_bias' values must be numbers, got {value!r}", param="logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def _sampling_params(body: dict, logprobs: int | None) -> SamplingParams:
+    """Build the choice template; SamplingParams checks every range and names the field."""
+    fields = {
+        "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+        "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty"),
+        "seed": body.get("seed"), "logit_bias": _logit_bias(body), "logprobs": logprobs,
+        **{name: body.get(name) for name in EXTRA_SAMPLING_FIELDS},
+    }
+    if isinstance(fields["stop_token_ids"], list):
+        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    kwargs = {k: v for k, v in fields.items() if v is not None and k != "logprobs"}
+    # max_tokens is set per choice once the prompt length is known (`choice_params`).
+    return _build(lambda: SamplingParams(max_tokens=TEMPLATE_MAX_TOKENS, logprobs=logprobs, **kwargs))
+
+
+TEMPLATE_MAX_TOKENS = 2**31 - 1
+
+
+def _build(make) -> SamplingParams:
+    """SamplingParams' ValueError ("top_p must be in ...") as a 400 naming the field."""
+    try:
+        return make()
+    except ValueError as exc:
+        message = str(exc)
+        raise bad_request(message, param=message.split(" ", 1)[0]) from None
+    except TypeError as exc:  # e.g. stop_token_ids not a list
+        raise bad_request(str(exc)) from None
+
+
+def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]) -> Common:
+    model = _typed(body, "model", str, "a string")
+    if not model:
+        raise bad_request("'model' is required", param="model")
+    n = _typed(body, "n", int, "an integer", 1)
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    stream = _typed(body, "stream", bool, "a boolean", False)
+    options = _typed(body, "stream_options", dict, "an object", {})
+    if options and not stream:
+        raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
+    include_usage = _typed(options, "include_usage", bool, "a boolean", False)
+    max_tokens = None
+    for name in max_tokens_fields:  # the later name (max_completion_tokens) wins
+        value = _typed(body, name, int, "an integer")
+        if value is not None:
+            if value < 1:
+                raise bad_request(f"'{name}' must be >= 1, got {value}", param=name)
+            max_tokens = value
+    return Common(
+        model=model, n=n, stream=stream, include_usage=include_usage, stop=_stop(body), max_tokens=max_tokens,
+        params=_sampling_params(body, logprobs), user=_typed(body, "user", str, "a string"),
+    )
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    _refuse_unsupported(body, UNSUPPORTED_CHAT)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", param="messages")
+    logprobs = _typed(body, "logprobs", bool, "a boolean", False)
+    top_logprobs = _typed(body, "top_logprobs", int, "an integer", 0)
+    if body.get("top_logprobs") is not None and not logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+    if not 0 <= top_logprobs <= 20:
+        raise bad_request(f"'top_logprobs' must be in [0, 20], got {top_logprobs}", param="top_logprobs")
+    common = _common(body, top_logprobs if logprobs else None, ("max_tokens", "max_completion_tokens"))
+    return ChatRequest(common=common, messages=messages, logprobs=logprobs, top_logprobs=top_logprobs)
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    _refuse_unsupported(body, UNSUPPORTED_COMPLETIONS)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != body.get("n", 1):
+        raise bad_request("'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
+    logprobs = _typed(body, "logprobs", int, "an integer")
+    if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETIONS_LOGPROBS:
+        raise bad_request(f"'logprobs' must be in [0, {MAX_COMPLETIONS_LOGPROBS}], got {logprobs}", param="logprobs")
+    common = _common(body, logprobs, ("max_tokens",))
+    if common.max_tokens is None:
+        common = replace(common, max_tokens=16)  # OpenAI's default for completions
+    return CompletionRequest(common=common, prompts=_prompts(body.get("prompt")), logprobs=logprobs)
+
+
+def _prompts(prompt: object) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+    def is_ids(value: object) -> bool:
+        return isinstance(value, list) and bool(value) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
+        return list(prompt)
+    raise bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of such lists",
+                      param="prompt")
+
+
+def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams:
+    """The settings of choice `index`: its own seed (seed + index) so that n seeded choices
+    differ from each other yet repeat across calls."""
+    seed = None if common.params.seed is None else common.params.seed + index
+    return _build(lambda: replace(common.params, max_tokens=max_tokens, seed=seed))

@@ -1,0 +1,145 @@
+"""The servers' tokenizer, built from the tokenizer files the engine sends in `HelloReply`.
+
+    tokenizer = ServerTokenizer.from_files(hello_reply.tokenizer_files)
+    ids = tokenizer.encode_chat_prompt(template.render(messages))   # BOS exactly once
+    text = tokenizer.decode(output_ids)
+
+A thin layer over Hugging Face `tokenizers` (Rust, no torch): `tokenizer.json` is the
+whole tokenizer (normalizer, pre-tokenizer, model, post-processor, decoder);
+`tokenizer_config.json`, when present, adds the names of the BOS/EOS tokens and the
+`add_bos_token` hint. Streaming text out of token ids is `detokenizer.py`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
+
+
+class TokenizerFilesError(ValueError):
+    """The engine's tokenizer files cannot be used; the message names the file and field."""
+
+    def __init__(self, file: str, message: str) -> None:
+        super().__init__(f"{file}: {message}")
+        self.file = file
+
+
+@dataclass(frozen=True, slots=True)
+class SpecialTokenNames:
+    """What tokenizer_config.json says about special tokens (each None when it says nothing)."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    add_bos_token: bool | None = None
+
+
+class ServerTokenizer:
+    """Encode prompts and decode outputs with the engine's tokenizer."""
+
+    __slots__ = ("_tokenizer", "_names")
+
+    def __init__(self, tokenizer: Tokenizer, names: SpecialTokenNames = SpecialTokenNames()) -> None:
+        self._tokenizer = tokenizer
+        self._names = names
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes]) -> ServerTokenizer:
+        """Build from `HelloReply.tokenizer_files` (file name -> contents).
+
+        Raises `TokenizerFilesError` when tokenizer.json is missing or does not load, or
+        when tokenizer_config.json is not JSON or has a mistyped special-token field.
+        """
+        if TOKENIZER_JSON not in files:
+            raise TokenizerFilesError(TOKENIZER_JSON, f"missing; the engine sent only {sorted(files)}")
+        try:
+            tokenizer = Tokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise TokenizerFilesError(TOKENIZER_JSON, f"not UTF-8 text ({exc})") from None
+        except Exception as exc:  # tokenizers raises a bare Exception for every parse error
+            raise TokenizerFilesError(TOKENIZER_JSON, f"does not load as a tokenizer: {exc}") from None
+        config = files.get(TOKENIZER_CONFIG_JSON)
+        return cls(tokenizer, _special_token_names(config) if config is not None else SpecialTokenNames())
+
+    # Vocabulary ------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added (special) tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        # tokenizers raises OverflowError for negative ids; out of range is simply unknown.
+        return self._tokenizer.id_to_token(token_id) if token_id >= 0 else None
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._names.bos_token
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._names.eos_token
+
+    @property
+    def add_bos_token(self) -> bool | None:
+        """tokenizer_config.json's hint; None when absent (Llama 3 leaves BOS to the post-processor)."""
+        return self._names.add_bos_token
+
+    # Encoding and decoding ---------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of text. `add_special_tokens` runs the post-processor (Llama: prepend BOS);
+        special tokens written in the text itself are recognised either way."""
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat_prompt(self, text: str) -> list[int]:
+        """Token ids of a rendered chat template, with BOS exactly once.
+
+        Chat templates write `{{ bos_token }}` themselves, so running the post-processor too
+        would put a second BOS in front. When the text starts with the BOS token it is
+        encoded without special tokens; otherwise the post-processor decides, as for a plain
+        prompt.
+        """
+        bos = self._names.bos_token
+        starts_with_bos = bool(bos) and text.startswith(bos)
+        return self.encode(text, add_special_tokens=not starts_with_bos)
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of token ids. Ids unknown to the vocabulary decode to nothing; an incomplete
+        UTF-8 character at either end decodes to U+FFFD."""
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+
+def _special_token_names(raw: bytes) -> SpecialTokenNames:
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError is a ValueError too
+        raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"must hold a JSON object, got {type(config).__name__}")
+    add_bos = config.get("add_bos_token")
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"add_bos_token must be true or false, got {add_bos!r}")
+    return SpecialTokenNames(
+        bos_token=_token_name(config, "bos_token"),
+        eos_token=_token_name(config, "eos_token"),
+        add_bos_token=add_bos,
+    )
+
+
+def _token_name(config: dict, field: str) -> str | None:
+    # transformers writes a special token either as its string or as a serialised AddedToken.
+    value = config.get(field)
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"{field} must be a string or an AddedToken, got {value!r}")
+    return value

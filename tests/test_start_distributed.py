@@ -1,0 +1,114 @@
+"""scripts/start_distributed.sh as a user runs it: engine plus N servers up, URLs printed,
+requests served through every server, and Ctrl-C or SIGTERM stopping everything it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from procs import REPO, free_port
+
+SCRIPT = REPO / "scripts" / "start_distributed.sh"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def children_of(pid: int) -> list[int]:
+    """Every descendant pid of `pid` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [child for child, p in parents.items() if p == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
+def two_free_ports() -> int:
+    """A free port whose successor is free too (the script numbers its servers' ports up)."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two consecutive free ports")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_start_distributed_serves_through_n_servers_and_stops_everything(
+    tiny_checkpoint: Path, tmp_path: Path, how: str
+) -> None:
+    port = two_free_ports()
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "--model", str(tiny_checkpoint), "--servers", "2", "--port", str(port),
+         "--run-dir", str(run_dir), "--served-model-name", "tiny", "--device", "cpu", "--kv-cache-gb", "0.05"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        start_new_session=True,  # its own process group, like a shell job: Ctrl-C reaches the whole group
+    )
+    output = ""
+    descendants: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while "Ctrl-C stops everything" not in output:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"the script exited early:\n{output}"
+            output += line
+            assert time.monotonic() < deadline, output
+        assert f"http://127.0.0.1:{port}/v1" in output and f"http://127.0.0.1:{port + 1}/v1" in output
+        assert "curl http://" in output
+        engine_pid = int(re.search(r"engine \(pid (\d+)\)", output).group(1))
+        for p in (port, port + 1):
+            r = httpx.post(f"http://127.0.0.1:{p}/v1/completions",
+                           json={"model": "tiny", "prompt": "Hi", "max_tokens": 3}, timeout=30)
+            assert r.status_code == 200, r.text
+        descendants = children_of(proc.pid)
+        assert engine_pid in descendants and len(descendants) >= 3
+        if how == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert proc.returncode in (130, 143)
+        time.sleep(0.5)
+        assert [pid for pid in descendants if pid_alive(pid)] == [], "orphans left running"
+        assert {p.name for p in run_dir.iterdir()} >= {"engine.log", f"server-{port}.log", f"server-{port + 1}.log"}
+        assert "stopped" in (run_dir / "engine.log").read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in descendants:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_start_distributed_help_documents_every_flag() -> None:
+    out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
+    for flag in ("--model", "--servers", "--host", "--port", "--api-key", "--served-model-name", "--engine-address",
+                 "--run-dir", "--help", "--device", "--num-kv-blocks"):
+        assert flag in out
