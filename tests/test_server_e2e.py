@@ -369,3 +369,39 @@ def test_a_server_killed_mid_stream_restarts_in_under_2_s_without_an_engine_relo
     while engine_stats(stack)["splitinfer_engine_running_requests"] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_non_streamed_request_is_aborted_when_its_client_disconnects(stack: Stack) -> None:
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 1900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.url(stack.open_port)}/v1/chat/completions", json=body, timeout=1.0)
+    deadline = time.monotonic() + 5
+    while engine_stats(stack) != {"splitinfer_engine_running_requests": 0, "splitinfer_engine_kv_cache_usage": 0}:
+        assert time.monotonic() < deadline, f"still running after the client left: {engine_stats(stack)}"
+        time.sleep(0.05)
+
+
+def test_an_engine_failure_mid_stream_sends_an_error_event_then_done(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = start_engine(tiny_checkpoint, address, tmp_path / "engine.log", "--lease", "1",
+                          "--served-model-name", "tiny")
+    port = free_port()
+    server = start_server(address, port, tmp_path / "server.log")
+    try:
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1900, "stream": True, "ignore_eos": True}
+        payloads = []
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    payloads.append(line[6:])
+                    if len(payloads) == 2:
+                        engine.kill()  # kill -9: the server notices within the lease
+        assert payloads[-1] == "[DONE]"
+        error = json.loads(payloads[-2])["error"]
+        assert error["code"] == "engine_unavailable" and error["type"] == "server_error"
+        assert all("choices" in json.loads(p) for p in payloads[:-2])
+        assert_error(httpx.get(f"http://127.0.0.1:{port}/health"), 503)
+    finally:
+        stop(server)
+        stop(engine)
