@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""The in-process engine against transformers on the same checkpoint, dtype and device.
+
+    python scripts/bench_engine.py                  # the ~100M 'bench' checkpoint on CPU (built on first use)
+    python scripts/bench_engine.py --model DIR --device cuda --dtype bfloat16
+
+Measures, for both: batch-1 decode tokens/s; prefill tokens/s at several prompt lengths;
+and aggregate output tokens/s for N concurrent requests with mixed prompt lengths (32 to
+512) and output lengths (16 to 256): ours continuously batched; transformers one request at
+a time and as one padded batched `generate` (which runs to the longest output). Prints the
+ratios, the achieved memory bandwidth of batch-1 decode against a measured copy bandwidth,
+and the achieved GFLOP/s of the batched runs against a measured matmul peak. On CUDA it also
+runs our decode with CUDA graphs off. Greedy decoding throughout; eos is ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from splitinfer.engine import EngineConfig, EngineCore, SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(GB/s of a large copy, GFLOP/s of a large matmul) on this device in this dtype."""
+    size = (1 << 28) if device.type == "cpu" else (1 << 30)
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    bandwidth = 2 * size / best / 1e9  # read + write
+    del src, dst
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return bandwidth, 2 * n**3 / best / 1e9
+
+
+def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    return [Request([rng.randrange(vocab) for _ in range(rng.randint(32, 512))], rng.randint(16, 256))
+            for _ in range(count)]
+
+
+class Ours:
+    def __init__(self, model: str, device: str, dtype: str, enforce_eager: bool, max_num_seqs: int) -> None:
+        self.core = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
+                                            max_num_seqs=max_num_seqs, kv_cache_gb=2.0,
+                                            max_num_batched_tokens=4096))
+        self._next = 0
+
+    def run(self, requests: list[Request]) -> float:
+        """Seconds to finish every request, all submitted at once."""
+        for r in requests:
+            self.core.add_request(f"b{self._next}", r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0,
+                                                                            ignore_eos=True))
+            self._next += 1
+        sync(self.core.device)
+        start = time.perf_counter()
+        while self.core.has_unfinished():
+            self.core.step()
+        sync(self.core.device)
+        return time.perf_counter() - start
+
+    def decode_rate(self, tokens: int) -> float:
+        """Batch-1 decode tokens/s (the prefill step excluded)."""
+        self.core.add_request(f"d{self._next}", list(range(1, 17)),
+                              SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        self._next += 1
+        self.core.step()  # prefill and first token
+        sync(self.core.device)
+        start = time.perf_counter()
+        steps = 0
+        while self.core.has_unfinished():
+            self.core.step()
+            steps += 1
+        sync(self.core.device)
+        return steps / (time.perf_counter() - start)
+
+
+class Transformers:
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype) -> None:
+        from transformers import LlamaForCausalLM
+
+        self.device = device
+        self.model = LlamaForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        """One padded (left) batch, greedy, exactly max_new_tokens each."""
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                            do_sample=False, pad_token_id=0)
+
+    def timed(self, prompts: list[list[int]], max_new_tokens: int) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        self.generate(prompts, max_new_tokens)
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def decode_rate(self, tokens: int) -> float:
+        prompt = [list(range(1, 17))]
+        one = min(self.timed(prompt, 1) for _ in range(2))
+        return (tokens - 1) / (self.timed(prompt, tokens) - one)
+
+    @torch.inference_mode()
+    def prefill_seconds(self, length: int, vocab: int) -> float:
+        ids = torch.randint(0, vocab, (1, length), device=self.device)
+        self.model(ids)
+        sync(self.device)
+        start = time.perf_counter()
+        self.model(ids)
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def build_bench_checkpoint() -> str:
+    path = REPO / ".cache" / "bench-model"
+    if not (path / "config.json").is_file():
+        print(f"building the ~100M-parameter bench checkpoint in {path}", file=sys.stderr)
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(path), "--preset", "bench"],
+                       check=True, capture_output=True)
+    return str(path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Checkpoint directory (default: the 'bench' preset of make_tiny_model.py).")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s).")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="Both engines' dtype (default: %(default)s).")
+    p.add_argument("--decode-tokens", type=int, default=128, help="Tokens of the batch-1 decode run (default: %(default)s).")
+    p.add_argument("--prefill", default="128,512,2048", help="Prompt lengths for prefill (default: %(default)s).")
+    p.add_argument("--concurrency", default="1,8,32", help="Concurrent request counts (default: %(default)s).")
+    p.add_argument("--skip-sequential", action="store_true",
+                   help="Skip transformers one-request-at-a-time for the largest concurrency (slow on CPU).")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or build_bench_checkpoint()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    results: dict = {"model": model, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+
+    bandwidth, matmul = measure_peaks(device, dtype)
+    results |= {"copy_gbps": bandwidth, "matmul_gflops": matmul}
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}: copy {bandwidth:.1f} GB/s, "
+          f"matmul {matmul:.1f} GFLOP/s")
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    ours = Ours(model, args.device, args.dtype, enforce_eager=False, max_num_seqs=max(concurrency))
+    params = sum(t.numel() for t in ours.core.model.parameters())
+    weight_bytes = sum(t.numel() * t.element_size() for t in ours.core.model.parameters())
+    vocab = ours.core.model_config.vocab_size
+    hf = Transformers(model, device, dtype)
+    print(f"model: {params / 1e6:.1f}M parameters, {weight_bytes / 1e9:.2f} GB of weights")
+
+    rows = []
+    ours.decode_rate(8)  # warm-up
+    ours_decode = ours.decode_rate(args.decode_tokens)
+    hf_decode = hf.decode_rate(args.decode_tokens)
+    gbps = lambda rate: weight_bytes * rate / 1e9  # noqa: E731
+    rows.append(("batch-1 decode tok/s", ours_decode, hf_decode,
+                 f"{gbps(ours_decode):.1f} vs {gbps(hf_decode):.1f} GB/s of {bandwidth:.1f}"))
+    if device.type == "cuda":
+        eager = Ours(model, args.device, args.dtype, enforce_eager=True, max_num_seqs=max(concurrency))
+        eager.decode_rate(8)
+        rows.append(("batch-1 decode, graphs off", eager.decode_rate(args.decode_tokens), hf_decode, ""))
+        del eager
+
+    for length in (int(n) for n in args.prefill.split(",")):
+        prompt = [random.Random(length).randrange(vocab) for _ in range(length)]
+        seconds = min(ours.run([Request(prompt, 1)]) for _ in range(2))
+        hf_seconds = min(hf.prefill_seconds(length, vocab) for _ in range(2))
+        rows.append((f"prefill {length} tok/s", length / seconds, length / hf_seconds, ""))
+
+    for count in concurrency:
+        work = mixed_workload(count, vocab, seed=count)
+        useful = sum(r.max_tokens for r in work)
+        computed = sum(len(r.prompt) + r.max_tokens for r in work)
+        seconds = ours.run(work)
+        ours_rate = useful / seconds
+        batched = useful / hf.timed([r.prompt for r in work], max(r.max_tokens for r in work))
+        note = f"ours {2 * params * computed / seconds / 1e9:.1f} GFLOP/s of {matmul:.1f}"
+        rows.append((f"{count} concurrent, output tok/s (HF padded batch)", ours_rate, batched, note))
+        if count > 1 and not (args.skip_sequential and count == max(concurrency)):
+            sequential = useful / sum(hf.timed([r.prompt], r.max_tokens) for r in work)
+            rows.append((f"{count} concurrent, output tok/s (HF one at a time)", ours_rate, sequential, ""))
+        gc.collect()
+
+    print(f"\n{'measure':<50} {'ours':>10} {'transformers':>13} {'ratio':>7}  notes")
+    for name, a, b, note in rows:
+        print(f"{name:<50} {a:>10.1f} {b:>13.1f} {a / b:>6.2f}x  {note}")
+    results["rows"] = [{"measure": n, "ours": a, "transformers": b, "ratio": a / b, "notes": note}
+                       for n, a, b, note in rows]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
