@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import torch
+# Before torch loads OpenMP (see splitinfer/engine/__init__.py): the tests run engines and
+# servers as processes beside this one on few cores, where spinning OpenMP threads stall.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 # Without a GPU the Triton kernels run under the interpreter. It must be chosen before
 # anything imports triton (transformers' Llama does), hence here, first.
