@@ -2,11 +2,19 @@
 
 Every block of the KV cache is in exactly one of two states: *in use* (refcount > 0,
 held by one or more running sequences) or *free* (refcount 0, in the LRU queue). A
-free block may still hold a cached prefix: a full block is registered under the key
-hash(parent key, its token ids) once its K/V are written, stays findable after its
-sequence frees it, and is evicted (key dropped) only when the allocator hands it out
-again, least recently freed first. A new sequence reuses the longest chain of cached
-full blocks matching its prompt; sequences sharing a prefix share blocks.
+free block may still hold a cached prefix: a full block is registered once its K/V are
+written, stays findable after its sequence frees it, and is evicted only when the
+allocator hands it out again, least recently freed first. A new sequence reuses the
+longest chain of cached full blocks matching its prompt; sequences sharing a prefix
+share blocks.
+
+The prefix cache is a trie kept in one hash table: a block is found by the entry
+(parent key, its token ids), where a key is a number given to each registered block
+from a counter and never reused (0, `ROOT_KEY`, is the empty prefix). The table hashes
+the entry and compares it, tokens and all, with the stored one, so a key names exactly
+one token prefix: no hash collision, accidental or crafted by a client to read another
+client's cached K/V, can serve a block computed after different tokens (prefix caches
+keyed by a chained hash alone are open to that; vLLM's CVE-2025-25183).
 
 All operations are O(1) per block: the free queue is an OrderedDict (pop the oldest,
 or remove a cached block from the middle when a prefix hit revives it).
@@ -17,15 +25,18 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-# The key of the (empty) prefix before a sequence's first block.
+# The key of the (empty) prefix before a sequence's first block; registered blocks get 1, 2, ...
 ROOT_KEY = 0
+
+# What the prefix cache looks a block up by: its parent's key and its own token ids.
+CacheEntry = tuple[int, tuple[int, ...]]
 
 
 @dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
-    # Set while the block is registered in the prefix cache.
+    # Set while the block is registered in the prefix cache: the key of the prefix it ends.
     key: int | None = None
     parent_key: int = ROOT_KEY
     token_ids: tuple[int, ...] = ()
@@ -43,11 +54,6 @@ class BlockPoolStats:
     @property
     def prefix_hit_rate(self) -> float:
         return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
-
-
-def block_key(parent_key: int, token_ids: tuple[int, ...]) -> int:
-    """The cache key of a full block: its tokens and, through the parent's key, everything before them."""
-    return hash((parent_key, token_ids))
 
 
 @dataclass(slots=True)
@@ -71,7 +77,8 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks, least recently freed first; the values are unused.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[int, int] = {}  # key -> block id
+        self._cached: dict[CacheEntry, int] = {}  # (parent key, token ids) -> block id
+        self._last_key = ROOT_KEY
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -104,17 +111,11 @@ class BlockPool:
             return match
         bs = self.block_size
         for start in range(0, len(token_ids) - 1 - bs + 1, bs):
-            tokens = tuple(token_ids[start : start + bs])
-            key = block_key(match.last_key, tokens)
-            block_id = self._cached.get(key)
+            block_id = self._cached.get((match.last_key, tuple(token_ids[start : start + bs])))
             if block_id is None:
                 break
-            block = self.blocks[block_id]
-            # A hash collision must not serve another prefix's K/V: compare what is stored.
-            if block.token_ids != tokens or block.parent_key != match.last_key:
-                break
             match.block_ids.append(block_id)
-            match.keys.append(key)
+            match.keys.append(self.blocks[block_id].key)
         return match
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
@@ -158,20 +159,27 @@ class BlockPool:
                 self._free[block_id] = None
 
     def register_full_block(self, block_id: int, parent_key: int, token_ids: tuple[int, ...]) -> int:
-        """Make a block whose K/V are now written findable by later prompts; returns its key.
+        """Make a block whose K/V are now written (after the prefix `parent_key`) findable by
+        later prompts; returns the key of the prefix it ends, the parent of the next block.
 
-        If an identical block is already cached (two sequences computed the same prefix),
-        the existing entry stays and this block remains private.
+        If the same prefix is already cached (two sequences computed it side by side), that
+        entry stays, this block remains private, and the cached block's key is returned, so
+        that the sequence's later blocks still chain onto the cached prefix.
         """
-        key = block_key(parent_key, token_ids)
         if not self.enable_prefix_caching:
-            return key
+            return ROOT_KEY
+        entry = (parent_key, token_ids)
+        cached = self._cached.get(entry)
+        if cached is not None:
+            return self.blocks[cached].key
         block = self.blocks[block_id]
-        if block.key is None and key not in self._cached:
-            block.key, block.parent_key, block.token_ids = key, parent_key, token_ids
-            self._cached[key] = block_id
-        return key
+        if block.key is not None:
+            raise RuntimeError(f"KV block {block_id} is already cached under key {block.key}")
+        self._last_key += 1
+        block.key, block.parent_key, block.token_ids = self._last_key, parent_key, token_ids
+        self._cached[entry] = block_id
+        return block.key
 
     def _evict(self, block: Block) -> None:
-        del self._cached[block.key]
+        del self._cached[(block.parent_key, block.token_ids)]
         block.key, block.parent_key, block.token_ids = None, ROOT_KEY, ()
