@@ -47,8 +47,11 @@ def eager_logits(core: EngineCore, plan: SchedulerOutput) -> torch.Tensor:
 
 
 def written_slots(before: torch.Tensor, after: torch.Tensor) -> set[int]:
-    """Flat KV slots (block * block_size + offset) whose content changed in any layer."""
-    changed = (before != after).flatten(3).any(-1).any(0)  # [blocks, block_size]
+    """Flat KV slots (block * block_size + offset) whose content changed in any layer.
+
+    Bits are compared, not values: the cache starts as uninitialised memory, which may hold
+    NaNs (NaN != NaN would count an untouched slot as written)."""
+    changed = (before.view(torch.uint8) != after.view(torch.uint8)).flatten(3).any(-1).any(0)  # [blocks, block_size]
     return set(torch.nonzero(changed.flatten()).flatten().tolist())
 
 
