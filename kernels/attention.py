@@ -2,8 +2,10 @@
 
 Both take queries packed as [T, Hq, D] with `cu_seqlens` marking where each sequence
 starts, and support grouped-query attention (Hq a multiple of Hkv) without repeating
-K/V. The references loop over sequences and call torch's SDPA; they are the CPU path
-and the oracle the Triton kernels are tested against.
+K/V. The references loop over sequences and call torch's SDPA; they are the oracle the
+Triton kernels are tested against. `paged_attention_torch` is the CPU path: the same
+math, with every single-query (decode) row of a step batched into one SDPA call, since a
+loop of small calls per sequence and layer costs more than the attention itself.
 """
 
 from __future__ import annotations
@@ -13,22 +15,26 @@ import torch.nn.functional as F
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
-    """q [Lq, Hq, D] against k, v [Lk, Hkv, D]; the queries are the last Lq positions of the Lk keys."""
+    """q [Lq, Hq, D] against k, v [Lk, Hkv, D]; the queries are the last Lq positions of the Lk keys.
+
+    SDPA gets 4-d inputs: with 3-d ones CPU torch takes its slow math path (3-7x slower
+    for a 512-2048 token prefill than its flash kernel)."""
     lq, lk = q.shape[0], k.shape[0]
     mask = None
-    if causal and lq > 1:
+    if causal and 1 < lq < lk:
         # Bottom-right aligned: query i sits at absolute position lk - lq + i.
         query_pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
         mask = torch.arange(lk, device=q.device)[None, :] <= query_pos
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
         attn_mask=mask,
+        is_causal=causal and 1 < lq == lk,  # top-left aligned, which is the same when lq == lk
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def flash_attention_varlen_reference(
@@ -81,13 +87,98 @@ def paged_attention_reference(
     out = torch.empty_like(q)
     bounds = cu_seqlens_q.tolist()
     for b, length in enumerate(seq_lens.tolist()):
-        start, end = bounds[b], bounds[b + 1]
-        if end == start:
-            continue
-        if length == 0:  # a CUDA-graph padding row attends to nothing
-            out[start:end] = 0
-            continue
-        k = gather_kv(k_cache, block_tables[b], length)
-        v = gather_kv(v_cache, block_tables[b], length)
-        out[start:end] = _attend(q[start:end], k.to(q.dtype), v.to(q.dtype), scale, causal=True)
+        _paged_sequence(q, out, k_cache, v_cache, block_tables[b], length, bounds[b], bounds[b + 1], scale)
     return out
+
+
+def _paged_sequence(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    table: torch.Tensor, length: int, start: int, end: int, scale: float,
+) -> None:
+    """out[start:end] = one sequence's queries q[start:end] over its first `length` cached tokens."""
+    if end == start:
+        return
+    if length == 0:  # a CUDA-graph padding row attends to nothing
+        out[start:end] = 0
+        return
+    k = gather_kv(k_cache, table, length)
+    v = gather_kv(v_cache, table, length)
+    out[start:end] = _attend(q[start:end], k.to(q.dtype), v.to(q.dtype), scale, causal=True)
+
+
+# Context tokens gathered at once by the batched decode: bounds its scratch (per K and V,
+# this many tokens x Hkv x D) whatever the batch and context lengths.
+DECODE_GATHER_TOKENS = 1 << 16
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float | None = None,
+    max_seqlen_q: int | None = None,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`paged_attention_reference`'s result, faster on CPU: the sequences with one query (decodes)
+    attend together, in groups whose padded contexts fit DECODE_GATHER_TOKENS; the others
+    (prefill chunks over a cached prefix) one by one."""
+    del max_seqlen_q, workspace
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    bounds = cu_seqlens_q.tolist()
+    lengths = seq_lens.tolist()
+    out = torch.empty_like(q)
+    group: list[int] = []
+    longest = 0
+    for b, length in enumerate(lengths):
+        if bounds[b + 1] - bounds[b] != 1:
+            _paged_sequence(q, out, k_cache, v_cache, block_tables[b], length, bounds[b], bounds[b + 1], scale)
+            continue
+        # Consecutive decodes join one group while their padded contexts fit the gather budget.
+        if group and (len(group) + 1) * max(longest, length) > DECODE_GATHER_TOKENS:
+            _decode_group(q, out, k_cache, v_cache, block_tables, seq_lens, bounds, group, scale)
+            group, longest = [], 0
+        group.append(b)
+        longest = max(longest, length)
+    if group:
+        _decode_group(q, out, k_cache, v_cache, block_tables, seq_lens, bounds, group, scale)
+    return out
+
+
+def _decode_group(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, bounds: list[int], seqs: list[int], scale: float,
+) -> None:
+    """One query each for sequences `seqs`: gather their contexts, padded to the longest, and
+    attend in one SDPA call, masking each row past its own length."""
+    n, num_heads, dim = len(seqs), q.shape[1], q.shape[2]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    whole = n == len(bounds) - 1  # every sequence of the batch, in order: no index shuffling
+    rows = slice(0, n) if whole else torch.tensor([bounds[b] for b in seqs], device=q.device)
+    index = slice(None) if whole else torch.tensor(seqs, device=q.device)
+    lens = seq_lens[index].long()
+    num_blocks = -(-int(lens.max()) // block_size)
+    if num_blocks == 0:  # padding rows only
+        out[rows] = 0
+        return
+    # Entries past a sequence's own blocks may be -1 or stale: read block 0 there (masked below).
+    tables = block_tables[index, :num_blocks].long()
+    owned = torch.arange(num_blocks, device=q.device)[None, :] * block_size < lens[:, None]
+    ids = torch.where(owned, tables, 0).flatten()
+    context = num_blocks * block_size
+    visible = torch.arange(context, device=q.device)[None, :] < lens[:, None]
+    # Slots past a length hold whatever the cache held (uninitialised memory, maybe NaN, which
+    # a mask does not stop: NaN * 0 is NaN), so they are zeroed; they are few, hence by index.
+    hidden = (~visible).flatten().nonzero().squeeze(1)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # [n, Hkv, context, D]
+        tokens = cache.index_select(0, ids).view(n * context, kv_heads, dim).index_fill_(0, hidden, 0)
+        return tokens.view(n, context, kv_heads, dim).transpose(1, 2).to(q.dtype)
+
+    queries = q[rows].view(n, kv_heads, num_heads // kv_heads, dim)  # a KV head's query group on one axis
+    attended = F.scaled_dot_product_attention(queries, gather(k_cache), gather(v_cache),
+                                              attn_mask=visible[:, None, None, :], scale=scale)
+    # A padding row (length 0) masks everything: zeros, as the reference gives.
+    out[rows] = torch.where((lens > 0)[:, None, None], attended.reshape(n, num_heads, dim), 0)

@@ -121,7 +121,7 @@ def paged_attention(
     it the decode kernel allocates its scratch per call.
     """
     if not use_triton(q):
-        return attention.paged_attention_reference(
+        return attention.paged_attention_torch(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q, workspace
         )
     _triton("attention_triton").check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)

@@ -105,3 +105,48 @@ def test_paged_attention_reads_context_through_shuffled_block_tables(group: int)
         v = v_cache[blocks].reshape(-1, kv_heads, dim)[:length]
         start = cu[b].item()
         torch.testing.assert_close(out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, dim**-0.5))
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_cpu_paged_attention_batches_decodes_with_the_reference_result(group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU path attends every single-query row together: odd lengths, padding rows (length
+    0), -1 and stale table entries past each sequence's blocks, a NaN-poisoned cache beyond
+    every length, prefill chunks among the decodes, and groups split by the gather budget."""
+    from splitinfer.kernels import attention
+
+    torch.manual_seed(1)
+    block_size, num_blocks, kv_heads, dim = 4, 64, 2, 16
+    k_cache = torch.full((num_blocks, block_size, kv_heads, dim), float("nan"))
+    v_cache = torch.full((num_blocks, block_size, kv_heads, dim), float("nan"))
+    seq_lens = [5, 0, 17, 1, 9, 4, 23, 0, 13]
+    query_lens = [1, 1, 1, 1, 3, 1, 1, 1, 1]
+    width = 8
+    free = torch.randperm(num_blocks).tolist()
+    tables = torch.randint(0, num_blocks, (len(seq_lens), width), dtype=torch.int32)  # stale entries
+    for b, length in enumerate(seq_lens):
+        owned = [free.pop() for _ in range(-(-length // block_size))]
+        tables[b, : len(owned)] = torch.tensor(owned, dtype=torch.int32)
+        if b % 2:
+            tables[b, len(owned) :] = -1
+        for pos in range(length):  # only the positions a sequence owns hold numbers
+            k_cache[owned[pos // block_size], pos % block_size] = torch.randn(kv_heads, dim)
+            v_cache[owned[pos // block_size], pos % block_size] = torch.randn(kv_heads, dim)
+    cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), kv_heads * group, dim)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 40)  # several decode groups
+    out = attention.paged_attention_torch(q, k_cache, v_cache, tables, lens, cu, scale=0.25)
+    assert not out.isnan().any()
+    for b, (length, n_q) in enumerate(zip(seq_lens, query_lens)):
+        start = int(cu[b])
+        if length == 0:
+            assert torch.equal(out[start : start + n_q], torch.zeros(n_q, kv_heads * group, dim))
+            continue
+        blocks = tables[b][: -(-length // block_size)].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
+        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:length]
+        torch.testing.assert_close(out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, 0.25),
+                                   atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 1 << 16)
+    whole = attention.paged_attention_torch(q[:4], k_cache, v_cache, tables[:4], lens[:4], cu[:5], scale=0.25)
+    torch.testing.assert_close(whole, out[:4])  # a batch of decodes only, in one group
