@@ -72,6 +72,10 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     return bandwidth, 2 * n**3 / best / 1e9
 
 
+def progress(what: str) -> None:
+    print(f"measuring {what} ...", file=sys.stderr, flush=True)
+
+
 def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[Request]:
     rng = random.Random(seed)
     return [Request([rng.randrange(vocab) for _ in range(rng.randint(32, 512))], rng.randint(16, 256))
@@ -195,6 +199,7 @@ def main() -> None:
     print(f"model: {params / 1e6:.1f}M parameters, {weight_bytes / 1e9:.2f} GB of weights")
 
     rows = []
+    progress("batch-1 decode")
     ours.decode_rate(8)  # warm-up
     ours_decode = ours.decode_rate(args.decode_tokens)
     hf_decode = hf.decode_rate(args.decode_tokens)
@@ -208,12 +213,15 @@ def main() -> None:
         del eager
 
     for length in (int(n) for n in args.prefill.split(",")):
-        prompt = [random.Random(length).randrange(vocab) for _ in range(length)]
-        seconds = min(ours.run([Request(prompt, 1)]) for _ in range(2))
+        progress(f"prefill of {length} tokens")
+        # A new prompt per run: a repeated one would be served from the prefix cache.
+        rng = random.Random(length)
+        seconds = min(ours.run([Request([rng.randrange(vocab) for _ in range(length)], 1)]) for _ in range(2))
         hf_seconds = min(hf.prefill_seconds(length, vocab) for _ in range(2))
         rows.append((f"prefill {length} tok/s", length / seconds, length / hf_seconds, ""))
 
     for count in concurrency:
+        progress(f"{count} concurrent requests")
         work = mixed_workload(count, vocab, seed=count)
         useful = sum(r.max_tokens for r in work)
         computed = sum(len(r.prompt) + r.max_tokens for r in work)
