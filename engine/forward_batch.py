@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from splitinfer import kernels
 
 
 @dataclass(slots=True)
@@ -26,6 +28,9 @@ class ForwardBatch:
       token); None computes logits for every token.
     - `decode_workspace`: preallocated fp32 scratch for split-K decode attention (the graph
       runner's), so that a decode step allocates nothing; None lets the kernel allocate.
+
+    `attention_plan(block_size)` is the paged-attention plan of this batch, made on first use
+    and shared by every layer.
     """
 
     cu_seqlens_q: torch.Tensor
@@ -36,6 +41,15 @@ class ForwardBatch:
     has_cached_prefix: bool = False
     logits_indices: torch.Tensor | None = None
     decode_workspace: torch.Tensor | None = None
+    _attention_plan: kernels.PagedAttentionPlan | None = field(default=None, init=False, repr=False)
+    _planned: bool = field(default=False, init=False, repr=False)
+
+    def attention_plan(self, block_size: int) -> kernels.PagedAttentionPlan | None:
+        if not self._planned:
+            self._attention_plan = kernels.plan_paged_attention(self.block_tables, self.seq_lens, self.cu_seqlens_q,
+                                                                block_size)
+            self._planned = True
+        return self._attention_plan
 
     @property
     def num_seqs(self) -> int:

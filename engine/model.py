@@ -97,6 +97,7 @@ class LlamaAttention(nn.Module):
             out = kernels.paged_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.cu_seqlens_q, self.scale,
                 max_seqlen_q=batch.max_seqlen_q, workspace=batch.decode_workspace,
+                plan=batch.attention_plan(kv_cache.block_size),
             )
         else:
             out = kernels.flash_attention_varlen(q, k, v, batch.cu_seqlens_q, batch.max_seqlen_q, self.scale)

@@ -9,18 +9,22 @@ from splitinfer.kernels.dispatch import (
     decode_workspace_numel,
     flash_attention_varlen,
     paged_attention,
+    plan_paged_attention,
     rms_norm,
     silu_and_mul,
     store_kv,
 )
+from splitinfer.kernels.attention import PagedAttentionPlan
 from splitinfer.kernels.rope import RopeScaling, rope_cos_sin_cache
 
 __all__ = [
+    "PagedAttentionPlan",
     "RopeScaling",
     "apply_rope_",
     "decode_workspace_numel",
     "flash_attention_varlen",
     "paged_attention",
+    "plan_paged_attention",
     "rms_norm",
     "rope_cos_sin_cache",
     "silu_and_mul",

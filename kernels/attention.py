@@ -10,6 +10,8 @@ loop of small calls per sequence and layer costs more than the attention itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -106,9 +108,87 @@ def _paged_sequence(
     out[start:end] = _attend(q[start:end], k.to(q.dtype), v.to(q.dtype), scale, causal=True)
 
 
-# Context tokens gathered at once by the batched decode: bounds its scratch (per K and V,
-# this many tokens x Hkv x D) whatever the batch and context lengths.
+# Decode rows attend in groups, one SDPA call each, over contexts gathered and padded to the
+# group's longest: rows of similar lengths together (so that at least DECODE_FILL of what is
+# gathered is real context), and at most DECODE_GATHER_TOKENS padded tokens per group (which
+# bounds the scratch, per K and V, to that many tokens x Hkv x D).
+DECODE_FILL = 0.8
 DECODE_GATHER_TOKENS = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Single-query sequences that attend in one SDPA call, and how to gather their contexts."""
+
+    rows: slice | torch.Tensor  # their query rows in the packed batch
+    block_ids: torch.Tensor  # [n * blocks] the blocks to gather, each row padded with block 0
+    hidden: torch.Tensor  # gathered token rows (of n * context) past each length: zeroed after the gather
+    visible: torch.Tensor  # [n, 1, 1, context] bool: the attention mask
+    live: torch.Tensor | None  # [n, 1, 1] bool: rows with a context (padding rows give zeros); None: all
+    num_seqs: int
+    context: int
+
+
+@dataclass(frozen=True, slots=True)
+class PagedAttentionPlan:
+    """How `paged_attention_torch` splits one batch: the same for every layer of a forward, so
+    the model builds it once per step (`plan_paged_attention_torch`) and passes it to each."""
+
+    bounds: list[int]  # cu_seqlens_q as host ints
+    lengths: list[int]  # seq_lens as host ints
+    multi_query: list[int]  # sequences attended one by one (prefill chunks over a cached prefix)
+    decode_groups: list[DecodeGroup]
+
+
+def plan_paged_attention_torch(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, block_size: int
+) -> PagedAttentionPlan:
+    bounds, lengths = cu_seqlens_q.tolist(), seq_lens.tolist()
+    decodes = [b for b in range(len(lengths)) if bounds[b + 1] - bounds[b] == 1]
+    multi = [b for b in range(len(lengths)) if bounds[b + 1] - bounds[b] > 1]
+    groups = [_plan_decode_group(block_tables, seq_lens, bounds, lengths, group, block_size)
+              for group in decode_groups(lengths, decodes)]
+    return PagedAttentionPlan(bounds, lengths, multi, groups)
+
+
+def decode_groups(lengths: list[int], seqs: list[int]) -> list[list[int]]:
+    """`seqs` split into groups of similar `lengths`, longest first (see DECODE_FILL)."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    total = 0
+    for b in sorted(seqs, key=lengths.__getitem__, reverse=True):  # stable: equal lengths keep their order
+        if group:
+            padded = (len(group) + 1) * lengths[group[0]]
+            if padded > DECODE_GATHER_TOKENS or total + lengths[b] < DECODE_FILL * padded:
+                groups.append(group)
+                group, total = [], 0
+        group.append(b)
+        total += lengths[b]
+    if group:
+        groups.append(group)
+    return groups
+
+
+def _plan_decode_group(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, bounds: list[int], lengths: list[int], seqs: list[int],
+    block_size: int,
+) -> DecodeGroup:
+    device, n = seq_lens.device, len(seqs)
+    whole = seqs == list(range(len(bounds) - 1))  # every sequence of the batch, in order: no index shuffling
+    rows = slice(0, n) if whole else torch.tensor([bounds[b] for b in seqs], device=device)
+    index = slice(None) if whole else torch.tensor(seqs, device=device)
+    lens = seq_lens[index].long()
+    num_blocks = -(-max(lengths[b] for b in seqs) // block_size)
+    context = num_blocks * block_size
+    # Entries past a sequence's own blocks may be -1 or stale: read block 0 there (masked).
+    owned = torch.arange(num_blocks, device=device)[None, :] * block_size < lens[:, None]
+    block_ids = torch.where(owned, block_tables[index, :num_blocks].long(), 0).flatten()
+    visible = torch.arange(context, device=device)[None, :] < lens[:, None]
+    # Slots past a length hold whatever the cache held (uninitialised memory, maybe NaN, which
+    # a mask does not stop: NaN * 0 is NaN), so they are zeroed; they are few, hence by index.
+    hidden = (~visible).flatten().nonzero().squeeze(1)
+    live = None if min(lengths[b] for b in seqs) > 0 else (lens > 0)[:, None, None]
+    return DecodeGroup(rows, block_ids, hidden, visible[:, None, None, :], live, n, context)
 
 
 def paged_attention_torch(
@@ -121,64 +201,41 @@ def paged_attention_torch(
     scale: float | None = None,
     max_seqlen_q: int | None = None,
     workspace: torch.Tensor | None = None,
+    plan: PagedAttentionPlan | None = None,
 ) -> torch.Tensor:
     """`paged_attention_reference`'s result, faster on CPU: the sequences with one query (decodes)
-    attend together, in groups whose padded contexts fit DECODE_GATHER_TOKENS; the others
-    (prefill chunks over a cached prefix) one by one."""
+    attend together in a few groups of similar context lengths; the others (prefill chunks
+    over a cached prefix) one by one. `plan`: this batch's, if already made."""
     del max_seqlen_q, workspace
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    bounds = cu_seqlens_q.tolist()
-    lengths = seq_lens.tolist()
+    if plan is None:
+        plan = plan_paged_attention_torch(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1])
     out = torch.empty_like(q)
-    group: list[int] = []
-    longest = 0
-    for b, length in enumerate(lengths):
-        if bounds[b + 1] - bounds[b] != 1:
-            _paged_sequence(q, out, k_cache, v_cache, block_tables[b], length, bounds[b], bounds[b + 1], scale)
-            continue
-        # Consecutive decodes join one group while their padded contexts fit the gather budget.
-        if group and (len(group) + 1) * max(longest, length) > DECODE_GATHER_TOKENS:
-            _decode_group(q, out, k_cache, v_cache, block_tables, seq_lens, bounds, group, scale)
-            group, longest = [], 0
-        group.append(b)
-        longest = max(longest, length)
-    if group:
-        _decode_group(q, out, k_cache, v_cache, block_tables, seq_lens, bounds, group, scale)
+    bounds = plan.bounds
+    for b in plan.multi_query:
+        _paged_sequence(q, out, k_cache, v_cache, block_tables[b], plan.lengths[b], bounds[b], bounds[b + 1], scale)
+    for group in plan.decode_groups:
+        _attend_decode_group(q, out, k_cache, v_cache, group, scale)
     return out
 
 
-def _decode_group(
-    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, bounds: list[int], seqs: list[int], scale: float,
+def _attend_decode_group(
+    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+    scale: float,
 ) -> None:
-    """One query each for sequences `seqs`: gather their contexts, padded to the longest, and
-    attend in one SDPA call, masking each row past its own length."""
-    n, num_heads, dim = len(seqs), q.shape[1], q.shape[2]
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    whole = n == len(bounds) - 1  # every sequence of the batch, in order: no index shuffling
-    rows = slice(0, n) if whole else torch.tensor([bounds[b] for b in seqs], device=q.device)
-    index = slice(None) if whole else torch.tensor(seqs, device=q.device)
-    lens = seq_lens[index].long()
-    num_blocks = -(-int(lens.max()) // block_size)
-    if num_blocks == 0:  # padding rows only
-        out[rows] = 0
+    n, num_heads, dim, kv_heads = group.num_seqs, q.shape[1], q.shape[2], k_cache.shape[2]
+    if group.context == 0:  # padding rows only
+        out[group.rows] = 0
         return
-    # Entries past a sequence's own blocks may be -1 or stale: read block 0 there (masked below).
-    tables = block_tables[index, :num_blocks].long()
-    owned = torch.arange(num_blocks, device=q.device)[None, :] * block_size < lens[:, None]
-    ids = torch.where(owned, tables, 0).flatten()
-    context = num_blocks * block_size
-    visible = torch.arange(context, device=q.device)[None, :] < lens[:, None]
-    # Slots past a length hold whatever the cache held (uninitialised memory, maybe NaN, which
-    # a mask does not stop: NaN * 0 is NaN), so they are zeroed; they are few, hence by index.
-    hidden = (~visible).flatten().nonzero().squeeze(1)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # [n, Hkv, context, D]
-        tokens = cache.index_select(0, ids).view(n * context, kv_heads, dim).index_fill_(0, hidden, 0)
-        return tokens.view(n, context, kv_heads, dim).transpose(1, 2).to(q.dtype)
+        tokens = cache.index_select(0, group.block_ids).view(n * group.context, kv_heads, dim)
+        tokens.index_fill_(0, group.hidden, 0)
+        return tokens.view(n, group.context, kv_heads, dim).transpose(1, 2).to(q.dtype)
 
-    queries = q[rows].view(n, kv_heads, num_heads // kv_heads, dim)  # a KV head's query group on one axis
-    attended = F.scaled_dot_product_attention(queries, gather(k_cache), gather(v_cache),
-                                              attn_mask=visible[:, None, None, :], scale=scale)
+    queries = q[group.rows].view(n, kv_heads, num_heads // kv_heads, dim)  # a KV head's query group on one axis
+    attended = F.scaled_dot_product_attention(queries, gather(k_cache), gather(v_cache), attn_mask=group.visible,
+                                              scale=scale)
+    attended = attended.reshape(n, num_heads, dim)
     # A padding row (length 0) masks everything: zeros, as the reference gives.
-    out[rows] = torch.where((lens > 0)[:, None, None], attended.reshape(n, num_heads, dim), 0)
+    out[group.rows] = attended if group.live is None else torch.where(group.live, attended, 0)

@@ -110,6 +110,7 @@ def paged_attention(
     scale: float | None = None,
     max_seqlen_q: int | None = None,
     workspace: torch.Tensor | None = None,
+    plan: attention.PagedAttentionPlan | None = None,
 ) -> torch.Tensor:
     """Packed queries over each sequence's paged context; sequence b's queries are its last
     `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal.
@@ -119,10 +120,11 @@ def paged_attention(
     `workspace`: fp32 scratch of at least `decode_workspace_numel(batch, Hq, D)` elements
     for the split-K partial results, so that a decode step allocates nothing; without
     it the decode kernel allocates its scratch per call.
+    `plan`: what `plan_paged_attention` made for this batch (the same for every layer).
     """
     if not use_triton(q):
         return attention.paged_attention_torch(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q, workspace
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q, workspace, plan
         )
     _triton("attention_triton").check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -135,6 +137,18 @@ def paged_attention(
     return _triton("attention_triton").paged_prefill_attention_triton(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
     )
+
+
+def plan_paged_attention(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, block_size: int
+) -> attention.PagedAttentionPlan | None:
+    """What `paged_attention` can work out once per batch rather than once per layer, as in
+    FlashInfer's plan/run split: on CPU, how decode rows are grouped and gathered (host work
+    that would otherwise repeat in every layer); None where the kernel needs no plan (Triton,
+    which reads lengths and tables on the device, with no host work and no sync)."""
+    if use_triton(seq_lens):
+        return None
+    return attention.plan_paged_attention_torch(block_tables, seq_lens, cu_seqlens_q, block_size)
 
 
 def decode_workspace_numel(batch: int, num_heads: int, head_dim: int) -> int:

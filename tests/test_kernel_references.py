@@ -150,3 +150,32 @@ def test_cpu_paged_attention_batches_decodes_with_the_reference_result(group: in
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 1 << 16)
     whole = attention.paged_attention_torch(q[:4], k_cache, v_cache, tables[:4], lens[:4], cu[:5], scale=0.25)
     torch.testing.assert_close(whole, out[:4])  # a batch of decodes only, in one group
+
+
+def test_decode_groups_cover_every_row_once_with_bounded_padding() -> None:
+    from splitinfer.kernels import attention
+
+    lengths = [5, 0, 700, 17, 1, 9, 700, 4, 23, 0, 13, 350, 360, 2000, 1]
+    seqs = [b for b in range(len(lengths)) if b != 4]
+    groups = attention.decode_groups(lengths, seqs)
+    assert sorted(b for g in groups for b in g) == seqs
+    for group in groups:
+        longest = max(lengths[b] for b in group)
+        assert lengths[group[0]] == longest and len(group) * longest <= attention.DECODE_GATHER_TOKENS or len(group) == 1
+        assert sum(lengths[b] for b in group) >= attention.DECODE_FILL * len(group) * longest or len(group) == 1
+    assert [b for g in groups for b in g if lengths[b] == 700] == [2, 6], "equal lengths keep their order"
+
+
+def test_a_plan_made_once_serves_every_layer_of_the_batch() -> None:
+    from splitinfer.kernels import attention
+
+    torch.manual_seed(2)
+    k_cache, v_cache = torch.randn(2, 16, 4, 2, 8)
+    tables = torch.randperm(16)[:12].view(3, 4).int()
+    lens = torch.tensor([13, 6, 9], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 4, 5], dtype=torch.int32)
+    plan = kernels.plan_paged_attention(tables, lens, cu, block_size=4)
+    for _ in range(2):  # two "layers": other queries, the same plan
+        q = torch.randn(5, 4, 8)
+        torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, tables, lens, cu, plan=plan),
+                                   attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu))
