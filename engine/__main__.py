@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                        help="CUDA: share of the GPU's memory for weights, activations and the KV cache. (default: %(default)s)")
     model.add_argument("--kv-cache-gb", type=float, default=defaults.kv_cache_gb, help="CPU: size of the KV pool in GB. (default: %(default)s)")
+    model.add_argument("--no-cpu-weight-prepack", action="store_false", dest="cpu_weight_prepack",
+                       help="CPU: do not keep a oneDNN-prepacked copy of the matmul weights (it doubles their "
+                       "memory and speeds up batched decode 1.3-1.7x).")
 
     batching = p.add_argument_group("batching")
     batching.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs,
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb,
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.enable_prefix_caching,
-        enforce_eager=args.enforce_eager, seed=args.seed,
+        enforce_eager=args.enforce_eager, cpu_weight_prepack=args.cpu_weight_prepack, seed=args.seed,
     )
     try:
         service = EngineService.start(config, args.address, lease_s=args.lease_s,

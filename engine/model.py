@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitinfer.engine import cpu_linear
 from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
@@ -27,15 +28,18 @@ def _empty_param(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """`y = x W^T (+ b)` with an uninitialised weight [out, in] to be filled by the loader."""
+    """`y = x W^T (+ b)` with an uninitialised weight [out, in] to be filled by the loader.
+
+    On CPU the weight may also be kept prepacked for oneDNN (`packed`, see `cpu_linear`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = _empty_param(out_features, in_features)
         self.bias = _empty_param(out_features) if bias else None
+        self.packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return cpu_linear.linear(x, self.weight, self.bias, self.packed)
 
 
 class VocabEmbedding(nn.Module):
@@ -159,6 +163,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.rope_cache = torch.empty(0)
+        self.packed_lm_head: torch.Tensor | None = None  # the (tied or not) lm_head weight, prepacked
 
     @classmethod
     def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -199,7 +204,22 @@ class LlamaForCausalLM(nn.Module):
         """fp32 logits of the rows `indices` selects (e.g. `ForwardBatch.logits_indices`); all rows when None."""
         if indices is not None:
             hidden = hidden.index_select(0, indices)
-        return F.linear(hidden, self.lm_head_weight).float()
+        return cpu_linear.linear(hidden, self.lm_head_weight, None, self.packed_lm_head).float()
+
+    def _matmul_linears(self) -> list[Linear]:
+        """The Linear modules of the layers (the lm_head is applied by `compute_logits`)."""
+        return [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
+
+    def matmul_weight_bytes(self) -> int:
+        weights = [m.weight for m in self._matmul_linears()] + [self.lm_head_weight]
+        return sum(w.numel() * w.element_size() for w in weights)
+
+    def prepack_cpu_weights(self) -> None:
+        """Keep every matmul weight, the lm_head's too, also prepacked for oneDNN (CPU only;
+        see `cpu_linear`): `matmul_weight_bytes()` more memory."""
+        for module in self._matmul_linears():
+            module.packed = cpu_linear.prepack(module.weight)
+        self.packed_lm_head = cpu_linear.prepack(self.lm_head_weight)
 
     def weight_sources(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint tensor name, destination view) for every tensor the checkpoint must provide.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_oracle import hf_logits, max_relative_error
+from splitinfer.engine import cpu_linear
 from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
@@ -22,9 +23,13 @@ from splitinfer.engine.sequence import Sequence
 TOLERANCE = 1e-4
 
 
-def load(path: Path) -> LlamaForCausalLM:
+def load(path: Path, prepack: bool = False) -> LlamaForCausalLM:
     model = LlamaForCausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
     load_weights(model, path)
+    if prepack:
+        if cpu_linear.check_prepack(torch.float32) is not None:
+            pytest.skip(f"no oneDNN prepacked matmuls: {cpu_linear.check_prepack(torch.float32)}")
+        model.prepack_cpu_weights()
     return model
 
 
@@ -47,8 +52,10 @@ def test_one_prompt_matches_transformers(variant_checkpoint: Path) -> None:
     assert max_relative_error(ours, hf_logits(variant_checkpoint, prompt)) <= TOLERANCE
 
 
-def test_packed_batch_of_ragged_prompts_matches_transformers(variant_checkpoint: Path) -> None:
-    model = load(variant_checkpoint)
+@pytest.mark.parametrize("prepack", [False, True], ids=["default-matmul", "onednn-prepacked"])
+def test_packed_batch_of_ragged_prompts_matches_transformers(variant_checkpoint: Path, prepack: bool) -> None:
+    """41 rows of logits (with prepacked weights: the oneDNN path), then 3 (the default one)."""
+    model = load(variant_checkpoint, prepack)
     rng = random.Random(1)
     prompts = [random_prompt(rng, n, model.config.vocab_size) for n in (1, 7, 33)]
     ours = packed_logits(model, prompts, all_logits=True)
