@@ -10,7 +10,10 @@ and aggregate output tokens/s for N concurrent requests with mixed prompt length
 a time and as one padded batched `generate` (which runs to the longest output). Prints the
 ratios, the achieved memory bandwidth of batch-1 decode against a measured copy bandwidth,
 and the achieved GFLOP/s of the batched runs against a measured matmul peak. On CUDA it also
-runs our decode with CUDA graphs off. Greedy decoding throughout; eos is ignored.
+runs our decode with CUDA graphs off. Greedy decoding throughout; eos is ignored; our prefix
+cache is off (the prompts are random, and a repeated run would be served from it). Each
+measure runs --repeats times, ours and transformers' taking turns, and the best run counts:
+on a shared machine a slow spell then cannot decide a ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +76,16 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     return bandwidth, 2 * n**3 / best / 1e9
 
 
+def interleaved(repeats: int, *measures: Callable[[], float]) -> list[float]:
+    """The best of `repeats` runs of each measure (a rate), runs of the measures taking turns,
+    so that a slow spell of a shared machine does not fall on one side only."""
+    best = [0.0] * len(measures)
+    for _ in range(repeats):
+        for i, measure in enumerate(measures):
+            best[i] = max(best[i], measure())
+    return best
+
+
 def progress(what: str) -> None:
     print(f"measuring {what} ...", file=sys.stderr, flush=True)
 
@@ -84,9 +98,10 @@ def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[Request]:
 
 class Ours:
     def __init__(self, model: str, device: str, dtype: str, enforce_eager: bool, max_num_seqs: int) -> None:
+        # No prefix caching: repeated runs of one workload would be served from the cache.
         self.core = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
                                             max_num_seqs=max_num_seqs, kv_cache_gb=2.0,
-                                            max_num_batched_tokens=4096))
+                                            max_num_batched_tokens=4096, enable_prefix_caching=False))
         self._next = 0
 
     def run(self, requests: list[Request]) -> float:
@@ -175,6 +190,8 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="Tokens of the batch-1 decode run (default: %(default)s).")
     p.add_argument("--prefill", default="128,512,2048", help="Prompt lengths for prefill (default: %(default)s).")
     p.add_argument("--concurrency", default="1,8,32", help="Concurrent request counts (default: %(default)s).")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="Runs of each measure, ours and transformers' taking turns; the best counts (default: %(default)s).")
     p.add_argument("--skip-sequential", action="store_true",
                    help="Skip transformers one-request-at-a-time for the largest concurrency (slow on CPU).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
@@ -201,36 +218,38 @@ def main() -> None:
     rows = []
     progress("batch-1 decode")
     ours.decode_rate(8)  # warm-up
-    ours_decode = ours.decode_rate(args.decode_tokens)
-    hf_decode = hf.decode_rate(args.decode_tokens)
+    ours_decode, hf_decode = interleaved(args.repeats, lambda: ours.decode_rate(args.decode_tokens),
+                                         lambda: hf.decode_rate(args.decode_tokens))
     gbps = lambda rate: weight_bytes * rate / 1e9  # noqa: E731
     rows.append(("batch-1 decode tok/s", ours_decode, hf_decode,
                  f"{gbps(ours_decode):.1f} vs {gbps(hf_decode):.1f} GB/s of {bandwidth:.1f}"))
     if device.type == "cuda":
         eager = Ours(model, args.device, args.dtype, enforce_eager=True, max_num_seqs=max(concurrency))
         eager.decode_rate(8)
-        rows.append(("batch-1 decode, graphs off", eager.decode_rate(args.decode_tokens), hf_decode, ""))
+        eager_decode, = interleaved(args.repeats, lambda: eager.decode_rate(args.decode_tokens))
+        rows.append(("batch-1 decode, graphs off", eager_decode, hf_decode, ""))
         del eager
 
     for length in (int(n) for n in args.prefill.split(",")):
         progress(f"prefill of {length} tokens")
-        # A new prompt per run: a repeated one would be served from the prefix cache.
         rng = random.Random(length)
-        seconds = min(ours.run([Request([rng.randrange(vocab) for _ in range(length)], 1)]) for _ in range(2))
-        hf_seconds = min(hf.prefill_seconds(length, vocab) for _ in range(2))
-        rows.append((f"prefill {length} tok/s", length / seconds, length / hf_seconds, ""))
+        fresh = lambda: Request([rng.randrange(vocab) for _ in range(length)], 1)  # noqa: E731
+        rates = interleaved(args.repeats, lambda: length / ours.run([fresh()]),
+                            lambda: length / hf.prefill_seconds(length, vocab))
+        rows.append((f"prefill {length} tok/s", *rates, ""))
 
     for count in concurrency:
         progress(f"{count} concurrent requests")
         work = mixed_workload(count, vocab, seed=count)
         useful = sum(r.max_tokens for r in work)
         computed = sum(len(r.prompt) + r.max_tokens for r in work)
-        seconds = ours.run(work)
-        ours_rate = useful / seconds
-        batched = useful / hf.timed([r.prompt for r in work], max(r.max_tokens for r in work))
-        note = f"ours {2 * params * computed / seconds / 1e9:.1f} GFLOP/s of {matmul:.1f}"
+        longest = max(r.max_tokens for r in work)
+        ours_rate, batched = interleaved(args.repeats, lambda: useful / ours.run(work),
+                                         lambda: useful / hf.timed([r.prompt for r in work], longest))
+        note = f"ours {2 * params * computed * ours_rate / useful / 1e9:.1f} GFLOP/s of {matmul:.1f}"
         rows.append((f"{count} concurrent, output tok/s (HF padded batch)", ours_rate, batched, note))
         if count > 1 and not (args.skip_sequential and count == max(concurrency)):
+            progress(f"{count} requests one at a time in transformers")
             sequential = useful / sum(hf.timed([r.prompt], r.max_tokens) for r in work)
             rows.append((f"{count} concurrent, output tok/s (HF one at a time)", ours_rate, sequential, ""))
         gc.collect()
