@@ -11,6 +11,7 @@ import uvicorn
 
 from splitinfer.protocol import default_engine_address
 from splitinfer.server.app import DEFAULT_MAX_REQUEST_BYTES, OpenAIServer, ServerConfig
+from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Model name clients must send and /v1/models reports (default: the engine's).")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="Largest request body accepted; bigger ones get 413 (default: %(default)s).")
+    p.add_argument("--engine-stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+                   help="Seconds the engine's loop may answer nothing (while its connection stays up) before "
+                   "in-flight requests fail with 503 and the server reconnects. One engine step can legitimately "
+                   "take long (a CPU prefill). A closed connection counts at once (default: %(default)s).")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="Logging verbosity (default: %(default)s).")
     return p
@@ -39,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(engine_address=args.engine, api_key=args.api_key,
-                          served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes)
+                          served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
+                          engine_stall_timeout_s=args.engine_stall_timeout)
     server = OpenAIServer(config)
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                 timeout_graceful_shutdown=5)

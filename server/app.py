@@ -31,7 +31,13 @@ from starlette.routing import Route
 
 from splitinfer.protocol import HelloReply
 from splitinfer.server.chat_template import ChatTemplate, ChatTemplateError
-from splitinfer.server.engine_client import EngineClient, EngineRequestError, EngineUnavailable, Health
+from splitinfer.server.engine_client import (
+    DEFAULT_STALL_TIMEOUT_S,
+    EngineClient,
+    EngineRequestError,
+    EngineUnavailable,
+    Health,
+)
 from splitinfer.server.errors import APIError, bad_request, engine_unavailable
 from splitinfer.server.generation import ChoiceEvent, ChoiceSpec, EngineFailure, Timing, merged_choices
 from splitinfer.server.metrics import ServerMetrics
@@ -51,6 +57,7 @@ class ServerConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +99,8 @@ async def run_unless_disconnected(request: Request, work: Awaitable) -> object:
 class OpenAIServer:
     def __init__(self, config: ServerConfig, client: EngineClient | None = None) -> None:
         self.config = config
-        self.client = client or EngineClient(config.engine_address, connect_timeout_s=2.0)
+        self.client = client or EngineClient(config.engine_address, connect_timeout_s=2.0,
+                                             stall_timeout_s=config.engine_stall_timeout_s)
         self.metrics = ServerMetrics()
         self._context: ModelContext | None = None
         self._connector: asyncio.Task | None = None

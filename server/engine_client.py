@@ -8,11 +8,18 @@
     await client.close()                     # says Goodbye
 
 One background task receives every message and routes `Outputs` to per-request queues by
-request id; another heartbeats (Ping) well inside the engine's lease. When the engine stops
-answering, says it is shutting down, or comes back as a new instance, every in-flight
-request fails with a retryable `EngineUnavailable`, the health state turns `unavailable`,
-and the client reconnects by itself with backoff (a fresh socket, so nothing sent to the
-dead engine is replayed to the new one).
+request id; another heartbeats (Ping) well inside the engine's lease. When the engine goes
+away, says it is shutting down, or comes back as a new instance, every in-flight request
+fails with a retryable `EngineUnavailable`, the health state turns `unavailable`, and the
+client reconnects by itself with backoff (a fresh socket, so nothing sent to the dead
+engine is replayed to the new one).
+
+"Goes away" is judged by the connection, not by the engine's answers: one engine step can
+take seconds (a long prefill on CPU) during which its loop answers nothing, yet nothing is
+wrong. ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by the engine's I/O thread even
+mid-step) close a connection whose peer has been unreachable for TRANSPORT_TIMEOUT_S; a socket monitor
+turns the closed connection, and a killed engine's at once, into `unavailable`. A loop that
+answers nothing for `stall_timeout_s` (an engine alive but wedged) counts as gone too.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from collections.abc import AsyncIterator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from splitinfer.protocol import (
     Abort,
@@ -57,6 +65,16 @@ logger = logging.getLogger(__name__)
 
 # Replies from the engine can be large (HelloReply carries the tokenizer files).
 ENGINE_REPLY_LIMITS = Limits(max_frame_bytes=512 * 2**20, max_prompt_tokens=2**31 - 1)
+# The engine's lease until its HelloReply tells (the engine's default).
+ASSUMED_LEASE_S = 5.0
+# Transport (ZMTP) heartbeats: every second, and a connection silent for 3 s is closed.
+# They are answered by the engine's I/O thread, busy loop or not, so only an unreachable
+# engine (host gone, network cut, process frozen) misses them.
+TRANSPORT_HEARTBEAT_S = 1.0
+TRANSPORT_TIMEOUT_S = 3.0
+# How long the engine's loop may answer nothing before it counts as wedged: far above any
+# single step (a CPU prefill of a full token budget on a large model takes minutes).
+DEFAULT_STALL_TIMEOUT_S = 300.0
 
 
 class Health(enum.Enum):
@@ -97,6 +115,7 @@ class EngineClient:
         client_id: str | None = None,
         connect_timeout_s: float = 10.0,
         max_backoff_s: float = 2.0,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     ) -> None:
         self.address = address
         self.client_id = client_id or f"server-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -104,6 +123,7 @@ class EngineClient:
         self.nonce = uuid.uuid4().hex
         self.connect_timeout_s = connect_timeout_s
         self.max_backoff_s = max_backoff_s
+        self.stall_timeout_s = stall_timeout_s
         self.info: HelloReply | None = None
         self.health = Health.CONNECTING
         self._context = zmq.asyncio.Context.instance()
@@ -153,21 +173,26 @@ class EngineClient:
         return await asyncio.shield(self._hello)
 
     def _open_socket(self) -> None:
+        per_socket = ("engine-receive", "engine-connection")
+        for task in self._tasks:
+            if task.get_name() in per_socket:
+                task.cancel()
+        self._tasks = [t for t in self._tasks if t.get_name() not in per_socket]
         if self._socket is not None:
             self._socket.close(linger=0)
-        for task in self._tasks:
-            if task.get_name() == "engine-receive":
-                task.cancel()
-        self._tasks = [t for t in self._tasks if t.get_name() != "engine-receive"]
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Queue nothing for an engine that is not connected: a send fails at once instead.
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(1000 * self.max_backoff_s))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(1000 * TRANSPORT_HEARTBEAT_S))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * TRANSPORT_TIMEOUT_S))
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)
         self._socket = sock
         self._tasks.append(asyncio.create_task(self._receive(sock), name="engine-receive"))
+        self._tasks.append(asyncio.create_task(self._watch_connection(sock, monitor), name="engine-connection"))
 
     def _send(self, message: object) -> None:
         if self._socket is None:
@@ -221,6 +246,17 @@ class EngineClient:
                 continue
             self._dispatch(message)
 
+    async def _watch_connection(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Turn the connection's closing (the engine exited or was killed, or the transport
+        heartbeats timed out) into `unavailable`."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED and sock is self._socket:
+                    self._lost("the connection to the engine closed")
+        finally:
+            monitor.close(linger=0)
+
     def _dispatch(self, message: object) -> None:
         if isinstance(message, Outputs):
             for out in message.outputs:
@@ -263,16 +299,15 @@ class EngineClient:
 
     async def _heartbeat(self) -> None:
         while True:
-            lease = self.info.lease_s if self.info else 5.0
-            await asyncio.sleep(lease / 4)
+            await asyncio.sleep((self.info.lease_s if self.info else ASSUMED_LEASE_S) / 4)
             if self.health is not Health.READY:
                 continue
+            # Renews our lease in the engine; its Pong is not awaited (a step may be long).
             with contextlib.suppress(EngineUnavailable):
                 self._send(Ping(nonce=next(self._ping_ids), sent_at=time.perf_counter()))
-            # Three quarters of a lease of silence: the engine is gone (or stuck); heartbeats
-            # go out every quarter, so a live engine has answered two of them by now.
-            if time.monotonic() - self._last_heard > 0.75 * lease:
-                self._lost(f"no answer from the engine for {time.monotonic() - self._last_heard:.1f} s")
+            silent = time.monotonic() - self._last_heard
+            if silent > self.stall_timeout_s:
+                self._lost(f"the engine's loop has answered nothing for {silent:.0f} s")
 
     def _lost(self, why: str) -> None:
         """The engine is gone: fail in-flight requests (retryable) and reconnect in the background."""
@@ -353,5 +388,8 @@ class EngineClient:
         nonce = next(self._ping_ids)
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._pings[nonce] = future
-        self._send(Ping(nonce=nonce, sent_at=time.perf_counter()))
-        return await asyncio.wait_for(future, timeout_s)
+        try:
+            self._send(Ping(nonce=nonce, sent_at=time.perf_counter()))
+            return await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._pings.pop(nonce, None)  # answered, or given up on: no Pong will be awaited

@@ -24,7 +24,13 @@ from splitinfer.engine import LLM
 from splitinfer.protocol import (
     PROTOCOL_VERSION, Error, Hello, HelloReply, SamplingParams, Stats, StatsReply, decode, encode,
 )
-from splitinfer.server.engine_client import ENGINE_REPLY_LIMITS, EngineClient, EngineUnavailable, Health
+from splitinfer.server.engine_client import (
+    ENGINE_REPLY_LIMITS,
+    TRANSPORT_TIMEOUT_S,
+    EngineClient,
+    EngineUnavailable,
+    Health,
+)
 
 LEASE_S = 1.0
 
@@ -261,6 +267,74 @@ def test_a_connected_client_reconnects_by_itself_when_the_engine_restarts(
     finally:
         stop(proc)
     assert "removed the stale socket file" in log.read_text()
+
+
+def test_an_engine_step_longer_than_the_lease_fails_nothing(make_checkpoint, address: str, tmp_path: Path) -> None:
+    """A long prefill (a second or more on CPU) keeps the engine's loop from answering for
+    several leases; its connection stays up, so the client waits instead of giving up."""
+    checkpoint = make_checkpoint("--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "2",
+                                 "--intermediate", "2048", "--max-position", "4096")
+    lease = 0.4
+    proc = start_engine(checkpoint, address, tmp_path / "engine.log", "--lease", str(lease),
+                        "--max-num-batched-tokens", "4096", "--num-kv-blocks", "512")
+
+    async def scenario() -> tuple[float, list[int]]:
+        client = EngineClient(address)
+        await client.start()
+        try:
+            start = time.monotonic()
+            tokens = []
+            async for out in client.generate("long", [i % 500 for i in range(3000)],
+                                             SamplingParams(max_tokens=4, ignore_eos=True)):
+                tokens += out.new_token_ids
+                if len(tokens) == 1:
+                    first = time.monotonic() - start
+            assert client.health is Health.READY
+            return first, tokens
+        finally:
+            await client.close()
+
+    try:
+        first, tokens = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        stop(proc)
+    assert first > 2 * lease, f"the prefill took {first:.2f} s: too short to test anything"
+    assert len(tokens) == 4
+
+
+def test_a_frozen_engine_is_dropped_within_the_transport_timeout_and_rejoined_when_it_thaws(engine, address: str) -> None:
+    """SIGSTOP freezes the engine's I/O thread too: the transport heartbeats go unanswered."""
+    proc, _ = engine
+
+    async def scenario() -> float:
+        client = EngineClient(address)
+        await client.start()
+        try:
+            stream = client.generate("frozen", [3] * 20, SamplingParams(max_tokens=1900, ignore_eos=True))
+            await stream.__anext__()
+            proc.send_signal(signal.SIGSTOP)
+            frozen = time.monotonic()
+            with pytest.raises(EngineUnavailable):
+                async for _ in stream:
+                    pass
+            noticed = time.monotonic() - frozen
+            proc.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while client.health is not Health.READY and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert client.health is Health.READY
+            tokens = [t async for out in client.generate("thawed", [1, 2, 3], SamplingParams(max_tokens=5))
+                      for t in out.new_token_ids]
+            assert len(tokens) == 5
+            return noticed
+        finally:
+            await client.close()
+
+    try:
+        noticed = asyncio.run(asyncio.wait_for(scenario(), 60))
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert noticed < TRANSPORT_TIMEOUT_S + 1.5, f"a frozen engine went unnoticed for {noticed:.1f} s"
 
 
 def test_socket_file_is_private_a_second_engine_refuses_and_sigterm_exits_cleanly(
