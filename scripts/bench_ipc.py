@@ -6,7 +6,9 @@ Generate (1 prompt token, 1 output token) -> its first Outputs.
     python scripts/bench_ipc.py --address ipc:///tmp/e.sock   # measures a running engine
 
 Two clients are measured: a bare synchronous DEALER (the protocol and the engine loop
-alone) and the asyncio `EngineClient` the HTTP servers use (adds the event loop).
+alone) and the asyncio `EngineClient` the HTTP servers use (adds the event loop). Beside
+them, the floor: the same DEALER against a bare ROUTER echo in another Python process,
+measured in the same run (on a shared machine both move together).
 """
 
 from __future__ import annotations
@@ -96,6 +98,36 @@ def start_engine(workdir: Path) -> tuple[subprocess.Popen, str]:
     return proc, address
 
 
+ECHO_SERVER = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+while True:
+    sock.send_multipart(sock.recv_multipart())
+"""
+
+
+def echo_floor(workdir: Path, pings: int) -> dict[str, dict[str, float]]:
+    """Round trips of a 40-byte frame to a ROUTER that sends each message straight back."""
+    address = f"ipc://{workdir}/echo.sock"
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, address])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        samples = []
+        for _ in range(pings + 100):
+            start = time.perf_counter()
+            sock.send(b"x" * 40)
+            sock.recv()
+            samples.append(time.perf_counter() - start)
+    finally:
+        sock.close()
+        proc.kill()
+        proc.wait()
+    return {"floor: bare DEALER to a bare ROUTER echo": percentiles(samples[100:])}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="A running engine to measure (default: start one on a tiny checkpoint).")
@@ -107,7 +139,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = (None, args.address) if args.address else start_engine(Path(tmp))
         try:
-            results = bare_dealer(address, args.pings, args.generates)
+            results = echo_floor(Path(tmp), args.pings)
+            results |= bare_dealer(address, args.pings, args.generates)
             results |= asyncio.run(asyncio_client(address, args.pings, args.generates))
         finally:
             if proc is not None:
