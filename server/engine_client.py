@@ -72,6 +72,8 @@ ASSUMED_LEASE_S = 5.0
 # engine (host gone, network cut, process frozen) misses them.
 TRANSPORT_HEARTBEAT_S = 1.0
 TRANSPORT_TIMEOUT_S = 3.0
+# Messages either way that may wait in the socket (requests sent during a long engine step).
+SOCKET_QUEUE_MESSAGES = 100_000
 # How long the engine's loop may answer nothing before it counts as wedged: far above any
 # single step (a CPU prefill of a full token budget on a large model takes minutes).
 DEFAULT_STALL_TIMEOUT_S = 300.0
@@ -164,12 +166,7 @@ class EngineClient:
 
     async def _handshake(self) -> HelloReply:
         hello = encode(Hello(client_id=self.client_id, nonce=self.nonce, pid=os.getpid()))
-        while True:  # with IMMEDIATE, a send fails until the connection is up
-            try:
-                self._send_now(hello)
-                break
-            except zmq.Again:
-                await asyncio.sleep(0.01)
+        self._send_now(hello)  # queued until the connection is up
         return await asyncio.shield(self._hello)
 
     def _open_socket(self) -> None:
@@ -182,8 +179,11 @@ class EngineClient:
             self._socket.close(linger=0)
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # Queue nothing for an engine that is not connected: a send fails at once instead.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Not IMMEDIATE: with it, libzmq drops what was received but not yet read when the
+        # connection closes (a stopping engine's last Outputs). What is queued for a dead
+        # engine dies with this socket, which `_lost` replaces.
+        sock.setsockopt(zmq.SNDHWM, SOCKET_QUEUE_MESSAGES)
+        sock.setsockopt(zmq.RCVHWM, SOCKET_QUEUE_MESSAGES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(1000 * self.max_backoff_s))
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(1000 * TRANSPORT_HEARTBEAT_S))
@@ -200,11 +200,11 @@ class EngineClient:
         try:
             self._send_now(encode(message))
         except zmq.Again:
-            self._lost("not connected")
-            raise EngineUnavailable(f"the engine at {self.address} is not connected") from None
+            raise EngineUnavailable(f"the engine at {self.address} is not reading: {SOCKET_QUEUE_MESSAGES} "
+                                    "messages are waiting for it") from None
 
     def _send_now(self, data: bytes) -> None:
-        """Send without waiting; raises zmq.Again if the engine is not connected.
+        """Send without waiting; raises zmq.Again if the send queue is full.
 
         Through the asyncio socket itself, never a second (shadow) socket: ZeroMQ's file
         descriptor is edge-triggered, and pyzmq re-checks pending receives after each of its
@@ -253,9 +253,24 @@ class EngineClient:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
                 if event["event"] == zmq.EVENT_DISCONNECTED and sock is self._socket:
-                    self._lost("the connection to the engine closed")
+                    await self._let_receive_drain(sock)
+                    if sock is self._socket:
+                        self._lost("the connection to the engine closed")
         finally:
             monitor.close(linger=0)
+
+    @staticmethod
+    async def _let_receive_drain(sock: zmq.asyncio.Socket) -> None:
+        """Give the receive task what arrived before the connection closed (a stopping engine's
+        last Outputs and its Shutdown), so that in-flight requests end as the engine ended them.
+
+        Reading EVENTS through the asyncio socket makes pyzmq hand pending messages to the
+        receive task, which takes all that are there at once; once the socket is dry, one more
+        turn of the loop lets it dispatch the last."""
+        deadline = time.monotonic() + 1.0
+        while sock.get(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)
 
     def _dispatch(self, message: object) -> None:
         if isinstance(message, Outputs):
