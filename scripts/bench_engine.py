@@ -221,8 +221,9 @@ def main() -> None:
     ours_decode, hf_decode = interleaved(args.repeats, lambda: ours.decode_rate(args.decode_tokens),
                                          lambda: hf.decode_rate(args.decode_tokens))
     gbps = lambda rate: weight_bytes * rate / 1e9  # noqa: E731
+    roofline = lambda rate: f"{gbps(rate):.1f} GB/s ({100 * gbps(rate) / bandwidth:.0f}%)"  # noqa: E731
     rows.append(("batch-1 decode tok/s", ours_decode, hf_decode,
-                 f"{gbps(ours_decode):.1f} vs {gbps(hf_decode):.1f} GB/s of {bandwidth:.1f}"))
+                 f"weights read: {roofline(ours_decode)} vs {roofline(hf_decode)} of a {bandwidth:.1f} GB/s copy"))
     if device.type == "cuda":
         eager = Ours(model, args.device, args.dtype, enforce_eager=True, max_num_seqs=max(concurrency))
         eager.decode_rate(8)
