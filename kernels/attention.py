@@ -122,7 +122,7 @@ class DecodeGroup:
 
     rows: slice | torch.Tensor  # their query rows in the packed batch
     block_ids: torch.Tensor  # [n * blocks] the blocks to gather, each row padded with block 0
-    hidden: torch.Tensor  # gathered token rows (of n * context) past each length: zeroed after the gather
+    padding_rows: torch.Tensor  # gathered token rows (of n * context) past each length: zeroed after the gather
     visible: torch.Tensor  # [n, 1, 1, context] bool: the attention mask
     live: torch.Tensor | None  # [n, 1, 1] bool: rows with a context (padding rows give zeros); None: all
     num_seqs: int
@@ -186,9 +186,9 @@ def _plan_decode_group(
     visible = torch.arange(context, device=device)[None, :] < lens[:, None]
     # Slots past a length hold whatever the cache held (uninitialised memory, maybe NaN, which
     # a mask does not stop: NaN * 0 is NaN), so they are zeroed; they are few, hence by index.
-    hidden = (~visible).flatten().nonzero().squeeze(1)
+    padding_rows = (~visible).flatten().nonzero().squeeze(1)
     live = None if min(lengths[b] for b in seqs) > 0 else (lens > 0)[:, None, None]
-    return DecodeGroup(rows, block_ids, hidden, visible[:, None, None, :], live, n, context)
+    return DecodeGroup(rows, block_ids, padding_rows, visible[:, None, None, :], live, n, context)
 
 
 def paged_attention_torch(
@@ -230,7 +230,7 @@ def _attend_decode_group(
 
     def gather(cache: torch.Tensor) -> torch.Tensor:  # [n, Hkv, context, D]
         tokens = cache.index_select(0, group.block_ids).view(n * group.context, kv_heads, dim)
-        tokens.index_fill_(0, group.hidden, 0)
+        tokens.index_fill_(0, group.padding_rows, 0)
         return tokens.view(n, group.context, kv_heads, dim).transpose(1, 2).to(q.dtype)
 
     queries = q[group.rows].view(n, kv_heads, num_heads // kv_heads, dim)  # a KV head's query group on one axis

@@ -181,12 +181,17 @@ def build_bench_checkpoint() -> str:
     return str(path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_checkpoint_arguments(p: argparse.ArgumentParser, whose_dtype: str) -> None:
+    """--model, --device and --dtype, as every engine bench takes them."""
     p.add_argument("--model", help="Checkpoint directory (default: the 'bench' preset of make_tiny_model.py).")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s).")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="Both engines' dtype (default: %(default)s).")
+                   help=f"{whose_dtype} dtype (default: %(default)s).")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(p, "Both engines'")
     p.add_argument("--decode-tokens", type=int, default=128, help="Tokens of the batch-1 decode run (default: %(default)s).")
     p.add_argument("--prefill", default="128,512,2048", help="Prompt lengths for prefill (default: %(default)s).")
     p.add_argument("--concurrency", default="1,8,32", help="Concurrent request counts (default: %(default)s).")

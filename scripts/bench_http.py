@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 # Sibling scripts: the workload, the engine runner and the streaming client are theirs.
-from bench_engine import Ours, build_bench_checkpoint, mixed_workload
+from bench_engine import Ours, add_checkpoint_arguments, build_bench_checkpoint, mixed_workload
 from bench_restart import first_200, free_port, start_server, wait_for
 from bench_serving import Bench, Result, percentiles
 
@@ -93,10 +93,7 @@ def subprocess_engine(model: str, address: str, device: str, dtype: str, concurr
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="Checkpoint directory (default: the 'bench' preset of make_tiny_model.py).")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s).")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="The engine's dtype (default: %(default)s).")
+    add_checkpoint_arguments(p, "The engine's")
     p.add_argument("--concurrency", type=int, default=32, help="Requests, all in flight at once (default: %(default)s).")
     p.add_argument("--seed", type=int, default=32, help="Seed of the workload's draws (default: %(default)s).")
     p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")

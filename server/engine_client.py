@@ -17,9 +17,9 @@ engine is replayed to the new one).
 "Goes away" is judged by the connection, not by the engine's answers: one engine step can
 take seconds (a long prefill on CPU) during which its loop answers nothing, yet nothing is
 wrong. ZeroMQ's own heartbeats (ZMTP PING/PONG, answered by the engine's I/O thread even
-mid-step) close a connection whose peer has been unreachable for TRANSPORT_TIMEOUT_S; a socket monitor
-turns the closed connection, and a killed engine's at once, into `unavailable`. A loop that
-answers nothing for `stall_timeout_s` (an engine alive but wedged) counts as gone too.
+mid-step) close a connection unreachable for TRANSPORT_TIMEOUT_S; a socket monitor turns a
+closed connection, a killed engine's at once, into `unavailable`. A loop that answers
+nothing for `stall_timeout_s` (an engine alive but wedged) counts as gone too.
 """
 
 from __future__ import annotations
