@@ -1,0 +1,78 @@
+"""The benchmark scripts run end to end, at toy sizes on the tiny checkpoint: every table row
+and JSON field they promise is there. (Their numbers are measured by hand, README
+"Performance"; here only that the scripts work as a user would run them.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from procs import PYTHON, REPO, free_port, start_engine, start_server, stop
+
+SCRIPTS = REPO / "scripts"
+
+
+def run_script(name: str, *args: str, timeout_s: float = 240) -> str:
+    done = subprocess.run([PYTHON, str(SCRIPTS / name), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout_s)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def test_bench_engine_measures_ours_against_transformers(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "engine.json"
+    text = run_script("bench_engine.py", "--model", str(tiny_checkpoint), "--decode-tokens", "8", "--prefill", "16,40",
+                      "--concurrency", "1,3", "--repeats", "1", "--json", str(out))
+    rows = {row["measure"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {
+        "batch-1 decode tok/s", "prefill 16 tok/s", "prefill 40 tok/s",
+        "1 concurrent, output tok/s (HF padded batch)", "3 concurrent, output tok/s (HF padded batch)",
+        "3 concurrent, output tok/s (HF one at a time)",
+    }
+    assert all(row["ours"] > 0 and row["transformers"] > 0 and row["ratio"] > 0 for row in rows.values())
+    assert "GB/s" in rows["batch-1 decode tok/s"]["notes"] and "GFLOP/s" in text
+
+
+def test_bench_http_compares_the_http_path_with_the_in_process_engine(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "http.json"
+    text = run_script("bench_http.py", "--model", str(tiny_checkpoint), "--concurrency", "3", "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["in_process_tok_s"] > 0 and result["http_tok_s"] > 0
+    assert result["ratio"] == result["http_tok_s"] / result["in_process_tok_s"]
+    assert "of in-process" in text and "TTFT" in text
+
+
+def test_bench_serving_loads_a_running_server(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    address = f"ipc://{tmp_path}/engine.sock"
+    engine = start_engine(tiny_checkpoint, address, tmp_path / "engine.log")
+    port = free_port()
+    server = start_server(address, port, tmp_path / "server.log")
+    try:
+        out = tmp_path / "serving.json"
+        text = run_script("bench_serving.py", "--base-url", f"http://127.0.0.1:{port}/v1", "--concurrency", "1,2",
+                          "--num-requests", "3", "--prompt-tokens", "4-9", "--output-tokens", "5", "--warmup", "1",
+                          "--json", str(out))
+        for mode in ("--prompt-mode", "text"), ("--request-rate", "20"):
+            run_script("bench_serving.py", "--base-url", f"http://127.0.0.1:{port}/v1", "--num-requests", "2",
+                       "--output-tokens", "3", "--prompt-tokens", "6", *mode)
+    finally:
+        stop(server)
+        stop(engine)
+    levels = json.loads(out.read_text())
+    assert [level["label"] for level in levels] == ["concurrency 1", "concurrency 2"]
+    for level in levels:
+        assert level["requests"] == 3 and level["failed"] == 0
+        assert level["output_tokens_per_s"] > 0 and level["ttft_ms"]["p50"] > 0 and level["e2e_ms"]["p99"] > 0
+    assert "TTFT ms p50/p90/p99" in text
+
+
+def test_bench_ipc_and_bench_restart_report_their_round_trips() -> None:
+    results = json.loads(run_script("bench_ipc.py", "--pings", "50", "--generates", "5", "--json"))
+    assert set(results) == {
+        "floor: bare DEALER to a bare ROUTER echo", "ping (bare DEALER)", "generate to first output (bare DEALER)",
+        "ping (EngineClient)", "generate to first output (EngineClient)",
+    }
+    assert all(r["p50_us"] > 0 and r["n"] > 0 for r in results.values())
+    text = run_script("bench_restart.py", "--restarts", "1")
+    assert "engine pid unchanged: True; model loads in the engine log: 1" in text
