@@ -6,6 +6,11 @@ temperature, top-k, top-p and min-p, and the exponential race (argmax of p / E w
 E ~ Exp(1), which draws token i with probability p_i like multinomial, without a host
 sync). A request with a seed draws its noise from its own generator, so its tokens do
 not depend on its batch-mates. Log-probabilities come from the raw logits.
+
+Per-row settings become float32 or int64 tensors. `SamplingParams` bounds every value so
+that this cannot overflow; a nonzero temperature below MIN_TEMPERATURE is raised to it
+(as vLLM does), since dividing by a temperature that rounds to 0 in float32 would turn
+the logits into inf and the probabilities into NaN.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from splitinfer.engine.sequence import Logprobs, Sequence
+
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass(slots=True)
@@ -49,7 +56,7 @@ class Sampler:
                 values.append(bias)
         if rows:
             index = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
-            logits.index_put_(index, torch.tensor(values, device=logits.device), accumulate=True)
+            logits.index_put_(index, self._floats(values, logits.device), accumulate=True)
 
     def _suppress_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for row, seq in enumerate(seqs):
@@ -74,13 +81,17 @@ class Sampler:
         seen = counts > 0
         if any(p.repetition_penalty != 1 for p in params):
             in_prompt = self._scatter_counts([seqs[row].prompt_token_ids for row in rows], device) > 0
-            repetition = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+            repetition = self._floats([p.repetition_penalty for p in params], device)[:, None]
             scaled = torch.where(penalised > 0, penalised / repetition, penalised * repetition)
             penalised = torch.where(seen | in_prompt, scaled, penalised)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        frequency = self._floats([p.frequency_penalty for p in params], device)[:, None]
+        presence = self._floats([p.presence_penalty for p in params], device)[:, None]
         penalised -= frequency * counts + presence * seen
         logits[index] = penalised
+
+    @staticmethod
+    def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
 
     def _scatter_counts(self, token_lists: list[list[int]], device: torch.device) -> torch.Tensor:
         """[len(token_lists), vocab] float counts of each token id in each list."""
@@ -97,10 +108,11 @@ class Sampler:
         if all(p.greedy for p in params):
             return greedy_tokens
         device, vocab = logits.device, logits.shape[-1]
-        temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        min_p = torch.tensor([p.min_p for p in params], device=device)
+        temperature = self._floats([max(p.temperature, MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params],
+                                   device)
+        top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)
+        top_p = self._floats([p.top_p for p in params], device)
+        min_p = self._floats([p.min_p for p in params], device)
 
         sorted_logits, sorted_ids = (logits / temperature[:, None]).sort(dim=-1, descending=True)
         drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]

@@ -14,7 +14,6 @@ from typing import ClassVar
 
 from splitinfer.protocol.checks import (
     MAX_FLOAT,
-    MAX_INT,
     MAX_TOKEN_ID,
     check_bool,
     check_float,
@@ -93,18 +92,9 @@ class Generate(Message):
         if not ids:
             raise fail("Generate", "prompt_token_ids", "must not be empty", ErrorCode.INVALID_REQUEST)
         _set(self, "prompt_token_ids", ids)
-        params = self.params
-        if type(params) is not SamplingParams:
-            raise fail("Generate", "params", f"must be a SamplingParams, got {show(params)}")
-        # SamplingParams checked its own ranges; these are the bounds msgpack can carry.
-        for name in ("max_tokens", "min_tokens", "top_k", "seed"):
-            value = getattr(params, name)
-            if value is not None and value > MAX_INT:
-                raise fail("Generate", f"params.{name}", f"must be <= {MAX_INT}, got {value}",
-                           ErrorCode.INVALID_REQUEST)
-        if params.max_token_id() > MAX_TOKEN_ID:
-            raise fail("Generate", "params", f"names a token id above {MAX_TOKEN_ID} in logit_bias or stop_token_ids",
-                       ErrorCode.INVALID_REQUEST)
+        # SamplingParams checked its own values, the bounds the wire carries included.
+        if type(self.params) is not SamplingParams:
+            raise fail("Generate", "params", f"must be a SamplingParams, got {show(self.params)}")
 
 
 @_message("abort")

@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from splitinfer.protocol import SamplingParams
+from splitinfer.protocol.checks import MAX_INT
+from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16
-MAX_COMPLETIONS_LOGPROBS = 20  # OpenAI caps it at 5; the engine gives up to 20
+MAX_TOKEN_ID_DIGITS = 10  # token ids are uint32
 EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos")
 
 # Known OpenAI features we do not implement, and the values that mean "not used".
@@ -69,6 +71,18 @@ def _typed(body: dict, name: str, types: type | tuple[type, ...], what: str, def
     return value
 
 
+def _int_in(body: dict, name: str, low: int, high: int, default: int | None = None) -> int | None:
+    """An optional integer field in [low, high] (the message never prints a huge int: str()
+    refuses past 4300 digits, and a 500 would follow)."""
+    value = _typed(body, name, int, "an integer")
+    if value is None:
+        return default
+    if not low <= value <= high:
+        shown = value if value.bit_length() <= 64 else "an integer past 64 bits"
+        raise bad_request(f"'{name}' must be in [{low}, {high}], got {shown}", param=name)
+    return value
+
+
 def _refuse_unsupported(body: dict, unsupported: dict[str, tuple]) -> None:
     for name, harmless in unsupported.items():
         if name in body and body[name] not in harmless:
@@ -87,17 +101,16 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def _logit_bias(body: dict) -> dict[int, float]:
+def _logit_bias(body: dict) -> dict[int, object]:
+    """JSON object keys are strings: each must be a token id written in ASCII digits (int()
+    would also take "+5", " 5", "5_0" and other scripts' digits). The values are judged by
+    SamplingParams."""
     bias = _typed(body, "logit_bias", dict, "an object of token id -> bias", {})
     out = {}
     for key, value in bias.items():
-        try:
-            token = int(key)
-        except (TypeError, ValueError):
-            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r}", param="logit_bias") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad_request(f"'logit_bias' values must be numbers, got {value!r}", param="logit_bias")
-        out[token] = float(value)
+        if not (key.isascii() and key.isdigit() and len(key) <= MAX_TOKEN_ID_DIGITS):
+            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r:.40}", param="logit_bias")
+        out[int(key)] = value
     return out
 
 
@@ -134,9 +147,7 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
     model = _typed(body, "model", str, "a string")
     if not model:
         raise bad_request("'model' is required", param="model")
-    n = _typed(body, "n", int, "an integer", 1)
-    if not 1 <= n <= MAX_N:
-        raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    n = _int_in(body, "n", 1, MAX_N, default=1)
     stream = _typed(body, "stream", bool, "a boolean", False)
     options = _typed(body, "stream_options", dict, "an object", {})
     if options and not stream:
@@ -144,10 +155,8 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
     include_usage = _typed(options, "include_usage", bool, "a boolean", False)
     max_tokens = None
     for name in max_tokens_fields:  # the later name (max_completion_tokens) wins
-        value = _typed(body, name, int, "an integer")
+        value = _int_in(body, name, 1, MAX_INT)
         if value is not None:
-            if value < 1:
-                raise bad_request(f"'{name}' must be >= 1, got {value}", param=name)
             max_tokens = value
     return Common(
         model=model, n=n, stream=stream, include_usage=include_usage, stop=_stop(body), max_tokens=max_tokens,
@@ -161,11 +170,9 @@ def parse_chat(body: dict) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty list", param="messages")
     logprobs = _typed(body, "logprobs", bool, "a boolean", False)
-    top_logprobs = _typed(body, "top_logprobs", int, "an integer", 0)
+    top_logprobs = _int_in(body, "top_logprobs", 0, MAX_LOGPROBS, default=0)
     if body.get("top_logprobs") is not None and not logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
-    if not 0 <= top_logprobs <= 20:
-        raise bad_request(f"'top_logprobs' must be in [0, 20], got {top_logprobs}", param="top_logprobs")
     common = _common(body, top_logprobs if logprobs else None, ("max_tokens", "max_completion_tokens"))
     return ChatRequest(common=common, messages=messages, logprobs=logprobs, top_logprobs=top_logprobs)
 
@@ -175,9 +182,7 @@ def parse_completion(body: dict) -> CompletionRequest:
     best_of = body.get("best_of")
     if best_of is not None and best_of != body.get("n", 1):
         raise bad_request("'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
-    logprobs = _typed(body, "logprobs", int, "an integer")
-    if logprobs is not None and not 0 <= logprobs <= MAX_COMPLETIONS_LOGPROBS:
-        raise bad_request(f"'logprobs' must be in [0, {MAX_COMPLETIONS_LOGPROBS}], got {logprobs}", param="logprobs")
+    logprobs = _int_in(body, "logprobs", 0, MAX_LOGPROBS)
     common = _common(body, logprobs, ("max_tokens",))
     if common.max_tokens is None:
         common = replace(common, max_tokens=16)  # OpenAI's default for completions
@@ -203,7 +208,7 @@ def _prompts(prompt: object) -> list[str | list[int]]:
 
 
 def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams:
-    """The settings of choice `index`: its own seed (seed + index) so that n seeded choices
-    differ from each other yet repeat across calls."""
-    seed = None if common.params.seed is None else common.params.seed + index
+    """The settings of choice `index`: its own seed (seed + index, wrapped within the signed
+    64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls."""
+    seed = None if common.params.seed is None else (common.params.seed + index + 2**63) % 2**64 - 2**63
     return _build(lambda: replace(common.params, max_tokens=max_tokens, seed=seed))

@@ -352,8 +352,6 @@ def test_limits_are_validated():
 @pytest.mark.parametrize("build, field", [
     (lambda: Generate("r", [1, True], SamplingParams()), "Generate.prompt_token_ids"),
     (lambda: Generate("r", [1], {"max_tokens": 5}), "Generate.params"),
-    (lambda: Generate("r", [1], SamplingParams(max_tokens=2**64)), "Generate.params.max_tokens"),
-    (lambda: Generate("r", [1], SamplingParams(stop_token_ids=[2**40])), "Generate.params"),
     (lambda: RequestOutput("r", [1, 2], None, [TokenLogprobs(1, -1.0)]), "RequestOutput.logprobs"),
     (lambda: RequestOutput("r", [1], "done"), "RequestOutput.finish_reason"),
     (lambda: TokenLogprobs(1, -1.0, [(2, -1.0)] * 21), "TokenLogprobs.top"),
@@ -363,6 +361,17 @@ def test_limits_are_validated():
 def test_building_an_invalid_message_raises_protocol_error_naming_the_field(build, field: str):
     with pytest.raises(ProtocolError, match=re.escape(field)):
         build()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"max_tokens": 2**64}, "max_tokens"), ({"top_k": 2**63}, "top_k"), ({"seed": 2**63}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"), ({"stop_token_ids": [2**40]}, "stop_token_ids"),
+    ({"logit_bias": {2**32: 1.0}}, "logit_bias"), ({"min_tokens": 2**63}, "min_tokens"),
+])
+def test_sampling_params_refuse_what_the_wire_cannot_carry(kwargs: dict, field: str):
+    # SamplingParams owns the wire's bounds (int64, uint32 token ids), so no Generate can hold more.
+    with pytest.raises(ValueError, match=re.escape(field)):
+        SamplingParams(**kwargs)
 
 
 def test_encode_refuses_non_messages_and_unencodable_text():

@@ -169,3 +169,55 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_and_position() ->
 def test_invalid_sampling_settings_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+# Hostile values: refused when built, or sampled without overflow -------------------------
+
+FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+HOSTILE_NUMBERS = (2**63, -(2**63) - 1, 2**64, 10**400, -(10**400), math.inf, -math.inf, math.nan, 1e308, -1e308)
+
+
+@pytest.mark.parametrize("field", FLOAT_FIELDS + INT_FIELDS)
+@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=lambda v: f"{v:.3g}" if isinstance(v, float) else
+                         f"int{v.bit_length()}b")
+def test_every_numeric_field_refuses_what_the_engine_cannot_represent(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"^{field} must be") as refused:
+        SamplingParams(max_tokens=2**62, **{field: value}) if field != "max_tokens" else SamplingParams(max_tokens=value)
+    assert len(str(refused.value)) < 200, "the message describes a huge number instead of printing it"
+
+
+@pytest.mark.parametrize("field", ["logit_bias", "stop_token_ids"])
+@pytest.mark.parametrize("token", [2**32, 2**63, 10**400, -1])
+def test_token_ids_must_fit_the_wires_uint32(field: str, token: int) -> None:
+    value = {token: 1.0} if field == "logit_bias" else [token]
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("bias", [math.nan, math.inf, 10**400, 2**63])
+def test_logit_bias_values_are_finite_and_in_range(bias: object) -> None:
+    with pytest.raises(ValueError, match="^logit_bias"):
+        SamplingParams(logit_bias={3: bias})
+
+
+def test_ints_given_for_floats_are_stored_as_floats() -> None:
+    params = SamplingParams(temperature=1, top_p=1, repetition_penalty=2, presence_penalty=-2, logit_bias={3: 5})
+    assert all(type(getattr(params, name)) is float for name in FLOAT_FIELDS)
+    assert type(params.logit_bias[3]) is float
+
+
+def test_the_widest_accepted_values_sample_without_error_or_nan() -> None:
+    extremes = [
+        SamplingParams(temperature=100, top_k=2**63 - 1, repetition_penalty=100, presence_penalty=2,
+                       frequency_penalty=-2, logit_bias={0: 100.0, 1: -100.0}, seed=2**63 - 1, logprobs=20),
+        SamplingParams(temperature=1e-300, seed=-(2**63), min_p=1.0, top_p=1e-300),
+        SamplingParams(temperature=5e-324, top_k=-1),
+        SamplingParams(temperature=1e-30, repetition_penalty=0.01),
+    ]
+    batch = [seq(p, outputs=[3, 3, 4], seed=p.seed) for p in extremes]
+    out = sampler()(logits_of(ramp(), ramp(), ramp(), ramp()), batch)
+    assert all(0 <= t < VOCAB for t in out.token_ids)
+    assert out.token_ids[1] == 49 and out.token_ids[2] == 49, "a vanishing temperature is (nearly) greedy"
+    assert out.token_ids[3] == 4, "the smallest repetition penalty lifts the best seen token (0.4 / 0.01) above all"
+    assert not any(math.isnan(lp) for _, lp in out.logprobs[0].top)
