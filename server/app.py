@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from splitinfer.server.engine_client import (
     EngineUnavailable,
     Health,
 )
-from splitinfer.server.errors import APIError, bad_request, engine_unavailable
+from splitinfer.server.errors import APIError, bad_request, engine_request_error, engine_unavailable, internal_error
+from splitinfer.server.json_body import parse_json_object
 from splitinfer.server.generation import ChoiceEvent, ChoiceSpec, EngineFailure, Timing, merged_choices
 from splitinfer.server.metrics import ServerMetrics
 from splitinfer.server.openai_params import Common, choice_params, parse_chat, parse_completion
@@ -102,6 +104,8 @@ class OpenAIServer:
         self.client = client or EngineClient(config.engine_address, connect_timeout_s=2.0,
                                              stall_timeout_s=config.engine_stall_timeout_s)
         self.metrics = ServerMetrics()
+        # The key's bytes as the command line gave them (argv undecodable as UTF-8 arrives escaped).
+        self._api_key = config.api_key.encode("utf-8", "surrogateescape") if config.api_key is not None else b""
         self._context: ModelContext | None = None
         self._connector: asyncio.Task | None = None
         routes = [
@@ -166,6 +170,10 @@ class OpenAIServer:
             except ClientGone:
                 logger.info("%s %s: the client disconnected; its request was aborted", request.method, request.url.path)
                 response = Response(status_code=499)
+            except Exception as exc:
+                # Answered here, not by Starlette's error middleware, which re-raises after its
+                # 500 so that uvicorn drops the connection: the client's next request on it failed.
+                response = internal_error(exc, f"{request.method} {request.url.path}").response()
             self.metrics.requests.labels(name, str(response.status_code)).inc()
             return response
 
@@ -176,7 +184,11 @@ class OpenAIServer:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != self.config.api_key:
+        # Constant time, so response times do not reveal how much of a guess was right
+        # (vLLM fixed the same after a timing-attack advisory). As bytes: compare_digest takes
+        # str only when it is ASCII; Starlette decodes header bytes as latin-1.
+        if not secrets.compare_digest(token.strip().encode("latin-1"), self._api_key) \
+                or scheme.lower() != "bearer":
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                            code="invalid_api_key")
 
@@ -191,13 +203,7 @@ class OpenAIServer:
             if size > limit:
                 raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
             chunks.append(chunk)
-        try:
-            body = json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise bad_request("the body must be a JSON object")
-        return body
+        return parse_json_object(b"".join(chunks))
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         messages = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
@@ -206,8 +212,7 @@ class OpenAIServer:
         return error.response()
 
     async def _unexpected(self, request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, f"internal server error: {type(exc).__name__}", code="internal_error").response()
+        return internal_error(exc, f"{request.method} {request.url.path}").response()
 
     def _check_model(self, ctx: ModelContext, model: str) -> None:
         if model != ctx.name:
@@ -305,6 +310,7 @@ class OpenAIServer:
         events = merged_choices(self.client, ctx.tokenizer, specs, timing)
         response_id = responses.new_id("chatcmpl" if kind == "chat" else "cmpl")
         created = responses.now()
+        streaming = False
         try:
             if not common.stream:
                 choices, usage = await run_unless_disconnected(request, self._collect(events, len(specs), common.n))
@@ -312,12 +318,16 @@ class OpenAIServer:
                 build = responses.chat_completion if kind == "chat" else responses.text_completion
                 return JSONResponse(build(response_id, ctx.name, created, choices, usage, ctx.tokenizer, logprobs))
             first = await run_unless_disconnected(request, anext(events))
+            streaming = True
         except EngineRequestError as exc:
-            raise bad_request(str(exc), param=exc.param, code=str(exc.code)) from None
+            raise engine_request_error(exc) from None
         except ENGINE_FAILURES as exc:
             raise engine_unavailable(str(exc)) from None
         except StopAsyncIteration:
             raise APIError(500, "the engine produced no output", code="internal_error") from None
+        finally:
+            if not streaming:  # whatever went wrong, no choice may stay running in the engine
+                await events.aclose()
         stream = self._chat_events if kind == "chat" else self._completion_events
         return EventSourceResponse(
             stream(first, events, ctx, common, response_id, created, logprobs, timing), sep="\n")
@@ -360,9 +370,11 @@ class OpenAIServer:
                 yield {"data": json.dumps(usage_chunk(usage))}
             self._observe(timing, usage)
         except EngineRequestError as exc:
-            yield {"data": json.dumps(bad_request(str(exc), param=exc.param, code=str(exc.code)).body())}
+            yield {"data": json.dumps(engine_request_error(exc).body())}
         except ENGINE_FAILURES as exc:
             yield {"data": json.dumps(engine_unavailable(str(exc)).body())}
+        except Exception as exc:  # a bug of ours: the client still gets an error event and [DONE]
+            yield {"data": json.dumps(internal_error(exc, "a streamed response").body())}
         finally:
             await rest.aclose()
         yield {"data": "[DONE]"}

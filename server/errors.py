@@ -6,7 +6,18 @@ the right status, so no response is ever a 422 or a plain-text 500.
 
 from __future__ import annotations
 
+import logging
+import uuid
+from typing import TYPE_CHECKING
+
 from starlette.responses import JSONResponse
+
+from splitinfer.protocol import ErrorCode
+
+if TYPE_CHECKING:
+    from splitinfer.server.engine_client import EngineRequestError
+
+logger = logging.getLogger(__name__)
 
 # OpenAI's `type` for each status we produce.
 ERROR_TYPES = {
@@ -42,3 +53,20 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def engine_unavailable(detail: str) -> APIError:
     return APIError(503, f"the engine is unavailable: {detail}", code="engine_unavailable")
+
+
+def engine_request_error(exc: EngineRequestError) -> APIError:
+    """The engine's refusal of one request: the client's fault (400), except when the engine
+    failed while computing it (`internal`), which is ours (500)."""
+    if exc.code == ErrorCode.INTERNAL:
+        return APIError(500, f"the engine failed on this request: {exc}", code="engine_error")
+    return bad_request(str(exc), param=exc.param, code=str(exc.code))
+
+
+def internal_error(exc: BaseException, where: str) -> APIError:
+    """A bug of ours: logged with its traceback under a fresh incident id; the client gets the
+    id and nothing else (no traceback, no paths)."""
+    incident = uuid.uuid4().hex[:12]
+    logger.error("internal error %s in %s", incident, where, exc_info=exc)
+    return APIError(500, f"internal server error (incident {incident}); the server's log has the details",
+                    code="internal_error")

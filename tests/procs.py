@@ -27,11 +27,16 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float 
     raise TimeoutError(f"no {text!r} within {timeout_s} s:\n{log.read_text(errors='replace')}")
 
 
-def start_engine(checkpoint: Path, address: str, log: Path, *extra: str) -> subprocess.Popen:
-    """`python -m splitinfer.engine` on CPU, returned once it has logged `ready`."""
+ENGINE = (PYTHON, "-m", "splitinfer.engine")
+
+
+def start_engine(checkpoint: Path, address: str, log: Path, *extra: str,
+                 launcher: tuple[str, ...] = ENGINE) -> subprocess.Popen:
+    """`python -m splitinfer.engine` (or another `launcher` taking its arguments) on CPU,
+    returned once it has logged `ready`."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [PYTHON, "-m", "splitinfer.engine", "--model", str(checkpoint), "--address", address,
+            [*launcher, "--model", str(checkpoint), "--address", address,
              "--device", "cpu", "--dtype", "float32", "--kv-cache-gb", "0.05", *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
         )
@@ -141,11 +146,16 @@ def wait_for_health(proc: subprocess.Popen, log: Path, port: int, timeout_s: flo
     raise TimeoutError(f"server on port {port} not healthy within {timeout_s} s:\n{log.read_text(errors='replace')}")
 
 
-def start_server(address: str, port: int, log: Path, *extra: str, wait: bool = True) -> subprocess.Popen:
-    """`python -m splitinfer.server` on 127.0.0.1:port, returned once /health answers 200."""
+SERVER = (PYTHON, "-m", "splitinfer.server")
+
+
+def start_server(address: str, port: int, log: Path, *extra: str, wait: bool = True,
+                 launcher: tuple[str, ...] = SERVER) -> subprocess.Popen:
+    """`python -m splitinfer.server` (or another `launcher` taking its arguments) on
+    127.0.0.1:port, returned once /health answers 200."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [PYTHON, "-m", "splitinfer.server", "--engine", address, "--port", str(port), *extra],
+            [*launcher, "--engine", address, "--port", str(port), *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
         )
     if wait:
