@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from splitinfer.engine.config import ModelConfig  # noqa: E402
 from splitinfer.engine.engine_core import EngineConfig, EngineCore, EngineStats, StepOutput
-from splitinfer.engine.errors import CheckpointError, RequestError
+from splitinfer.engine.errors import CheckpointError, EngineDeadError, RequestError
 from splitinfer.engine.llm import LLM, RequestOutput
 from splitinfer.protocol.sampling_params import SamplingParams
 
@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "EngineConfig",
     "EngineCore",
+    "EngineDeadError",
     "EngineStats",
     "ModelConfig",
     "RequestError",

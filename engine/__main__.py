@@ -8,6 +8,7 @@ import logging
 import sys
 
 from splitinfer.engine.engine_core import DTYPES, EngineConfig
+from splitinfer.engine.errors import EngineDeadError
 from splitinfer.engine.service import DEFAULT_LEASE_S, EngineService
 from splitinfer.protocol import DEFAULT_LIMITS, default_engine_address
 
@@ -77,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # bad checkpoint or flags, address in use: one clear line
         logger.error("cannot start: %s", exc)
         return 2
-    service.run_until_signalled()
+    try:
+        service.run_until_signalled()
+    except EngineDeadError:
+        return 1  # logged, and every client told, on the way out
     return 0
 
 

@@ -11,9 +11,20 @@ skipped, with a warning, when free memory cannot hold the copy twice over.
 The ops are the ones torch's own inductor emits for frozen CPU linears
 (`torch.ops.mkldnn._reorder_linear_weight`, `_linear_pointwise`); where they are missing
 or give a wrong result in the check at start, matmuls stay on the default path.
+
+A packed weight serves only a fixed, small set of row counts (`PackedWeight.row_counts`:
+the decode batch buckets, which the decode path pads every step to). oneDNN keeps native
+state for every input shape it has seen and never gives it back: with prefill chunks of
+any length going through it, an engine's memory grew with every distinct row count
+(280 MB over the row counts 4 to 512 of one 512x256 weight; 1.75 GB after 6,000 mixed
+requests on the bench model, still growing). Prefill (hundreds of rows, where the default
+matmul is about as fast) and every other row count take the default path.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,20 +51,33 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def prepack(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` [out, in] in oneDNN's blocked layout for `packed_linear`."""
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A weight in oneDNN's blocked layout, and the only row counts it is used for."""
+
+    tensor: torch.Tensor
+    row_counts: frozenset[int]
+
+
+def packed_row_counts(batch_sizes: Iterable[int]) -> frozenset[int]:
+    """The row counts worth a packed weight among the batch sizes a forward is padded to."""
+    return frozenset(n for n in batch_sizes if n >= MIN_PACKED_ROWS)
+
+
+def prepack(weight: torch.Tensor, row_counts: frozenset[int]) -> PackedWeight:
+    """`weight` [out, in] in oneDNN's blocked layout, for inputs of `row_counts` rows."""
     with torch.inference_mode():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_FOR_ROWS)
+        return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_FOR_ROWS), row_counts)
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """`x W^T + b`, through the packed weight when there is one and x has enough rows."""
-    if packed is not None and x.dim() == 2 and x.shape[0] >= MIN_PACKED_ROWS:
-        return packed_linear(x, packed, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None) -> torch.Tensor:
+    """`x W^T + b`, through the packed weight when there is one for x's row count."""
+    if packed is not None and x.dim() == 2 and x.shape[0] in packed.row_counts:
+        return packed_linear(x, packed.tensor, bias)
     return F.linear(x, weight, bias)
 
 
@@ -65,7 +89,7 @@ def check_prepack(dtype: torch.dtype) -> str | None:
     try:
         weight = torch.randn(96, 80).to(dtype)
         x = torch.randn(MIN_PACKED_ROWS + 3, 80).to(dtype)
-        got = packed_linear(x, prepack(weight), None).float()
+        got = packed_linear(x, prepack(weight, frozenset()).tensor, None).float()
     except RuntimeError as exc:
         return f"oneDNN linear failed: {exc}"
     expected = F.linear(x, weight).float()

@@ -164,7 +164,7 @@ class DecodeGraphRunner:
         """Write one step's inputs (padded to `bs` rows) into the staging buffers; returns the
         width of the packed block tables."""
         n = len(input_ids)
-        width = max(len(t) for t in block_tables)
+        width = max((len(t) for t in block_tables), default=0)
         if width > self.block_tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks exceeds the {self.block_tables.shape[1]} the buffers hold")
         # The previous step's copies must have read the staging memory. They always have in
@@ -205,7 +205,8 @@ class DecodeGraphRunner:
         seq_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """Hidden states [n, hidden] of one decode step for n sequences.
+        """Hidden states [n, hidden] of one decode step for n sequences (n may be 0: then only
+        padding rows run, which is how `ModelRunner.probe` tests the device).
 
         The result may live in the graph's memory pool: consume it before the next call.
         """

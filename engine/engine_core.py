@@ -9,6 +9,14 @@
 
 One step schedules (continuous batching, chunked prefill, preemption), runs one
 forward and samples, then updates every sequence and frees finished ones' blocks.
+
+No request can take the others down with it. A forward that raises is re-run in parts
+until the failing requests are found (`isolation.py`); those end with finish reason
+"error" and their blocks are freed, while the rest of the batch carries on as if nothing
+had happened. A failure in the bookkeeping around the forward fails the request it was
+about; one in the scheduler itself, whose state can then no longer be trusted, fails
+every request and rebuilds the scheduler and the block pool. Only when a forward with no
+request in it fails too (a broken device) does `step` raise, with `EngineDeadError`.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import torch
 from splitinfer.engine import cpu_linear
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
 from splitinfer.engine.config import ModelConfig
-from splitinfer.engine.errors import RequestError
+from splitinfer.engine.cuda_graph import decode_buckets
+from splitinfer.engine.errors import EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
+from splitinfer.engine.isolation import IsolatingExecutor, Sample
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.kv_manager import KVCacheManager
 from splitinfer.engine.loader import load_weights
@@ -32,8 +42,8 @@ from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.sampler import Sampler
 from splitinfer.protocol.sampling_params import SamplingParams
-from splitinfer.engine.scheduler import Scheduler
-from splitinfer.engine.sequence import Logprobs, Sequence
+from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
+from splitinfer.engine.sequence import Logprobs, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +92,8 @@ class EngineConfig:
 @dataclass(frozen=True, slots=True)
 class StepOutput:
     """What one step produced for one request: its new tokens, why it ended if it did, and
-    its token counts so far (`num_cached_tokens`: prompt tokens served by the prefix cache)."""
+    its token counts so far (`num_cached_tokens`: prompt tokens served by the prefix cache).
+    A request the engine failed on ends with finish reason "error" and `error` saying so."""
 
     request_id: str
     new_token_ids: list[int]
@@ -91,11 +102,13 @@ class StepOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     num_cached_tokens: int
+    error: str | None = None
 
     @classmethod
-    def of(cls, seq: Sequence, new_token_ids: list[int], logprobs: list[Logprobs] | None = None) -> StepOutput:
+    def of(cls, seq: Sequence, new_token_ids: list[int], logprobs: list[Logprobs] | None = None,
+           error: str | None = None) -> StepOutput:
         return cls(seq.request_id, new_token_ids, seq.finish_reason, logprobs,
-                   seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens)
+                   seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,13 +149,12 @@ class EngineCore:
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache.allocate(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
                                          self.dtype, self.device)
-        self.pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self._new_scheduler(num_blocks)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.sampler, config.max_num_seqs, self.max_model_len,
             use_cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
         )
+        self.executor = IsolatingExecutor(self.runner)
         self.requests: dict[str, Sequence] = {}
         self._aborted: list[Sequence] = []  # reported by the next step
         self._num_preemptions = 0
@@ -159,6 +171,12 @@ class EngineCore:
             "on" if self.runner.graph_runner.graphs else "off",
         )
 
+    def _new_scheduler(self, num_blocks: int) -> None:
+        """A fresh block pool (empty prefix cache), allocator bookkeeping and scheduler."""
+        self.pool = BlockPool(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool)
+        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+
     def _prepack_cpu_weights(self) -> None:
         extra = self.model.matmul_weight_bytes()
         problem = cpu_linear.check_prepack(self.dtype)
@@ -168,9 +186,12 @@ class EngineCore:
             logger.warning("matmul weights not prepacked for oneDNN (%s); batched CPU decode is slower", problem)
             return
         start = time.perf_counter()
-        self.model.prepack_cpu_weights()
-        logger.info("matmul weights also prepacked for oneDNN in %.1f s (+%.2f GB; cpu_weight_prepack=False "
-                    "turns this off)", time.perf_counter() - start, extra / 1e9)
+        # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
+        rows = cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs))
+        self.model.prepack_cpu_weights(rows)
+        logger.info("matmul weights also prepacked for oneDNN in %.1f s (+%.2f GB; for decode batches of %s rows; "
+                    "cpu_weight_prepack=False turns this off)", time.perf_counter() - start, extra / 1e9,
+                    ", ".join(map(str, sorted(rows))))
 
     def _bytes_per_block(self) -> int:
         c = self.model_config
@@ -259,29 +280,77 @@ class EngineCore:
 
     def step(self) -> list[StepOutput]:
         """Schedule, run one forward, sample; returns one output per request that produced a
-        token, finished, or was aborted since the last step."""
+        token, finished, failed, or was aborted since the last step. Raises `EngineDeadError`
+        only when the device cannot compute even a forward with no request in it."""
         outputs = [StepOutput.of(seq, []) for seq in self._aborted]
         self._aborted = []
+        try:
+            self._step(outputs)
+        except EngineDeadError:
+            raise
+        except Exception as exc:  # the scheduler or the block pool itself failed
+            outputs += self._reset_after(exc)
+        return outputs
+
+    def _step(self, outputs: list[StepOutput]) -> None:
+        """One step, appending to `outputs` as it goes: if the bookkeeping fails halfway, what
+        was already reported stays reported."""
         plan = self.scheduler.schedule()
         self._num_preemptions += len(plan.preempted)
         if not plan.scheduled:
-            return outputs
-        sampled = self.runner.execute(plan)
+            return
+        result = self.executor.execute(plan.scheduled)
+        failed = {item.seq.request_id for item, _ in result.failures}
+        for item, exc in result.failures:
+            outputs.append(self._fail(item.seq, exc))
         for item in plan.scheduled:
-            seq = item.seq
-            self._prompt_tokens += max(0, min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
-                                       - seq.num_computed_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
-            self.kv.commit_computed(seq)
-        self._computed_tokens += plan.num_tokens
-        sampling = [item.seq for item in plan.scheduled if item.seq.num_computed_tokens == item.seq.num_tokens]
-        for seq, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs):
-            reason = seq.append_token(token, self.stop_ids, self.max_model_len)
-            self._generated_tokens += 1
-            if reason is not None:
-                self.scheduler.finish(seq, reason)
-                del self.requests[seq.request_id]
-            outputs.append(StepOutput.of(seq, [token], [logprobs] if logprobs else None))
+            if item.seq.request_id in failed:
+                continue
+            try:
+                outputs += self._advance(item, result.samples.get(item.seq.request_id))
+            except Exception as exc:
+                logger.error("request %s: updating it after its forward failed", item.seq.request_id, exc_info=exc)
+                outputs.append(self._fail(item.seq, exc))
+
+    def _advance(self, item: ScheduledSeq, sample: Sample | None) -> list[StepOutput]:
+        """Count a scheduled sequence's new tokens as computed, register its full blocks in the
+        prefix cache, and append the token it sampled (if it sampled)."""
+        seq = item.seq
+        self._prompt_tokens += max(0, min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
+                                   - seq.num_computed_tokens)
+        seq.num_computed_tokens += item.num_new_tokens
+        self._computed_tokens += item.num_new_tokens
+        self.kv.commit_computed(seq)
+        if sample is None:
+            return []
+        token, logprobs = sample
+        reason = seq.append_token(token, self.stop_ids, self.max_model_len)
+        self._generated_tokens += 1
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            del self.requests[seq.request_id]
+        return [StepOutput.of(seq, [token], [logprobs] if logprobs else None)]
+
+    def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
+        """End one request with finish reason "error" and free its blocks. (If even that
+        raises, the scheduler's state is broken, and `step` resets everything.)"""
+        logger.error("request %s failed and was ended: %s: %s", seq.request_id, type(exc).__name__, exc)
+        self.scheduler.abort(seq, reason="error")
+        self.requests.pop(seq.request_id, None)
+        return StepOutput.of(seq, [], error=_failure_message(exc))
+
+    def _reset_after(self, exc: Exception) -> list[StepOutput]:
+        """The scheduler or the block pool failed, so neither can be trusted: fail every request
+        and start both afresh (the prefix cache is dropped; the KV cache memory stays)."""
+        logger.error("the scheduler or the KV block pool failed; ending all %d request(s) and rebuilding both",
+                     len(self.requests), exc_info=exc)
+        outputs = []
+        for seq in self.requests.values():
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+            seq.block_table, seq.block_keys = [], []
+            outputs.append(StepOutput.of(seq, [], error=_failure_message(exc)))
+        self.requests.clear()
+        self._new_scheduler(self.pool.num_blocks)
         return outputs
 
     def stats(self) -> EngineStats:
@@ -294,3 +363,9 @@ class EngineCore:
             prompt_tokens=self._prompt_tokens,
             generated_tokens=self._generated_tokens,
         )
+
+
+def _failure_message(exc: Exception) -> str:
+    # The exception's type only: its text may hold paths or internals; the engine's log has it all.
+    return (f"the engine failed while computing this request ({type(exc).__name__}); it was ended and its "
+            "memory freed, other requests were not affected; the engine's log has the details")

@@ -24,3 +24,8 @@ class RequestError(ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         self.field = field
         super().__init__(message)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can compute nothing any more: after a failed step, a forward with no request
+    in it failed too (a broken device or model). The engine process exits on it."""

@@ -22,14 +22,16 @@ from splitinfer.engine.tokenizer import Tokenizer
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
     """The result of one prompt: generated token ids (a final stop or eos token included),
-    their text (special tokens skipped), why generation ended ("stop" or "length"), and
-    per-token log-probabilities when asked for."""
+    their text (special tokens skipped), why generation ended ("stop" or "length"; "error"
+    when the engine failed while computing this prompt, then `error` says so and the other
+    prompts are unaffected), and per-token log-probabilities when asked for."""
 
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
     finish_reason: str
     logprobs: list[Logprobs] | None = None
+    error: str | None = None
 
 
 class LLM:
@@ -77,6 +79,7 @@ class LLM:
         generated: dict[str, list[int]] = {rid: [] for rid in ids}
         logprobs: dict[str, list[Logprobs]] = {rid: [] for rid in ids}
         reasons: dict[str, str] = {}
+        errors: dict[str, str] = {}
         while len(reasons) < len(ids):
             for out in self.engine.step():
                 if out.request_id not in generated:
@@ -85,9 +88,11 @@ class LLM:
                 logprobs[out.request_id] += out.logprobs or []
                 if out.finish_reason is not None:
                     reasons[out.request_id] = out.finish_reason
+                if out.error is not None:
+                    errors[out.request_id] = out.error
         return [
             RequestOutput(tokens, generated[rid], self._detokenize(generated[rid]), reasons[rid],
-                          logprobs[rid] if p.logprobs is not None else None)
+                          logprobs[rid] if p.logprobs is not None else None, errors.get(rid))
             for rid, tokens, p in zip(ids, token_lists, params)
         ]
 

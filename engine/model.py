@@ -36,7 +36,7 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _empty_param(out_features, in_features)
         self.bias = _empty_param(out_features) if bias else None
-        self.packed: torch.Tensor | None = None
+        self.packed: cpu_linear.PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_linear.linear(x, self.weight, self.bias, self.packed)
@@ -163,7 +163,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.rope_cache = torch.empty(0)
-        self.packed_lm_head: torch.Tensor | None = None  # the (tied or not) lm_head weight, prepacked
+        self.packed_lm_head: cpu_linear.PackedWeight | None = None  # the (tied or not) lm_head weight, prepacked
 
     @classmethod
     def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
@@ -214,12 +214,13 @@ class LlamaForCausalLM(nn.Module):
         weights = [m.weight for m in self._matmul_linears()] + [self.lm_head_weight]
         return sum(w.numel() * w.element_size() for w in weights)
 
-    def prepack_cpu_weights(self) -> None:
-        """Keep every matmul weight, the lm_head's too, also prepacked for oneDNN (CPU only;
-        see `cpu_linear`): `matmul_weight_bytes()` more memory."""
+    def prepack_cpu_weights(self, row_counts: frozenset[int]) -> None:
+        """Keep every matmul weight, the lm_head's too, also prepacked for oneDNN, used for
+        inputs of `row_counts` rows only (CPU only; see `cpu_linear`): `matmul_weight_bytes()`
+        more memory."""
         for module in self._matmul_linears():
-            module.packed = cpu_linear.prepack(module.weight)
-        self.packed_lm_head = cpu_linear.prepack(self.lm_head_weight)
+            module.packed = cpu_linear.prepack(module.weight, row_counts)
+        self.packed_lm_head = cpu_linear.prepack(self.lm_head_weight, row_counts)
 
     def weight_sources(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint tensor name, destination view) for every tensor the checkpoint must provide.

@@ -96,6 +96,15 @@ class ModelRunner:
         return self.model.compute_logits(hidden, batch.logits_indices)
 
     @torch.inference_mode()
+    def probe(self) -> None:
+        """A forward with no request in it (one bucket of padding rows through the decode path:
+        no K/V written, nothing attended), waited for. Raises if the device or the model can
+        no longer compute at all, whatever the requests."""
+        self.graph_runner.run([], [], [], [], [])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # a CUDA error surfaces at a sync
+
+    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> SamplerOutput:
         """Run the step's forward; sample one token for each sequence that completes its known tokens."""
         logits = self.compute_logits(step)

@@ -120,7 +120,7 @@ class Scheduler:
         del self.running[seq.request_id]
         self._release(seq, reason)
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
         """End a request wherever it is (waiting, mid-prefill, running), freeing its blocks now."""
         if seq.status is SequenceStatus.RUNNING:
             del self.running[seq.request_id]
@@ -128,7 +128,7 @@ class Scheduler:
             self.waiting.remove(seq)  # O(waiting), but aborts are rare next to steps
         else:
             return
-        self._release(seq, "abort")
+        self._release(seq, reason)
 
     def _release(self, seq: Sequence, reason: str) -> None:
         if seq.block_table:

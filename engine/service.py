@@ -15,6 +15,12 @@ everyone else keeps being served.
 On SIGTERM or SIGINT the engine stops accepting requests, ends the in-flight ones with
 finish reason "abort", tells every client it is going away, removes its socket file and
 returns (exit status 0).
+
+Nothing a client sends can end the process: a message that makes its handler raise gets
+an `internal` Error reply (and one log line with the traceback), and a request the engine
+core fails on while computing it (see engine_core.py) gets one too, ending only that
+request. Only a device that can compute nothing at all (`EngineDeadError`) stops the
+engine, by the same path as SIGTERM, after which `run` raises it (exit status 1).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import zmq
 
 from splitinfer.engine.clients import ClientRegistry, ClientSession
 from splitinfer.engine.engine_core import EngineConfig, EngineCore, StepOutput
-from splitinfer.engine.errors import RequestError
+from splitinfer.engine.errors import EngineDeadError, RequestError
 from splitinfer.protocol import (
     DEFAULT_LIMITS,
     Abort,
@@ -261,11 +267,18 @@ class EngineService:
             pass  # already woken
 
     def run(self) -> None:
+        """Serve until `request_stop`; raises `EngineDeadError` (after shutting down just as
+        cleanly) if the device stops computing."""
+        reason = "the engine is stopping"
         try:
             while not self._stopping:
                 self.run_once()
+        except EngineDeadError as exc:
+            logger.critical("stopping: %s", exc)
+            reason = f"the engine failed and is stopping: {exc}"
+            raise
         finally:
-            self.shutdown()
+            self.shutdown(reason)
 
     def run_once(self) -> None:
         """One iteration: receive (blocking only when idle), expire leases, step, send."""
@@ -320,6 +333,15 @@ class EngineService:
         except ProtocolError as exc:
             self._reply_error(identity, exc.request_id, exc.code, exc.message, param=exc.field)
             return
+        try:
+            self._dispatch(identity, message)
+        except Exception as exc:  # a bug of ours; the sender learns of it and everyone else is served
+            logger.error("handling %s from %s failed", type(message).__name__, identity.hex(), exc_info=exc)
+            self._reply_error(identity, getattr(message, "request_id", None), ErrorCode.INTERNAL,
+                              f"the engine failed to handle this {type(message).__name__} ({type(exc).__name__}); "
+                              "the engine's log has the details")
+
+    def _dispatch(self, identity: bytes, message: object) -> None:
         now = time.monotonic()
         if isinstance(message, Hello):
             self._hello(identity, message, now)
@@ -369,6 +391,9 @@ class EngineService:
         except RequestError as exc:
             self._reply_error(session.identity, msg.request_id, ErrorCode.INVALID_REQUEST, str(exc), param=exc.field)
             return
+        except Exception:
+            self.core.abort(rid)  # whatever part of it was queued
+            raise
         session.requests[msg.request_id] = rid
         self._owners[rid] = (session, msg.request_id)
 
@@ -381,9 +406,11 @@ class EngineService:
             else:
                 unknown.append(request_id)
         if unknown:
-            # Usually a race (the request finished before the Abort arrived): the client may ignore it.
+            # Usually a race (the request finished before the Abort arrived): the client may
+            # ignore the reply, and the log mentions it at debug level only.
             self._reply_error(session.identity, unknown[0] if len(unknown) == 1 else None, ErrorCode.UNKNOWN_REQUEST,
-                              f"no running request with id(s) {', '.join(map(repr, unknown[:5]))}")
+                              f"no running request with id(s) {', '.join(map(repr, unknown[:5]))}",
+                              log_level=logging.DEBUG)
 
     def _abort_session(self, session: ClientSession) -> None:
         """Abort every request a departed client owned; their blocks are freed now."""
@@ -408,27 +435,36 @@ class EngineService:
 
     def _send_outputs(self, outputs: list[StepOutput]) -> None:
         by_session: dict[int, tuple[ClientSession, list[RequestOutput]]] = {}
+        errors: list[tuple[ClientSession, str, str]] = []
         for out in outputs:
             owner = self._owners.get(out.request_id)
             if owner is None:
                 continue
             session, request_id = owner
-            if out.finish_reason is not None:
+            entry = None
+            error = out.error
+            if error is None:
+                try:
+                    entry = _request_output(request_id, out)
+                except ProtocolError as exc:  # e.g. a NaN logprob: the model's output cannot be sent
+                    logger.error("request %s: its output cannot be sent (%s); ending it", out.request_id, exc)
+                    error = f"the engine produced an output it cannot send ({exc.message})"
+                    if out.finish_reason is None:
+                        self.core.abort(out.request_id)
+            if out.finish_reason is not None or error is not None:
                 del self._owners[out.request_id]
                 if session.requests.get(request_id) == out.request_id:
                     del session.requests[request_id]
             if self.clients.get(session.identity) is not session:
                 continue  # its client is gone: the request was aborted for that reason
-            entry = RequestOutput(
-                request_id=request_id, new_token_ids=out.new_token_ids, finish_reason=out.finish_reason,
-                logprobs=[TokenLogprobs(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs]
-                if out.logprobs else None,
-                num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
-                num_cached_tokens=out.num_cached_tokens,
-            )
-            by_session.setdefault(id(session), (session, []))[1].append(entry)
+            if entry is not None:
+                by_session.setdefault(id(session), (session, []))[1].append(entry)
+            else:
+                errors.append((session, request_id, error))
         for session, entries in by_session.values():
             self._send(session.identity, Outputs(outputs=entries))
+        for session, request_id, error in errors:  # after the Outputs: they end their requests
+            self._reply_error(session.identity, request_id, ErrorCode.INTERNAL, error, log_level=logging.DEBUG)
 
     def _send(self, identity: bytes, message: object) -> None:
         try:
@@ -446,24 +482,25 @@ class EngineService:
 
     def _reply_error(
         self, identity: bytes, request_id: str | None, code: str, message: str,
-        retryable: bool = False, param: str | None = None,
+        retryable: bool = False, param: str | None = None, log_level: int = logging.WARNING,
     ) -> None:
         session = self.clients.get(identity)
         who = session.client_id if session is not None else identity.hex()
-        logger.warning("client %s: %s%s: %s", who, code, f" (request {request_id})" if request_id else "", message)
+        logger.log(log_level, "client %s: %s%s: %s", who, code, f" (request {request_id})" if request_id else "",
+                   message)
         self._send(identity, Error(request_id=request_id, code=code, message=message, retryable=retryable,
                                    param=param))
 
     # Shutdown ------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """End in-flight requests with 'abort', tell the clients, close, remove the socket file."""
-        for rid in list(self._owners):
+    def shutdown(self, reason: str = "the engine is stopping") -> None:
+        """End in-flight requests with 'abort', tell the clients (why), close, remove the socket file."""
+        for rid in list(self.core.requests):
             self.core.abort(rid)
         while self.core.has_unfinished():  # reports the aborts (no forward runs for them)
             self._send_outputs(self.core.step())
         for session in self.clients.sessions():
-            self._send(session.identity, Shutdown(message="the engine is stopping"))
+            self._send(session.identity, Shutdown(message=reason))
         self.socket.close(linger=1000)
         self._wake_r.close()
         self._wake_w.close()
@@ -473,3 +510,13 @@ class EngineService:
             except FileNotFoundError:
                 pass
         logger.info("stopped")
+
+
+def _request_output(request_id: str, out: StepOutput) -> RequestOutput:
+    """The protocol's copy of a step output, under the client's own request id."""
+    return RequestOutput(
+        request_id=request_id, new_token_ids=out.new_token_ids, finish_reason=out.finish_reason,
+        logprobs=[TokenLogprobs(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs] if out.logprobs else None,
+        num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )

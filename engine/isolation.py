@@ -1,0 +1,101 @@
+"""Running a step's forward so that a failure is pinned on the requests that cause it.
+
+A step batches many clients' requests into one forward, so one request whose values trip
+a bug (in the sampler, say) would otherwise fail every request in the batch, or, as
+happened once, end the engine process. `IsolatingExecutor.execute` runs the whole batch
+first; only when that raises does it bisect: each half runs on its own, and a half that
+fails is split again, down to single requests. A batch with k failing requests among n
+costs about 2k log2(n) extra forwards, paid only when something failed. Before bisecting,
+a probe forward with no request in it checks the device: if that fails too, no request is
+to blame and `EngineDeadError` is raised instead.
+
+Re-running is safe because nothing a failed attempt did is kept: a forward writes K/V only
+into the slots of the tokens it computes, which stay uncommitted (and out of the prefix
+cache) until the step succeeds, so the next attempt simply overwrites them. The one other
+state a forward advances is a seeded request's random generator; it is saved before the
+first attempt and restored before each retry, so a request that survives a neighbour's
+failure samples exactly what it would have sampled in a clean run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from splitinfer.engine.errors import EngineDeadError
+from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
+from splitinfer.engine.sequence import Logprobs
+
+logger = logging.getLogger(__name__)
+
+Sample = tuple[int, Logprobs | None]  # a sampled token and its logprobs
+
+
+@dataclass(slots=True)
+class ExecutionResult:
+    """What one step's forward gave: a sample per request id that sampled and succeeded, and
+    each request whose forward failed on its own, with the exception it raised."""
+
+    samples: dict[str, Sample]
+    failures: list[tuple[ScheduledSeq, Exception]]
+
+
+class IsolatingExecutor:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def execute(self, items: list[ScheduledSeq]) -> ExecutionResult:
+        saved = _generator_states(items)
+        try:
+            return ExecutionResult(self._run(items), [])
+        except Exception as exc:
+            logger.error("a step of %d request(s) failed; running them apart to find which fail", len(items),
+                         exc_info=exc)
+            _restore(saved, items)
+            self._check_device()
+            if len(items) == 1:
+                return ExecutionResult({}, [(items[0], exc)])
+        result = ExecutionResult({}, [])
+        self._bisect(items, saved, result)
+        return result
+
+    def _check_device(self) -> None:
+        try:
+            self.runner.probe()
+        except Exception as exc:
+            raise EngineDeadError(f"a forward with no request in it fails too ({type(exc).__name__}: {exc}); "
+                                  "the device or the model is broken") from exc
+
+    def _run(self, items: list[ScheduledSeq]) -> dict[str, Sample]:
+        sampled = self.runner.execute(SchedulerOutput(items, []))
+        sampling = [item.seq.request_id for item in items if item.samples]
+        return {rid: (token, logprobs) for rid, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs)}
+
+    def _bisect(self, items: list[ScheduledSeq], saved: dict[str, torch.Tensor], result: ExecutionResult) -> None:
+        """`items` failed together: run each half apart, splitting the failing ones further."""
+        middle = len(items) // 2
+        for part in (items[:middle], items[middle:]):
+            try:
+                result.samples.update(self._run(part))
+            except Exception as exc:
+                _restore(saved, part)
+                if len(part) == 1:
+                    result.failures.append((part[0], exc))
+                else:
+                    self._bisect(part, saved, result)
+
+
+def _generator_states(items: list[ScheduledSeq]) -> dict[str, torch.Tensor]:
+    """The state of every seeded generator that this step may advance."""
+    return {item.seq.request_id: item.seq.generator.get_state()
+            for item in items if item.samples and item.seq.generator is not None}
+
+
+def _restore(saved: dict[str, torch.Tensor], items: list[ScheduledSeq]) -> None:
+    for item in items:
+        state = saved.get(item.seq.request_id)
+        if state is not None:
+            item.seq.generator.set_state(state)
