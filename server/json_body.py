@@ -84,7 +84,8 @@ def json_path(path: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            shown = part if part.isascii() else part.encode("utf-8", "backslashreplace").decode("ascii")
+            # A key may hold a lone surrogate itself: written as an escape, so the path can be sent.
+            shown = part.encode("utf-8", "backslashreplace").decode("utf-8")
             out += f".{shown}" if out else shown
     return out
 

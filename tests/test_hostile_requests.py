@@ -131,7 +131,8 @@ def test_numbers_json_does_not_have_are_400s(stack: Stack, literal: str) -> None
     ("/v1/chat/completions", "messages",
      '[{"role": "user", "content": [{"type": "text", "text": "\\udc80"}]}]', "messages[0].content[0].text"),
     ("/v1/chat/completions", "user", '"\\ud83d"', "user"),
-], ids=["prompt", "prompt-list", "stop", "chat-content", "chat-part", "user"])
+    ("/v1/completions", "logit_bias", '{"caf\u00e9": {"\\udcff": 1}}', "logit_bias.caf\u00e9.\\udcff"),
+], ids=["prompt", "prompt-list", "stop", "chat-content", "chat-part", "user", "non-ascii-keys"])
 def test_a_lone_surrogate_is_a_400_naming_where_it_is(stack: Stack, path: str, field: str, literal: str,
                                                       param: str) -> None:
     error = assert_error(stack.post(path, with_field(path, field, literal)), 400, param)
