@@ -106,15 +106,26 @@ token_lists = st.lists(ints, min_size=0, max_size=6)
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]) | junk,
                                  "content": texts | st.lists(st.fixed_dictionaries(
                                      {"type": st.just("text") | junk, "text": texts}), max_size=3) | junk})
+# The extremes each numeric field accepts: half the time a field gets one, so hostile
+# requests also reach the sampler's edges, not only the validators.
+EDGES = {
+    "max_tokens": [1, 2, 60], "max_completion_tokens": [1, 60], "n": [1, 3], "temperature": [0, 1e-300, 0.01, 100],
+    "top_p": [5e-324, 1e-9, 1], "min_p": [0, 1], "top_k": [-1, 0, 1, 2**63 - 1], "presence_penalty": [-2, 2],
+    "frequency_penalty": [-2.0, 2], "repetition_penalty": [0.01, 100], "seed": [-(2**63), 2**63 - 1, 0],
+    "min_tokens": [0, 2], "logprobs": [0, 20], "top_logprobs": [0, 20],
+}
+
+
+def numeric(field: str) -> st.SearchStrategy:
+    return st.sampled_from(EDGES[field]) | numbers | junk
+
+
 FIELD_VALUES = {
     "model": texts | junk,
     "messages": st.lists(message, max_size=3) | junk,
     "prompt": texts | st.lists(texts, max_size=3) | token_lists | st.lists(token_lists, max_size=3) | junk,
-    "max_tokens": numbers | junk, "max_completion_tokens": numbers | junk, "n": numbers | junk,
-    "temperature": numbers | junk, "top_p": numbers | junk, "min_p": numbers | junk, "top_k": numbers | junk,
-    "presence_penalty": numbers | junk, "frequency_penalty": numbers | junk,
-    "repetition_penalty": numbers | junk, "seed": numbers | junk, "min_tokens": numbers | junk,
-    "logprobs": st.booleans() | numbers | junk, "top_logprobs": numbers | junk,
+    **{name: numeric(name) for name in EDGES if name != "logprobs"},
+    "logprobs": st.booleans() | numeric("logprobs"),
     "logit_bias": st.dictionaries(texts | st.sampled_from(["5", "-1", "1e3", "\u0665", " 5", "5_0",
                                                            "99999999999999999999"]), numbers | junk, max_size=4)
     | junk,
@@ -209,7 +220,7 @@ def generate_frames(draw: st.DrawFn) -> tuple[str, bytes]:
     hostile = st.none() | st.booleans() | ints | floats | st.text(max_size=6) | st.lists(ints, max_size=3) \
         | st.dictionaries(ints, numbers.filter(lambda v: not isinstance(v, Raw)), max_size=3)
     for name in draw(st.lists(st.sampled_from(sorted(params)), min_size=1, max_size=4, unique=True)):
-        params[name] = draw(hostile)
+        params[name] = draw(st.sampled_from(EDGES.get(name, [PARAM_VALUES[name]])) | hostile)
     rid = uuid.uuid4().hex
     prompt = draw(st.lists(ints, min_size=1, max_size=8) | st.just([1, 2, 3]))
     wire = {"type": "generate", "v": PROTOCOL_VERSION, "request_id": rid, "prompt_token_ids": prompt,
