@@ -13,7 +13,7 @@ The ops are the ones torch's own inductor emits for frozen CPU linears
 or give a wrong result in the check at start, matmuls stay on the default path.
 
 A packed weight serves only a fixed, small set of row counts (`PackedWeight.row_counts`:
-the decode batch buckets, which the decode path pads every step to). oneDNN keeps native
+the decode batch buckets, which the decode path pads every step to, its lm_head included). oneDNN keeps native
 state for every input shape it has seen and never gives it back: with prefill chunks of
 any length going through it, an engine's memory grew with every distinct row count
 (280 MB over the row counts 4 to 512 of one 512x256 weight; 1.75 GB after 6,000 mixed

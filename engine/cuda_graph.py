@@ -205,8 +205,10 @@ class DecodeGraphRunner:
         seq_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """Hidden states [n, hidden] of one decode step for n sequences (n may be 0: then only
-        padding rows run, which is how `ModelRunner.probe` tests the device).
+        """Hidden states of one decode step for n sequences, as the whole bucket [bucket, hidden]:
+        the n sequences' rows first, then the padding rows' (finite, meaningless; the caller
+        drops them). n may be 0: then only padding runs, which is how `ModelRunner.probe`
+        tests the device.
 
         The result may live in the graph's memory pool: consume it before the next call.
         """
@@ -216,6 +218,6 @@ class DecodeGraphRunner:
         self._upload(n, bs, width)
         graph = self.graphs.get(bs)
         if graph is None:
-            return self._forward(bs)[:n]
+            return self._forward(bs)
         graph.replay()
-        return self.graph_outputs[bs][:n]
+        return self.graph_outputs[bs]

@@ -75,6 +75,7 @@ class ModelRunner:
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch
 
     def _decode_hidden(self, step: SchedulerOutput) -> torch.Tensor:
+        """Hidden states of a decode step's whole bucket [bucket, hidden]: its rows first, then padding."""
         seqs = [item.seq for item in step.scheduled]
         positions = [seq.num_computed_tokens for seq in seqs]
         return self.graph_runner.run(
@@ -90,7 +91,14 @@ class ModelRunner:
         """The step's forward: fp32 logits [S, V] of the S sequences that sample (a decode-only
         step through the static-buffer graph runner, any other as one packed forward)."""
         if step.is_decode_only and len(step.scheduled) <= self.graph_runner.max_batch_size:
-            return self.model.compute_logits(self._decode_hidden(step))
+            n = len(step.scheduled)
+            hidden = self._decode_hidden(step)
+            if self.model.packed_lm_head is None:
+                return self.model.compute_logits(hidden[:n])
+            # CPU with prepacked weights: the lm_head over the whole bucket, whose row count
+            # is one the packed matmul serves (n could be any count up to max_num_seqs, and
+            # each new one would leave oneDNN state behind); the padding rows are dropped.
+            return self.model.compute_logits(hidden)[:n]
         input_ids, positions, batch = self.prepare(step)
         hidden = self.model(input_ids, positions, batch, self.kv_cache)
         return self.model.compute_logits(hidden, batch.logits_indices)

@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from splitinfer.engine import EngineConfig, EngineCore, SamplingParams
+from splitinfer.engine import EngineConfig, EngineCore, SamplingParams, cpu_linear
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_BATCHED_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,23 @@ def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[Request]:
             for _ in range(count)]
 
 
+PREPACK_POLICIES = {
+    "decode": "prepacked matmuls at the decode batch sizes (the default)",
+    "every": "prepacked matmuls for every row count >= 4 (the former policy: memory grows with each new length)",
+    "off": "no prepacked matmuls",
+}
+
+
 class Ours:
-    def __init__(self, model: str, device: str, dtype: str, enforce_eager: bool, max_num_seqs: int) -> None:
+    def __init__(self, model: str, device: str, dtype: str, enforce_eager: bool, max_num_seqs: int,
+                 prepack: str = "decode") -> None:
         # No prefix caching: repeated runs of one workload would be served from the cache.
         self.core = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
                                             max_num_seqs=max_num_seqs, kv_cache_gb=2.0,
-                                            max_num_batched_tokens=4096, enable_prefix_caching=False))
+                                            max_num_batched_tokens=MAX_BATCHED_TOKENS, enable_prefix_caching=False,
+                                            cpu_weight_prepack=prepack != "off"))
+        if prepack == "every" and self.core.model.packed_lm_head is not None:
+            self.core.model.prepack_cpu_weights(frozenset(range(cpu_linear.MIN_PACKED_ROWS, MAX_BATCHED_TOKENS + 1)))
         self._next = 0
 
     def run(self, requests: list[Request]) -> float:
@@ -201,10 +213,16 @@ def main() -> None:
                    help="Skip transformers one-request-at-a-time for the largest concurrency (slow on CPU).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")
+    p.add_argument("--cpu-prepack-ab", action="store_true",
+                   help="CPU: instead of the comparison with transformers, run the concurrent workloads with each "
+                   "prepacking policy in turn: " + "; ".join(f"'{k}', {v}" for k, v in PREPACK_POLICIES.items()) + ".")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     model = args.model or build_bench_checkpoint()
+    if args.cpu_prepack_ab:
+        prepack_ab(model, args)
+        return
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     results: dict = {"model": model, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
 
@@ -267,6 +285,23 @@ def main() -> None:
                        for n, a, b, note in rows]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def prepack_ab(model: str, args: argparse.Namespace) -> None:
+    """Output tok/s of the concurrent workloads under each CPU prepacking policy, interleaved."""
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    engines = {name: Ours(model, "cpu", args.dtype, enforce_eager=True, max_num_seqs=max(concurrency), prepack=name)
+               for name in PREPACK_POLICIES}
+    vocab = engines["decode"].core.model_config.vocab_size
+    print(f"\n{'workload':<40} " + " ".join(f"{name:>10}" for name in engines))
+    for count in concurrency:
+        progress(f"{count} concurrent requests, {len(engines)} policies")
+        work = mixed_workload(count, vocab, seed=count)
+        useful = sum(r.max_tokens for r in work)
+        rates = interleaved(args.repeats, *[lambda e=e: useful / e.run(work) for e in engines.values()])
+        print(f"{f'{count} concurrent, output tok/s':<40} " + " ".join(f"{r:>10.1f}" for r in rates), flush=True)
+    for name, text in PREPACK_POLICIES.items():
+        print(f"  {name}: {text}")
 
 
 if __name__ == "__main__":

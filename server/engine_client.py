@@ -195,8 +195,10 @@ class EngineClient:
         self._tasks.append(asyncio.create_task(self._watch_connection(sock, monitor), name="engine-connection"))
 
     def _send(self, message: object) -> None:
-        if self._socket is None:
-            raise EngineUnavailable("the engine client is not started")
+        if self._socket is None or self._closed:
+            # Closed: after our Goodbye, anything more (a heartbeat, a late Abort) would only
+            # make the engine log a message from a client it no longer knows.
+            raise EngineUnavailable(f"the engine client is {'closed' if self._closed else 'not started'}")
         try:
             self._send_now(encode(message))
         except zmq.Again:
@@ -221,9 +223,9 @@ class EngineClient:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(EngineUnavailable, zmq.ZMQError):
+        with contextlib.suppress(zmq.ZMQError):
             if self.health is Health.READY:
-                self._send(Goodbye(client_id=self.client_id))
+                self._send_now(encode(Goodbye(client_id=self.client_id)))
                 await asyncio.sleep(0.01)  # let the frame leave before the socket closes
         tasks = self._tasks + ([self._reconnecting] if self._reconnecting else [])
         for task in tasks:

@@ -76,3 +76,20 @@ def test_bench_ipc_and_bench_restart_report_their_round_trips() -> None:
     assert all(r["p50_us"] > 0 and r["n"] > 0 for r in results.values())
     text = run_script("bench_restart.py", "--restarts", "1")
     assert "engine pid unchanged: True; model loads in the engine log: 1" in text
+
+
+def test_bench_engine_compares_the_cpu_prepacking_policies(tiny_checkpoint: Path) -> None:
+    text = run_script("bench_engine.py", "--model", str(tiny_checkpoint), "--cpu-prepack-ab", "--concurrency", "3",
+                      "--repeats", "1")
+    header, row = [line.split() for line in text.splitlines() if line.startswith(("workload", "3 concurrent"))]
+    assert header[1:] == ["decode", "every", "off"]
+    assert len(row) == 7 and all(float(rate) > 0 for rate in row[-3:])
+
+
+def test_soak_engine_reports_memory_per_round_and_a_verdict(tiny_checkpoint: Path) -> None:
+    text = run_script("soak_engine.py", "--model", str(tiny_checkpoint), "--rounds", "2", "--requests-per-round", "30",
+                      "--warmup-rounds", "1", "--concurrency", "4", "--tolerance", "10")
+    rounds = [line.split() for line in text.splitlines() if line.split() and line.split()[0] in ("1", "2")]
+    assert [r[:2] for r in rounds] == [["1", "30"], ["2", "60"]]
+    assert all(float(r[5]) > 0 and float(r[6]) > 0 and r[4] == "0" for r in rounds), "RSS measured, nothing refused"
+    assert "engine: " in text and "server: " in text and "within 1000%" in text
