@@ -40,7 +40,7 @@ def has_non_finite(value: object) -> bool:
     return False
 
 
-@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@settings(max_examples=200, derandomize=True, database=None, deadline=None)
 @given(st.dictionaries(texts, values, max_size=4), st.booleans())
 def test_any_json_object_is_accepted_exactly_when_it_is_strict_json_and_unicode(body: dict, raw_utf8: bool) -> None:
     # Non-ASCII as raw UTF-8 or as escapes; a lone surrogate can only be an escape.
