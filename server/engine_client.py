@@ -130,6 +130,7 @@ class EngineClient:
         self.health = Health.CONNECTING
         self._context = zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._streams: dict[str, _Stream] = {}
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._stats: deque[asyncio.Future[StatsReply]] = deque()
@@ -175,8 +176,7 @@ class EngineClient:
             if task.get_name() in per_socket:
                 task.cancel()
         self._tasks = [t for t in self._tasks if t.get_name() not in per_socket]
-        if self._socket is not None:
-            self._socket.close(linger=0)
+        self._close_socket()
         sock = self._context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Not IMMEDIATE: with it, libzmq drops what was received but not yet read when the
@@ -188,11 +188,24 @@ class EngineClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(1000 * self.max_backoff_s))
         sock.setsockopt(zmq.HEARTBEAT_IVL, int(1000 * TRANSPORT_HEARTBEAT_S))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * TRANSPORT_TIMEOUT_S))
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # A name of our own: pyzmq's default is named by the socket's file descriptor, which
+        # the next socket reuses while the last one's monitor may still be connected to it.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, addr=f"inproc://engine-monitor-{uuid.uuid4().hex}")
         sock.connect(self.address)
-        self._socket = sock
+        self._socket, self._monitor = sock, monitor
         self._tasks.append(asyncio.create_task(self._receive(sock), name="engine-receive"))
         self._tasks.append(asyncio.create_task(self._watch_connection(sock, monitor), name="engine-connection"))
+
+    def _close_socket(self) -> None:
+        """Close the current socket and its monitor here, not in the tasks that read them: a
+        task cancelled before it first ran never reaches its `finally`."""
+        if self._socket is None:
+            return
+        if self._monitor is not None:
+            self._socket.disable_monitor()
+            self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+        self._socket = self._monitor = None
 
     def _send(self, message: object) -> None:
         if self._socket is None or self._closed:
@@ -232,8 +245,7 @@ class EngineClient:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_all(EngineUnavailable("the engine client was closed"))
-        if self._socket is not None:
-            self._socket.close(linger=0)
+        self._close_socket()
 
     # Background tasks ----------------------------------------------------------------
 
@@ -251,15 +263,12 @@ class EngineClient:
     async def _watch_connection(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
         """Turn the connection's closing (the engine exited or was killed, or the transport
         heartbeats timed out) into `unavailable`."""
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED and sock is self._socket:
-                    await self._let_receive_drain(sock)
-                    if sock is self._socket:
-                        self._lost("the connection to the engine closed")
-        finally:
-            monitor.close(linger=0)
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and sock is self._socket:
+                await self._let_receive_drain(sock)
+                if sock is self._socket:
+                    self._lost("the connection to the engine closed")
 
     @staticmethod
     async def _let_receive_drain(sock: zmq.asyncio.Socket) -> None:
