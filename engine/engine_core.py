@@ -156,7 +156,7 @@ class EngineCore:
         )
         self.executor = IsolatingExecutor(self.runner)
         self.requests: dict[str, Sequence] = {}
-        self._aborted: list[Sequence] = []  # reported by the next step
+        self._reported_next: list[StepOutput] = []  # ended between steps (aborts, a reset): the next step reports them
         self._num_preemptions = 0
         self._computed_tokens = 0
         self._prompt_tokens = 0
@@ -180,14 +180,16 @@ class EngineCore:
     def _prepack_cpu_weights(self) -> None:
         extra = self.model.matmul_weight_bytes()
         problem = cpu_linear.check_prepack(self.dtype)
+        # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
+        rows = cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs))
+        if problem is None and not rows:
+            problem = f"max_num_seqs={self.config.max_num_seqs} gives no decode batch of {cpu_linear.MIN_PACKED_ROWS}+ rows"
         if problem is None and not cpu_linear.enough_memory_for(extra):
             problem = f"not enough free memory for a {extra / 1e9:.2f} GB copy"
         if problem is not None:
             logger.warning("matmul weights not prepacked for oneDNN (%s); batched CPU decode is slower", problem)
             return
         start = time.perf_counter()
-        # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
-        rows = cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs))
         self.model.prepack_cpu_weights(rows)
         logger.info("matmul weights also prepacked for oneDNN in %.1f s (+%.2f GB; for decode batches of %s rows; "
                     "cpu_weight_prepack=False turns this off)", time.perf_counter() - start, extra / 1e9,
@@ -270,20 +272,23 @@ class EngineCore:
         seq = self.requests.get(request_id)
         if seq is None or seq.finished:
             return False
-        self.scheduler.abort(seq)
+        try:
+            self.scheduler.abort(seq)
+        except Exception as exc:  # the scheduler's state is broken: as when a step finds it so
+            self._reported_next += self._reset_after(exc)
+            return True
         del self.requests[request_id]
-        self._aborted.append(seq)
+        self._reported_next.append(StepOutput.of(seq, []))
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._reported_next)
 
     def step(self) -> list[StepOutput]:
         """Schedule, run one forward, sample; returns one output per request that produced a
         token, finished, failed, or was aborted since the last step. Raises `EngineDeadError`
         only when the device cannot compute even a forward with no request in it."""
-        outputs = [StepOutput.of(seq, []) for seq in self._aborted]
-        self._aborted = []
+        outputs, self._reported_next = self._reported_next, []
         try:
             self._step(outputs)
         except EngineDeadError:

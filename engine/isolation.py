@@ -49,18 +49,32 @@ class IsolatingExecutor:
 
     def execute(self, items: list[ScheduledSeq]) -> ExecutionResult:
         saved = _generator_states(items)
-        try:
-            return ExecutionResult(self._run(items), [])
-        except Exception as exc:
-            logger.error("a step of %d request(s) failed; running them apart to find which fail", len(items),
-                         exc_info=exc)
-            _restore(saved, items)
-            self._check_device()
-            if len(items) == 1:
-                return ExecutionResult({}, [(items[0], exc)])
+        outcome = self._attempt(items, saved, first=True)
+        if not isinstance(outcome, Exception):
+            return ExecutionResult(outcome, [])
+        self._check_device()
         result = ExecutionResult({}, [])
-        self._bisect(items, saved, result)
+        if len(items) == 1:
+            result.failures.append((items[0], outcome))
+        else:
+            self._bisect(items, saved, result)
         return result
+
+    def _attempt(self, items: list[ScheduledSeq], saved: dict[str, torch.Tensor],
+                 first: bool = False) -> dict[str, Sample] | Exception:
+        """Run `items`: their samples, or the exception they raised, with their generators
+        restored. The exception comes back without its traceback, whose frames hold the failed
+        forward's activations: on a GPU that memory must be free for the probe and the retries
+        (an out-of-memory error is the likeliest failure there). The first is logged with it."""
+        try:
+            return self._run(items)
+        except Exception as exc:
+            failure = exc
+        if first:
+            logger.error("a step of %d request(s) failed; running them apart to find which fail", len(items),
+                         exc_info=failure)
+        _restore(saved, items)
+        return failure.with_traceback(None)
 
     def _check_device(self) -> None:
         try:
@@ -78,14 +92,14 @@ class IsolatingExecutor:
         """`items` failed together: run each half apart, splitting the failing ones further."""
         middle = len(items) // 2
         for part in (items[:middle], items[middle:]):
-            try:
-                result.samples.update(self._run(part))
-            except Exception as exc:
-                _restore(saved, part)
-                if len(part) == 1:
-                    result.failures.append((part[0], exc))
-                else:
-                    self._bisect(part, saved, result)
+            outcome = self._attempt(part, saved)
+            if not isinstance(outcome, Exception):
+                result.samples.update(outcome)
+            elif len(part) > 1:
+                self._bisect(part, saved, result)
+            else:
+                self._check_device()  # a device that died mid-bisection is no request's fault
+                result.failures.append((part[0], outcome))
 
 
 def _generator_states(items: list[ScheduledSeq]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ finish reason "abort", tells every client it is going away, removes its socket f
 returns (exit status 0).
 
 Nothing a client sends can end the process: a message that makes its handler raise gets
-an `internal` Error reply (and one log line with the traceback), and a request the engine
+an `internal` Error reply (its traceback goes to the log), and a request the engine
 core fails on while computing it (see engine_core.py) gets one too, ending only that
 request. Only a device that can compute nothing at all (`EngineDeadError`) stops the
 engine, by the same path as SIGTERM, after which `run` raises it (exit status 1).
@@ -391,9 +391,6 @@ class EngineService:
         except RequestError as exc:
             self._reply_error(session.identity, msg.request_id, ErrorCode.INVALID_REQUEST, str(exc), param=exc.field)
             return
-        except Exception:
-            self.core.abort(rid)  # whatever part of it was queued
-            raise
         session.requests[msg.request_id] = rid
         self._owners[rid] = (session, msg.request_id)
 

@@ -29,7 +29,10 @@ _UINT32 = next(code for code in "IL" if array(code).itemsize == 4)
 
 
 def show(value: object) -> str:
-    """A short repr for error messages: a bad field may be megabytes of nested junk."""
+    """A short repr for error messages: a bad field may be megabytes of nested junk, or an
+    int of a million digits (described instead: repr refuses past 4300 digits)."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
     return _repr.repr(value)
 
 

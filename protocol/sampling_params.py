@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID
+from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID, show
 
 MAX_LOGPROBS = 20
 MIN_INT = -(2**63)
@@ -121,25 +121,17 @@ class SamplingParams:
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r:.60}")
+        raise ValueError(f"{name} must be an integer, got {show(value)}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {_show(value)}")
+        raise ValueError(f"{name} must be in [{low}, {high}], got {show(value)}")
 
 
 def _checked_float(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
     """`value` as a float, if it is a number in the range (NaN never is). The comparison is
     exact for ints of any size, so the conversion afterwards cannot overflow."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r:.60}")
+        raise ValueError(f"{name} must be a number, got {show(value)}")
     if not (low < value if low_open else low <= value) or not value <= high:  # also True for NaN
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {_show(value)}")
+        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {show(value)}")
     return float(value)
-
-
-def _show(value: int | float) -> str:
-    """A number for an error message. Ints past 64 bits are described, not printed: one of
-    a million digits would make a megabyte of message (and str() refuses past 4300)."""
-    if isinstance(value, int) and value.bit_length() > 64:
-        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
-    return repr(value)

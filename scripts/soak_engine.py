@@ -12,7 +12,7 @@ logprob requests, chat and completions, n up to 3, and a share of streams the cl
 off early. After each round it prints the engine's and the server's resident memory
 (VmRSS), the engine's KV blocks in use and the request rate. The verdict compares every
 round after --warmup-rounds with the first of them: each process must stay within
---tolerance (10%) of it. Exit status 0 if both did, 1 if not.
+--tolerance (10%) of it, and no KV block may be held after a round. Exit status 0 if so, 1 if not.
 
 The rate is what two CPU cores give; the point is the number of requests and of distinct
 shapes the engine sees, not its speed.
@@ -136,6 +136,7 @@ async def soak(args: argparse.Namespace, url: str, address: str, engine_pid: int
     workload = Workload(info.vocab_size, info.max_model_len, args.seed)
     counts = Counts()
     history: list[tuple[float, float]] = []
+    leaked_rounds = 0  # rounds after which the engine still held KV blocks with nothing in flight
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     print(f"{'round':>5} {'requests':>9} {'req/s':>6} {'cut':>5} {'errors':>7} {'engine MB':>10} {'server MB':>10} "
           f"{'KV used':>8}", flush=True)
@@ -155,6 +156,7 @@ async def soak(args: argparse.Namespace, url: str, address: str, engine_pid: int
             elapsed = time.perf_counter() - start
             await asyncio.sleep(0.5)  # let aborts of cut streams land
             stats = await stats_client.stats()
+            leaked_rounds += stats.kv_used_blocks > 0 or stats.running > 0
             engine, server = rss_mb(engine_pid), rss_mb(server_pid)
             history.append((engine, server))
             total = round_index * args.requests_per_round
@@ -162,12 +164,14 @@ async def soak(args: argparse.Namespace, url: str, address: str, engine_pid: int
                   f"{sum(counts.errors.values()):>7} {engine:>10.1f} {server:>10.1f} {stats.kv_used_blocks:>8}",
                   flush=True)
     await stats_client.close()
-    return verdict(args, history, counts)
+    return verdict(args, history, counts, leaked_rounds)
 
 
-def verdict(args: argparse.Namespace, history: list[tuple[float, float]], counts: Counts) -> bool:
+def verdict(args: argparse.Namespace, history: list[tuple[float, float]], counts: Counts, leaked_rounds: int) -> bool:
     if counts.errors:
         print(f"non-200 answers: {counts.errors}")
+    if leaked_rounds:
+        print(f"KV blocks still in use with nothing in flight after {leaked_rounds} round(s): LEAK")
     if len(history) <= args.warmup_rounds:
         print("not enough rounds after the warm-up for a verdict")
         return False
@@ -181,7 +185,7 @@ def verdict(args: argparse.Namespace, history: list[tuple[float, float]], counts
         ok &= within
         print(f"{name}: {base:.1f} MB after warm-up, at most {peak:.1f} MB over the next {requests} requests "
               f"({100 * (peak / base - 1):+.1f}%): {'within' if within else 'OVER'} {100 * args.tolerance:.0f}%")
-    return ok and not any(status >= 500 for status in counts.errors)
+    return ok and not leaked_rounds and not any(status >= 500 for status in counts.errors)
 
 
 def main() -> int:

@@ -50,6 +50,7 @@ from splitinfer.server.tokenizer import ServerTokenizer
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
+PARSE_INLINE_BYTES = 256 * 2**10  # bodies above this are parsed in a worker thread
 ENGINE_FAILURES = (EngineUnavailable, EngineFailure)
 
 
@@ -113,8 +114,8 @@ class OpenAIServer:
             Route("/v1/completions", self._endpoint("completions", self.completions), methods=["POST"]),
             Route("/v1/models", self._endpoint("models", self.models), methods=["GET"]),
             Route("/v1/models/{model_id:path}", self._endpoint("model", self.model), methods=["GET"]),
-            Route("/health", self.health, methods=["GET"]),
-            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route("/health", self._guarded(self.health), methods=["GET"]),
+            Route("/metrics", self._guarded(self.metrics_endpoint), methods=["GET"]),
         ]
         self.app = Starlette(
             routes=routes, lifespan=self._lifespan,
@@ -179,6 +180,17 @@ class OpenAIServer:
 
         return endpoint
 
+    @staticmethod
+    def _guarded(handler: Callable[[Request], Awaitable[Response]]):
+        """The unauthenticated routes: an unexpected error answered here too, keeping the connection."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return internal_error(exc, f"{request.method} {request.url.path}").response()
+
+        return endpoint
+
     def _authorize(self, request: Request) -> None:
         if self.config.api_key is None:
             return
@@ -203,7 +215,12 @@ class OpenAIServer:
             if size > limit:
                 raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
             chunks.append(chunk)
-        return parse_json_object(b"".join(chunks))
+        raw = b"".join(chunks)
+        if size <= PARSE_INLINE_BYTES:
+            return parse_json_object(raw)
+        # Megabytes take a second or more to parse and check: off the event loop, so the
+        # server's other streams keep flowing meanwhile.
+        return await asyncio.to_thread(parse_json_object, raw)
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         messages = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
@@ -212,6 +229,8 @@ class OpenAIServer:
         return error.response()
 
     async def _unexpected(self, request: Request, exc: Exception) -> Response:
+        # Only for what fails outside the routes' own guards (routing, middleware): after it,
+        # Starlette re-raises and uvicorn closes the connection.
         return internal_error(exc, f"{request.method} {request.url.path}").response()
 
     def _check_model(self, ctx: ModelContext, model: str) -> None:

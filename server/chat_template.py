@@ -28,6 +28,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from splitinfer.protocol.checks import show
+
 logger = logging.getLogger(__name__)
 
 # Meta's Llama 3 Instruct template: BOS once, then header, trimmed content and <|eot_id|>
@@ -171,7 +173,7 @@ def _fail(message: str, param: str) -> NoReturn:
 
 
 def _show(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r:.40}"
+    return "nothing" if value is None else f"{type(value).__name__} {show(value)}"
 
 
 # The environment ---------------------------------------------------------------------

@@ -92,7 +92,8 @@ class EngineUnavailable(Exception):
 
 
 class EngineRequestError(Exception):
-    """The engine refused a request (bad parameters, too long, ...): the caller's fault (HTTP 400)."""
+    """The engine refused a request (bad parameters, too long, ...: the caller's fault, HTTP 400)
+    or failed while computing it (code `internal`: ours, HTTP 500)."""
 
     def __init__(self, error: Error) -> None:
         super().__init__(error.message)

@@ -26,6 +26,7 @@ from typing import NoReturn
 from splitinfer.server.errors import bad_request
 
 MAX_DEPTH = 128
+_SCALARS = {int, float, bool, type(None)}
 
 
 def parse_json_object(raw: bytes) -> dict:
@@ -43,37 +44,55 @@ def parse_json_object(raw: bytes) -> dict:
     return body
 
 
+# A path as a chain of links (parent link, key): extending it costs O(1), and it is spelled
+# out only for an error message.
+PathLink = tuple["PathLink", str | int] | None
+
+
 def check_values(body: dict) -> None:
     """Walk the parsed body without recursion: every string (keys too) must be valid Unicode
-    and no container may be nested deeper than MAX_DEPTH."""
-    stack: list[tuple[object, tuple[str | int, ...]]] = [(body, ())]
+    and no container may be nested deeper than MAX_DEPTH. Depth first over iterators, so the
+    walk holds one frame per level, whatever the number of items (a frame per item, each
+    with its whole path, took gigabytes for a 16 MB body of small containers)."""
+    stack: list[tuple[object, int, PathLink]] = [(iter(body.items()), 0, None)]
     while stack:
-        value, path = stack.pop()
-        if isinstance(value, str):
-            _check_string(value, path)
-        elif isinstance(value, (dict, list)):
-            if len(path) >= MAX_DEPTH:
-                raise bad_request(f"the body is nested too deeply (at most {MAX_DEPTH} levels)",
-                                  param=json_path(path), code="invalid_json")
-            if isinstance(value, dict):
-                for key, item in value.items():
-                    _check_string(key, (*path, key))
-                    if isinstance(item, (str, dict, list)):
-                        stack.append((item, (*path, key)))
-            else:
-                stack.extend((item, (*path, i)) for i, item in enumerate(value)
-                             if isinstance(item, (str, dict, list)))
+        items, depth, link = stack[-1]
+        for key, value in items:  # until a container to descend into (json.loads gives exact types)
+            if type(key) is str and not key.isascii():
+                _check_string(key, (link, key))
+            kind = type(value)
+            if kind is str:
+                if not value.isascii():
+                    _check_string(value, (link, key))
+            elif kind is dict or kind is list:
+                if depth + 1 >= MAX_DEPTH:
+                    raise bad_request(f"the body is nested too deeply (at most {MAX_DEPTH} levels)",
+                                      param=json_path(_unlink((link, key))), code="invalid_json")
+                if kind is dict and value:
+                    stack.append((iter(value.items()), depth + 1, (link, key)))
+                    break
+                if kind is list and value and not {*map(type, value)} <= _SCALARS:  # a C scan: token-id lists
+                    stack.append((enumerate(value), depth + 1, (link, key)))
+                    break
+        else:
+            stack.pop()
 
 
-def _check_string(text: str, path: tuple[str | int, ...]) -> None:
-    if text.isascii():
-        return
+def _unlink(link: PathLink) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    while link is not None:
+        link, key = link
+        parts.append(key)
+    return tuple(reversed(parts))
+
+
+def _check_string(text: str, link: PathLink) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        where = json_path(path) or "the body"
-        raise bad_request(f"{where} holds a lone surrogate ({text[exc.start]!r} at character {exc.start}): "
-                          "it is not a Unicode character", param=json_path(path) or None,
+        path = json_path(_unlink(link))
+        raise bad_request(f"{path or 'the body'} holds a lone surrogate ({text[exc.start]!r} at character "
+                          f"{exc.start}): it is not a Unicode character", param=path or None,
                           code="invalid_value") from None
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from splitinfer.protocol import SamplingParams
-from splitinfer.protocol.checks import MAX_INT
+from splitinfer.protocol.checks import MAX_INT, show
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
 
@@ -78,8 +78,7 @@ def _int_in(body: dict, name: str, low: int, high: int, default: int | None = No
     if value is None:
         return default
     if not low <= value <= high:
-        shown = value if value.bit_length() <= 64 else "an integer past 64 bits"
-        raise bad_request(f"'{name}' must be in [{low}, {high}], got {shown}", param=name)
+        raise bad_request(f"'{name}' must be in [{low}, {high}], got {show(value)}", param=name)
     return value
 
 

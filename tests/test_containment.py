@@ -158,6 +158,25 @@ def test_a_failing_scheduler_fails_everything_in_flight_and_is_rebuilt(tiny_chec
     assert_still_serves(core, clean)
 
 
+def test_an_abort_that_finds_the_scheduler_broken_resets_it_instead_of_raising(tiny_checkpoint: Path,
+                                                                                clean: dict) -> None:
+    core = make_core(tiny_checkpoint)
+    for rid, (prompt, params) in REQUESTS.items():
+        core.add_request(rid, prompt, params)
+    core.step()
+    broken = core.scheduler
+
+    def abort(seq, reason="abort"):
+        raise InjectedFault("injected abort fault")
+
+    broken.abort = abort
+    assert core.abort("greedy-a")  # the engine process calls this between steps: it must not raise
+    outputs = {out.request_id: out for out in core.step()}
+    assert set(outputs) >= set(REQUESTS) and all(out.finish_reason == "error" for out in outputs.values())
+    assert core.scheduler is not broken
+    assert_still_serves(core, clean)
+
+
 def test_a_device_that_fails_even_an_empty_forward_is_dead(tiny_checkpoint: Path) -> None:
     core = make_core(tiny_checkpoint)
 

@@ -76,3 +76,20 @@ def test_json_path_writes_keys_and_indexes_and_escapes_lone_surrogates() -> None
     assert json_path(("messages", 0, "content", 2, "text")) == "messages[0].content[2].text"
     assert json_path(("caf\u00e9", "\udcff")) == "caf\u00e9.\\udcff"
     assert json_path(()) == ""
+
+
+def test_the_walk_holds_a_frame_per_level_not_per_item() -> None:
+    # 200,000 strings 100 levels down, and 500,000 empty lists: a frame (and path) per item
+    # took hundreds of megabytes for a body of a few.
+    import tracemalloc
+
+    from splitinfer.server.json_body import check_values
+
+    bodies = [{"a": json.loads("[" * 99 + ",".join(['"\\u00e9"'] * 200_000) + "]" * 99)},
+              {"a": [[] for _ in range(500_000)]}]
+    for body in bodies:
+        tracemalloc.start()
+        check_values(body)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert peak < 1_000_000, f"the walk took {peak / 1e6:.1f} MB"
