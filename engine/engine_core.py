@@ -351,6 +351,7 @@ class EngineCore:
                      len(self.requests), exc_info=exc)
         outputs = []
         for seq in self.requests.values():
+            # Ended by hand, not through Scheduler.abort: the scheduler's state is what failed.
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
             seq.block_table, seq.block_keys = [], []
             outputs.append(StepOutput.of(seq, [], error=_failure_message(exc)))

@@ -17,6 +17,7 @@ from splitinfer.protocol.errors import ErrorCode, ProtocolError
 MAX_ID_LENGTH = 256  # request, client, engine ids and nonces
 MAX_TOKEN_ID = 2**32 - 1  # token ids are uint32 on the wire (see token_ids)
 MAX_INT = 2**63 - 1  # counters, pids: anything msgpack carries as a signed 64-bit int
+MIN_INT = -(2**63)
 MAX_FLOAT = sys.float_info.max
 
 _repr = reprlib.Repr()

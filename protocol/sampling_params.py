@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID, show
+from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID, MIN_INT, show
 
 MAX_LOGPROBS = 20
-MIN_INT = -(2**63)
 # Above this temperature every distribution is as good as uniform; larger values are refused
 # rather than carried into float32 arithmetic (2**63 once crashed the sampler).
 MAX_TEMPERATURE = 100.0

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from splitinfer.protocol import SamplingParams
-from splitinfer.protocol.checks import MAX_INT, show
+from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID, MIN_INT, show
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16
-MAX_TOKEN_ID_DIGITS = 10  # token ids are uint32
+MAX_TOKEN_ID_DIGITS = len(str(MAX_TOKEN_ID))
 EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids", "ignore_eos")
 
 # Known OpenAI features we do not implement, and the values that mean "not used".
@@ -108,7 +108,7 @@ def _logit_bias(body: dict) -> dict[int, object]:
     out = {}
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit() and len(key) <= MAX_TOKEN_ID_DIGITS):
-            raise bad_request(f"'logit_bias' keys must be token ids, got {key!r:.40}", param="logit_bias")
+            raise bad_request(f"'logit_bias' keys must be token ids, got {show(key)}", param="logit_bias")
         out[int(key)] = value
     return out
 
@@ -209,5 +209,5 @@ def _prompts(prompt: object) -> list[str | list[int]]:
 def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams:
     """The settings of choice `index`: its own seed (seed + index, wrapped within the signed
     64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls."""
-    seed = None if common.params.seed is None else (common.params.seed + index + 2**63) % 2**64 - 2**63
+    seed = None if common.params.seed is None else (common.params.seed + index - MIN_INT) % 2**64 + MIN_INT
     return _build(lambda: replace(common.params, max_tokens=max_tokens, seed=seed))

@@ -18,6 +18,7 @@ import pytest
 
 from faulty_server import SECRET, TRIGGER
 from procs import PYTHON, REPO, free_port, start_engine, start_server, stop
+from test_server_e2e import assert_error
 
 API_KEY = "sk-hostile"
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
@@ -65,15 +66,6 @@ def with_field(path: str, field: str, literal: str) -> str:
     base |= {"prompt": "hi"} if path == "/v1/completions" else {"messages": CHAT}
     base.pop(field, None)
     return json.dumps(base)[:-1] + f', "{field}": {literal}}}'
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if param is not None:
-        assert error["param"] == param, error
-    return error
 
 
 def assert_engine_untouched(stack: Stack, engine_id: str) -> None:
@@ -206,3 +198,14 @@ def test_a_wrong_or_undecodable_api_key_is_a_401(stack: Stack, header: bytes) ->
     finally:
         conn.close()
     assert httpx.get(stack.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_n_seeded_choices_at_the_largest_seed_wrap_and_repeat(stack: Stack) -> None:
+    # seed + index for choices 1 and 2 would leave int64: they wrap to -2**63 and -2**63 + 1.
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 6, "n": 3, "temperature": 1.0,
+                       "ignore_eos": True, "seed": 2**63 - 1})
+    first, again = (stack.post("/v1/completions", body) for _ in range(2))
+    assert first.status_code == again.status_code == 200, first.text
+    texts = [c["text"] for c in sorted(first.json()["choices"], key=lambda c: c["index"])]
+    assert texts == [c["text"] for c in sorted(again.json()["choices"], key=lambda c: c["index"])]
+    assert len(texts) == 3
