@@ -224,7 +224,7 @@ def test_requests_that_can_never_fit_are_refused_at_admission(tiny_checkpoint: P
     with pytest.raises(RequestError, match="needs 5 KV blocks.*has 4") as too_big:
         core.add_request("b", [1] * 70, SamplingParams(max_tokens=1))
     assert too_big.value.field == "max_tokens"
-    core.add_request("c", [1] * 10, SamplingParams(max_tokens=5))
+    core.add_request("c", [1] * 10, SamplingParams(max_tokens=5, ignore_eos=True))
     with pytest.raises(RequestError, match="already in use") as duplicate:
         core.add_request("c", [1], SamplingParams())
     assert duplicate.value.field == "request_id"
