@@ -2,23 +2,29 @@
 
 Every decode input (token ids, positions, KV slots, block tables, sequence lengths)
 lives in a buffer allocated once at the largest bucket, and so does the split-K
-attention scratch. A step writes its inputs into host staging buffers (pinned on
-CUDA), copies them into the first rows, pads the rest of its bucket with harmless rows
-(slot -1 writes no K/V, length 0 attends to nothing and yields zeros) and replays the
-bucket's graph; the padded rows' outputs are dropped. On CPU, or with `enforce_eager`,
-the very same static-buffer path runs eagerly, which is how its logic is tested
-without a GPU.
+attention scratch. A step writes its inputs into one host staging buffer (pinned on
+CUDA), copies it to the device in one piece, pads the rest of its bucket with harmless
+rows (slot -1 writes no K/V, length 0 attends to nothing and yields zeros) and replays
+the bucket's graph; the padded rows' outputs are dropped. On CPU, or with
+`enforce_eager`, the very same static-buffer path runs eagerly, which is how its logic
+is tested without a GPU.
+
+Block tables stay on the device between steps, one slot per running sequence
+(`TableSlots`): a step sends only the block ids its sequences gained since they were
+last seen, scatters them into their slots and gathers its rows from the slots in batch
+order, so its host cost follows the batch size, not the total number of blocks.
 
 Capture follows docs/GPU_NOTES: buffers and the KV cache exist before capture, every
-bucket is warmed up (Triton compiles) on the capture stream first, graphs are captured
-largest first into one shared memory pool, Python scalars baked in are the same for
-every replay (`max_seqlen_q` 1, split count from the bucket size, the block tables'
-row stride), and each graph's output is consumed before the next replay.
+bucket is warmed up (Triton compiles) on the capture stream first with padding in every
+row, graphs are captured largest first into one shared memory pool, Python scalars baked
+in are the same for every replay (`max_seqlen_q` 1, split count from the bucket size, the
+block tables' row stride), and each graph's output is consumed before the next replay.
 """
 
 from __future__ import annotations
 
 import gc
+import heapq
 import logging
 import time
 from dataclasses import dataclass
@@ -40,30 +46,140 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(buckets) | {max_num_seqs})
 
 
-@dataclass(frozen=True, slots=True)
-class DecodeBuffers:
-    """The per-sequence decode inputs at the largest bucket. `block_table_rows` holds a step's
-    tables packed densely ([n, width] in its first n*width entries), so that only what the
-    step uses crosses to the device; they are spread into `block_tables` there."""
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // 64) * 64
 
+
+@dataclass(frozen=True, slots=True)
+class DecodeInputs:
+    """One decode step's inputs as views into one byte buffer, so that a step crosses to the
+    device in a single copy of its first `nbytes(m)` bytes: a fixed header with the
+    per-row inputs at the largest bucket, then the step's `m` block-table writes (flat
+    indices into the slot tables, int64, followed by the block ids, int32)."""
+
+    raw: torch.Tensor  # [nbytes(max_writes)] uint8
     input_ids: torch.Tensor  # [max_bs] int64
     positions: torch.Tensor  # [max_bs] int64
-    slot_mapping: torch.Tensor  # [max_bs] int64
-    seq_lens: torch.Tensor  # [max_bs] int32
-    block_table_rows: torch.Tensor  # [max_bs * max_blocks] int32
+    slot_mapping: torch.Tensor  # [max_bs] int64 (-1: a padding row, writes no K/V)
+    table_slots: torch.Tensor  # [max_bs] int64: row i's block table is slot_tables[table_slots[i]]
+    seq_lens: torch.Tensor  # [max_bs] int32 (0: a padding row, attends to nothing)
+    header_bytes: int
 
     @classmethod
-    def allocate(cls, max_bs: int, max_blocks: int, device: torch.device, pin: bool = False) -> DecodeBuffers:
-        def empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(numel, dtype=dtype, device=device, pin_memory=pin)
+    def allocate(cls, max_bs: int, max_writes: int, device: torch.device, pin: bool = False) -> DecodeInputs:
+        fields = (("input_ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
+                  ("table_slots", torch.int64), ("seq_lens", torch.int32))
+        header_bytes = sum(_aligned(max_bs * dtype.itemsize) for _, dtype in fields)
+        # Sized for the worst step; only the header needs initialising (on the host, pages of the
+        # write region that are never written are never resident).
+        raw = torch.empty(header_bytes + 12 * max_writes, dtype=torch.uint8, device=device, pin_memory=pin)
+        raw[:header_bytes].zero_()
+        views, offset = {}, 0
+        for name, dtype in fields:
+            views[name] = raw[offset : offset + max_bs * dtype.itemsize].view(dtype)
+            offset += _aligned(max_bs * dtype.itemsize)
+        views["slot_mapping"].fill_(-1)  # every row starts as padding
+        return cls(raw=raw, header_bytes=header_bytes, **views)
 
-        return cls(
-            input_ids=empty(max_bs, torch.int64),
-            positions=empty(max_bs, torch.int64),
-            slot_mapping=empty(max_bs, torch.int64),
-            seq_lens=empty(max_bs, torch.int32),
-            block_table_rows=empty(max_bs * max_blocks, torch.int32),
-        )
+    def nbytes(self, num_writes: int) -> int:
+        return self.header_bytes + 12 * num_writes
+
+    def table_writes(self, num_writes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views holding a step's `num_writes` block-table writes: (flat indices, block ids)."""
+        start, mid = self.header_bytes, self.header_bytes + 8 * num_writes
+        return self.raw[start:mid].view(torch.int64), self.raw[mid : mid + 4 * num_writes].view(torch.int32)
+
+
+class TableSlots:
+    """Host-side bookkeeping of the device's slot tables: which block-table list each slot
+    holds, and how many of its entries are already on the device, so that a step uploads
+    only what was appended since that list was last seen.
+
+    Why an entry on the device is never stale: a slot is keyed by the list object itself
+    (`Sequence.block_table`), and a strong reference is kept (until another table claims the
+    slot: at most `num_slots` lists), so no other list can take its `id` while it owns the
+    slot. The engine changes a block table in exactly two ways
+    (engine/kv_manager.py): `KVCacheManager.allocate` extends the list in place, and every
+    other change (freeing on preemption, finish or abort; prefix-cache admission; the
+    engine's reset) binds `seq.block_table` to a new list. A given list therefore only ever
+    grows by appends, so the first `uploaded` entries the device holds for it are still its
+    first entries. A new list (a preempted request readmitted, a new request) is a miss and
+    gets a whole row, even if its blocks happen to be the old ones. As a tripwire against a
+    future in-place edit, a list that got shorter, or whose last uploaded entry changed, is
+    uploaded whole again. `forget` drops everything (after a step failed half-way).
+    """
+
+    def __init__(self, num_slots: int, width: int) -> None:
+        self.num_slots = num_slots
+        self.width = width
+        self.forget()
+
+    def forget(self) -> None:
+        """Hold nothing: every table is written whole the next time it comes."""
+        self._owner: list[list[int] | None] = [None] * self.num_slots
+        self._uploaded = [0] * self.num_slots
+        self._last = [0] * self.num_slots  # owner[uploaded - 1] when it was uploaded
+        self._slot_of: dict[int, int] = {}  # id(owner) -> slot
+        self._used = [0] * self.num_slots  # the last step that used each slot: claims take the oldest
+        self._step = 0
+
+    def plan(self, tables: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+        """The slot of each table (at most `num_slots` of them), and the writes (flat indices
+        into the slot tables, block ids) that bring those slots up to date."""
+        if len(tables) > self.num_slots:
+            raise ValueError(f"{len(tables)} block tables exceed the {self.num_slots} slots")
+        self._step += 1
+        step, slot_of, used, uploaded, last = self._step, self._slot_of, self._used, self._uploaded, self._last
+        slots: list[int] = []
+        index: list[int] = []
+        values: list[int] = []
+        misses: list[int] = []
+        for table in tables:
+            slot = slot_of.get(id(table), -1)
+            if slot < 0:
+                misses.append(len(slots))
+            else:
+                used[slot] = step
+                size = len(table)
+                if size != uploaded[slot] or (size and table[-1] != last[slot]):
+                    self._write(slot, table, index, values)
+            slots.append(slot)
+        if misses:
+            self._claim(tables, slots, misses, index, values)
+        return slots, index, values
+
+    def _claim(self, tables: list[list[int]], slots: list[int], misses: list[int], index: list[int],
+               values: list[int]) -> None:
+        """Give each missed table a slot, the least recently used first (none this step uses),
+        and write it whole."""
+        step, owner, slot_of, used = self._step, self._owner, self._slot_of, self._used
+        idle = (s for s in range(self.num_slots) if used[s] != step)
+        free = heapq.nsmallest(len(misses), idle, key=used.__getitem__)
+        free.reverse()
+        for i in misses:
+            table = tables[i]
+            slot = slot_of.get(id(table), -1)  # the same list twice in one batch
+            if slot < 0:
+                slot = free.pop()
+                if owner[slot] is not None:
+                    del slot_of[id(owner[slot])]
+                owner[slot], self._uploaded[slot], used[slot] = table, 0, step
+                slot_of[id(table)] = slot
+            slots[i] = slot
+            self._write(slot, table, index, values)
+
+    def _write(self, slot: int, table: list[int], index: list[int], values: list[int]) -> None:
+        """Append the writes of what `table` gained since the slot was last written."""
+        done, size = self._uploaded[slot], len(table)
+        if size > self.width:
+            raise ValueError(f"a block table of {size} blocks exceeds the {self.width} the buffers hold")
+        if done and (done > size or table[done - 1] != self._last[slot]):
+            done = 0  # not an append-only list after all: write it whole
+        if size > done:
+            base = slot * self.width
+            index += range(base + done, base + size)
+            values += table[done:]
+            self._uploaded[slot], self._last[slot] = size, table[-1]
 
 
 class DecodeGraphRunner:
@@ -82,12 +198,17 @@ class DecodeGraphRunner:
         max_bs = self.buckets[-1]
         config = model.config
         on_cuda = self.device.type == "cuda"
+        # A step writes at most every entry of its tables (all of them new lists).
+        max_writes = max_bs * max_blocks_per_seq
         with torch.inference_mode():
-            self.inputs = DecodeBuffers.allocate(max_bs, max_blocks_per_seq, self.device)
-            # On CPU the staging buffers are the inputs themselves; on CUDA pinned host memory,
-            # so that the copies are truly asynchronous.
-            self.staging = DecodeBuffers.allocate(max_bs, max_blocks_per_seq, torch.device("cpu"), pin=True) \
+            self.inputs = DecodeInputs.allocate(max_bs, max_writes, self.device)
+            # On CPU the staging buffer is the inputs themselves; on CUDA pinned host memory,
+            # so that the copy is truly asynchronous.
+            self.staging = DecodeInputs.allocate(max_bs, max_writes, torch.device("cpu"), pin=True) \
                 if on_cuda else self.inputs
+            # Each running sequence's block table, kept on the device across steps (see
+            # TableSlots); a step gathers its rows into `block_tables` in batch order.
+            self.slot_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=self.device)
             self.block_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=self.device)
             # One query per sequence: the query offsets never change.
             self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
@@ -95,7 +216,12 @@ class DecodeGraphRunner:
                 kernels.decode_workspace_numel(max_bs, config.num_heads, config.head_dim),
                 dtype=torch.float32, device=self.device,
             )
-        # Marks when the last step's host-to-device copies were done, before staging is rewritten.
+        self.table_slots = TableSlots(max_bs, max_blocks_per_seq)
+        # Host views of the staging header, written every step.
+        s = self.staging
+        self._host_rows = [(buffer.numpy(), pad) for buffer, pad in (
+            (s.input_ids, 0), (s.positions, 0), (s.slot_mapping, -1), (s.seq_lens, 0), (s.table_slots, 0))]
+        # Marks when the last step's host-to-device copy was done, before staging is rewritten.
         self._staged = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_outputs: dict[int, torch.Tensor] = {}
@@ -125,17 +251,27 @@ class DecodeGraphRunner:
         return self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs], batch, self.kv_cache)
 
     @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every bucket once, largest first, with padding in every row (slot -1 writes no
+        K/V, length 0 attends to nothing), whatever a previous step left in the buffers. On
+        CUDA this is what compiles and loads the Triton kernels before capture."""
+        self.inputs.input_ids.zero_()
+        self.inputs.positions.zero_()
+        self.inputs.slot_mapping.fill_(-1)
+        self.inputs.seq_lens.zero_()
+        for bs in reversed(self.buckets):
+            self._forward(bs)
+
+    @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         gc.collect()
         torch.cuda.synchronize()
         stream = torch.cuda.Stream()
-        # Warm up every bucket on the capture stream: Triton compiles (and loads modules)
-        # now, since neither is allowed during capture. All rows are padding (length 0, slot -1).
+        # Warm up on the capture stream: neither compiling nor loading modules is allowed during capture.
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
-                self._forward(bs)
+            self.warm_up()
         torch.cuda.synchronize()
         pool = None
         gc.freeze()
@@ -160,41 +296,63 @@ class DecodeGraphRunner:
         seq_lens: list[int],
         block_tables: list[list[int]],
         bs: int,
-    ) -> int:
-        """Write one step's inputs (padded to `bs` rows) into the staging buffers; returns the
-        width of the packed block tables."""
-        n = len(input_ids)
-        width = max((len(t) for t in block_tables), default=0)
-        if width > self.block_tables.shape[1]:
-            raise ValueError(f"a block table of {width} blocks exceeds the {self.block_tables.shape[1]} the buffers hold")
-        # The previous step's copies must have read the staging memory. They always have in
-        # the engine (its sampler reads tokens back each step), so only query: no host sync.
+    ) -> tuple[int, int]:
+        """Write one step's inputs (padded to `bs` rows) and its block-table writes into the
+        staging buffer; returns the number of writes and the width of the longest table."""
+        slots, index, values = self.table_slots.plan(block_tables)
+        # The previous step's copy must have read the staging memory. It always has in the
+        # engine (its sampler reads tokens back each step), so only query: no host sync.
         if self._staged is not None and not self._staged.query():
             self._staged.synchronize()
-        s = self.staging
-        for buffer, values, pad in ((s.input_ids, input_ids, 0), (s.positions, positions, 0),
-                                    (s.slot_mapping, slot_mapping, -1), (s.seq_lens, seq_lens, 0)):
-            array = buffer.numpy()
-            array[:n] = values
+        n = len(input_ids)
+        for (array, pad), values_of_rows in zip(self._host_rows, (input_ids, positions, slot_mapping, seq_lens, slots)):
+            array[:n] = values_of_rows
             array[n:bs] = pad
-        rows = s.block_table_rows.numpy()[: n * width].reshape(n, width)
-        for row, table in zip(rows, block_tables):
-            row[: len(table)] = table  # entries past a table's end are never read (lengths bound them)
-        return width
+        if index:
+            index_buffer, value_buffer = self.staging.table_writes(len(index))
+            index_buffer.numpy()[:] = index
+            value_buffer.numpy()[:] = values
+        return len(index), max(map(len, block_tables), default=0)
 
-    def _upload(self, n: int, bs: int, width: int) -> None:
-        """Copy the staged rows to the device buffers and spread the packed tables into place."""
+    def _upload(self, n: int, num_writes: int, width: int) -> None:
+        """Copy the staged step to the device in one piece, apply its block-table writes to the
+        slot tables and gather the n rows' tables (their first `width` entries) into
+        `block_tables`. Entries past a table's end, and padding rows, keep stale blocks: lengths
+        bound what attention reads. Device-side indexing only: no host sync, no allocation."""
         if self.staging is not self.inputs:
-            for src, dst in ((self.staging.input_ids, self.inputs.input_ids),
-                             (self.staging.positions, self.inputs.positions),
-                             (self.staging.slot_mapping, self.inputs.slot_mapping),
-                             (self.staging.seq_lens, self.inputs.seq_lens)):
-                dst[:bs].copy_(src[:bs], non_blocking=True)
-            packed = n * width
-            self.inputs.block_table_rows[:packed].copy_(self.staging.block_table_rows[:packed], non_blocking=True)
+            size = self.inputs.nbytes(num_writes)
+            self.inputs.raw[:size].copy_(self.staging.raw[:size], non_blocking=True)
             self._staged.record()
-        # Padding rows keep stale tables: with length 0 they read nothing.
-        self.block_tables[:n, :width].copy_(self.inputs.block_table_rows[: n * width].view(n, width))
+        if num_writes:
+            self.slot_tables.view(-1).index_copy_(0, *self.inputs.table_writes(num_writes))
+        if n:
+            torch.index_select(self.slot_tables[:, :width], 0, self.inputs.table_slots[:n],
+                               out=self.block_tables[:n, :width])
+
+    @torch.inference_mode()
+    def load_step(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slot_mapping: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> int:
+        """Put one decode step's inputs for n sequences into the static buffers' first rows, pad
+        the rest of its bucket, and return the bucket (what `run` does before the forward).
+
+        Only what a block table gained since it was last passed in crosses to the device, so a
+        list passed again must have changed by appends only, as `Sequence.block_table` does
+        (`TableSlots` says why); any other change must come as a new list."""
+        n = len(input_ids)
+        bs = self.bucket_for(n)
+        try:
+            num_writes, width = self._stage(input_ids, positions, slot_mapping, seq_lens, block_tables, bs)
+            self._upload(n, num_writes, width)
+        except BaseException:
+            self.table_slots.forget()  # which writes reached the device is unknown now
+            raise
+        return bs
 
     @torch.inference_mode()
     def run(
@@ -208,16 +366,22 @@ class DecodeGraphRunner:
         """Hidden states of one decode step for n sequences, as the whole bucket [bucket, hidden]:
         the n sequences' rows first, then the padding rows' (finite, meaningless; the caller
         drops them). n may be 0: then only padding runs, which is how `ModelRunner.probe`
-        tests the device.
+        tests the device. The inputs are as `load_step` takes them.
 
         The result may live in the graph's memory pool: consume it before the next call.
         """
-        n = len(input_ids)
-        bs = self.bucket_for(n)
-        width = self._stage(input_ids, positions, slot_mapping, seq_lens, block_tables, bs)
-        self._upload(n, bs, width)
+        bs = self.load_step(input_ids, positions, slot_mapping, seq_lens, block_tables)
         graph = self.graphs.get(bs)
         if graph is None:
             return self._forward(bs)
         graph.replay()
         return self.graph_outputs[bs]
+
+    def check_block_tables(self, block_tables: list[list[int]]) -> None:
+        """Raise unless the device's `block_tables` rows begin with these tables, in order
+        (what the last `run` was given, if they have not changed since). For tests and
+        debugging: it waits for the device."""
+        rows = self.block_tables[: len(block_tables)].tolist()
+        for i, (row, table) in enumerate(zip(rows, block_tables)):
+            if row[: len(table)] != list(table):
+                raise RuntimeError(f"row {i} of the device block tables is {row[:len(table)]}, expected {list(table)}")
