@@ -22,10 +22,14 @@ class ForwardBatch:
     - `slot_mapping` [T] int64: the flat KV-cache slot (block * block_size + offset) each new
       token is written to; -1 writes nothing (padding rows).
     - `block_tables` [B, max_blocks] int32: each sequence's KV blocks in order, -1 padded.
+    - `num_decode_seqs`: how many leading sequences have exactly one new token (a host int). A
+      mixed step packs its decodes first so that paged attention can send them to the split-K
+      decode kernel and only the longer rows to the prefill kernel; 0 when not known.
     - `has_cached_prefix`: whether any sequence attends to tokens cached by an earlier step;
       when none does, attention runs over the fresh K/V alone (prefill) without reading the cache.
-    - `logits_indices` [B] int64: which rows to compute logits for (each sequence's last
-      token); None computes logits for every token.
+    - `logits_indices` [S] int64: which rows to compute logits for (the last token of each
+      sequence that samples, in the step's order, whatever order the rows are packed in);
+      None computes logits for every token.
     - `decode_workspace`: preallocated fp32 scratch for split-K decode attention (the graph
       runner's), so that a decode step allocates nothing; None lets the kernel allocate.
 
@@ -39,6 +43,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None
     has_cached_prefix: bool = False
+    num_decode_seqs: int = 0
     logits_indices: torch.Tensor | None = None
     decode_workspace: torch.Tensor | None = None
     _attention_plan: kernels.PagedAttentionPlan | None = field(default=None, init=False, repr=False)

@@ -86,10 +86,12 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # contiguous() because the kernels index by token, head and dim with dense strides.
-        q = q.reshape(tokens, self.num_heads, self.head_dim).contiguous()
-        k = k.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
-        v = v.reshape(tokens, self.num_kv_heads, self.head_dim).contiguous()
+        # Strided views into the qkv output, not copies (three copy kernels per layer): every
+        # kernel takes token and head strides, and RoPE rotates the views in place. `view`, not
+        # `reshape`, so that a layout it cannot view raises instead of silently copying.
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         kernels.apply_rope_(q, k, positions, rope_cache)
         if kv_cache is None:
             if batch.has_cached_prefix:
@@ -101,7 +103,7 @@ class LlamaAttention(nn.Module):
             out = kernels.paged_attention(
                 q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.cu_seqlens_q, self.scale,
                 max_seqlen_q=batch.max_seqlen_q, workspace=batch.decode_workspace,
-                plan=batch.attention_plan(kv_cache.block_size),
+                plan=batch.attention_plan(kv_cache.block_size), num_decode_seqs=batch.num_decode_seqs,
             )
         else:
             out = kernels.flash_attention_varlen(q, k, v, batch.cu_seqlens_q, batch.max_seqlen_q, self.scale)

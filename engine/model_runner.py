@@ -4,18 +4,26 @@ It owns the model, the KV cache and the sampler. A step may mix decodes (one tok
 and prefill chunks (many tokens, possibly after a cached prefix) of different
 sequences in one packed forward; a decode-only step goes through the static-buffer
 graph runner instead. Logits are computed only for the sequences that sample.
+Before serving, `warm_up` compiles every Triton kernel variant that a step can launch
+outside the captured decode graphs.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 
+from splitinfer import kernels
 from splitinfer.engine.cuda_graph import DecodeGraphRunner
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.sampler import Sampler, SamplerOutput
 from splitinfer.engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -33,6 +41,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = model.rope_cache.device
         self.block_size = kv_cache.block_size
+        self.max_num_seqs = max_num_seqs
         max_blocks = -(-max_model_len // self.block_size)
         self.graph_runner = DecodeGraphRunner(model, kv_cache, max_num_seqs, max_blocks, use_cuda_graphs)
 
@@ -44,14 +53,23 @@ class ModelRunner:
         return [block_table[pos // bs] * bs + pos % bs for pos in range(start, end)]
 
     def prepare(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
-        """Packed inputs and attention metadata of a step; logits rows for the sampling sequences."""
+        """Packed inputs and attention metadata of a step; logits rows for the sampling sequences.
+
+        Sequences with one new token (decodes) are packed first, the longer ones (prefill
+        chunks) after them, so that paged attention can give the decodes the split-K decode
+        kernel (`ForwardBatch.num_decode_seqs`). `logits_indices` still lists the sampling
+        sequences in the step's order, which is the order the sampler takes them in."""
+        scheduled = step.scheduled
+        # Stable: decodes keep their order among themselves, and so do prefill chunks.
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
+        packed = [scheduled[i] for i in order]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         cu = [0]
         seq_lens: list[int] = []
-        logits_rows: list[int] = []
-        for item in step.scheduled:
+        last_row = [0] * len(scheduled)
+        for i, item in zip(order, packed):
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_new_tokens
             ids += seq.token_ids[start:end]
@@ -59,17 +77,18 @@ class ModelRunner:
             slots += self._slots(seq.block_table, start, end)
             cu.append(cu[-1] + item.num_new_tokens)
             seq_lens.append(end)
-            if item.samples:
-                logits_rows.append(cu[-1] - 1)
-        width = max(len(item.seq.block_table) for item in step.scheduled)
-        tables = [item.seq.block_table + [-1] * (width - len(item.seq.block_table)) for item in step.scheduled]
+            last_row[i] = cu[-1] - 1
+        logits_rows = [last_row[i] for i, item in enumerate(scheduled) if item.samples]
+        width = max(len(item.seq.block_table) for item in scheduled)
+        tables = [item.seq.block_table + [-1] * (width - len(item.seq.block_table)) for item in packed]
         batch = ForwardBatch(
             cu_seqlens_q=self._tensor(cu, torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32),
-            max_seqlen_q=max(item.num_new_tokens for item in step.scheduled),
+            max_seqlen_q=max(item.num_new_tokens for item in scheduled),
             slot_mapping=self._tensor(slots, torch.int64),
             block_tables=self._tensor(tables, torch.int32),
-            has_cached_prefix=any(item.seq.num_computed_tokens > 0 for item in step.scheduled),
+            has_cached_prefix=any(item.seq.num_computed_tokens > 0 for item in scheduled),
+            num_decode_seqs=sum(item.num_new_tokens == 1 for item in scheduled),
             logits_indices=self._tensor(logits_rows, torch.int64),
         )
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch
@@ -102,6 +121,53 @@ class ModelRunner:
         input_ids, positions, batch = self.prepare(step)
         hidden = self.model(input_ids, positions, batch, self.kv_cache)
         return self.model.compute_logits(hidden, batch.logits_indices)
+
+    @torch.inference_mode()
+    def warm_up(self) -> list[int]:
+        """Compile now every Triton kernel variant that a step can launch outside the captured
+        decode graphs, so that no step stalls mid-serving on a compile (0.5-2 s each on a cold
+        Triton cache): for each split count the decode kernel can pick, a mixed step of that
+        many decode rows beside a prefill chunk over a cached prefix; a prefill chunk over a
+        cached prefix alone; a fresh prefill. Batches are tiny: the point is to compile.
+
+        Every row is harmless: slot -1 writes no K/V, and the block tables point at block 0,
+        which is only read. Returns the decode split counts warmed up; with the torch kernels,
+        which compile nothing, it runs nothing and returns []."""
+        if not kernels.use_triton(self.model.rope_cache):
+            return []
+        start = time.perf_counter()
+        splits = kernels.decode_split_batches(self.max_num_seqs, self.model.config.num_kv_heads, self.device)
+        for decodes in splits.values():
+            self._harmless_forward(decodes, [2], cached_prefix=True)
+        self._harmless_forward(0, [2], cached_prefix=True)
+        self._harmless_forward(0, [2, 1], cached_prefix=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info("warmed up the eager kernels in %.1f s (decode split counts %s)",
+                    time.perf_counter() - start, sorted(splits))
+        return sorted(splits)
+
+    def _harmless_forward(self, decodes: int, chunks: list[int], cached_prefix: bool) -> None:
+        """A forward of `decodes` one-token sequences, then sequences of `chunks` new tokens,
+        after one cached token each when `cached_prefix`; it writes no K/V and reads only block 0."""
+        num_new_tokens = [1] * decodes + chunks
+        seq_lens = [n + cached_prefix for n in num_new_tokens]
+        positions = [p for n, length in zip(num_new_tokens, seq_lens) for p in range(length - n, length)]
+        cu = [0]
+        for n in num_new_tokens:
+            cu.append(cu[-1] + n)
+        width = -(-max(seq_lens) // self.block_size)
+        batch = ForwardBatch(
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            seq_lens=self._tensor(seq_lens, torch.int32),
+            max_seqlen_q=max(num_new_tokens),
+            slot_mapping=self._tensor([-1] * cu[-1], torch.int64),
+            block_tables=self._tensor([[0] * width] * len(seq_lens), torch.int32),
+            has_cached_prefix=cached_prefix,
+            num_decode_seqs=decodes,
+        )
+        self.model(self._tensor([0] * cu[-1], torch.int64), self._tensor(positions, torch.int64), batch,
+                   self.kv_cache)
 
     @torch.inference_mode()
     def probe(self) -> None:

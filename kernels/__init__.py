@@ -6,6 +6,7 @@ tests); `dispatch` chooses the implementation per call. Import from here only.
 
 from splitinfer.kernels.dispatch import (
     apply_rope_,
+    decode_split_batches,
     decode_workspace_numel,
     flash_attention_varlen,
     paged_attention,
@@ -13,6 +14,7 @@ from splitinfer.kernels.dispatch import (
     rms_norm,
     silu_and_mul,
     store_kv,
+    use_triton,
 )
 from splitinfer.kernels.attention import PagedAttentionPlan
 from splitinfer.kernels.rope import RopeScaling, rope_cos_sin_cache
@@ -21,6 +23,7 @@ __all__ = [
     "PagedAttentionPlan",
     "RopeScaling",
     "apply_rope_",
+    "decode_split_batches",
     "decode_workspace_numel",
     "flash_attention_varlen",
     "paged_attention",
@@ -29,4 +32,5 @@ __all__ = [
     "rope_cos_sin_cache",
     "silu_and_mul",
     "store_kv",
+    "use_triton",
 ]

@@ -15,7 +15,13 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table width changes from step to step, and the metadata pointers of a mixed step's
+# prefill rows are slices (`dispatch.paged_attention`) whose 16-byte alignment depends on how many
+# decode rows precede them: specialising on either would compile new binaries mid-serving.
+@triton.jit(
+    do_not_specialize=["stride_bt"],
+    do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"],
+)
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr,
     cu_seqlens_q_ptr, seq_lens_ptr, block_tables_ptr,
@@ -95,8 +101,16 @@ def _tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if head_dim <= 64:
-        return 128, 64, 4, 3
+        # Not 128x64 at 4 warps: on sm_90 that took 252-254 of the 255 registers a thread may have
+        # (one change from spilling). 64x64 takes 132-145, which lets three CTAs share an SM.
+        return 64, 64, 4, 3
     return 128, 64, 8, 2
+
+
+def block_d(head_dim: int) -> int:
+    """The head-dim tile: a power of two, and at least 16 because it is the K of `q @ k^T`, which
+    `tl.dot` needs >= 16 on the GPU (the interpreter accepts less); `head_dim` masks the padding."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -146,7 +160,7 @@ def flash_attention_varlen_triton(
     _check_qkv(q, k, "flash_attention_varlen")
     if k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match and have q's {q.shape[0]} tokens")
-    out = torch.empty_like(q) if out is None else out
+    out = q.new_empty(q.shape) if out is None else out  # dense, whatever q's strides
     num_seqs = cu_seqlens.shape[0] - 1
     if q.shape[0] == 0 or num_seqs == 0:
         return out
@@ -161,7 +175,7 @@ def flash_attention_varlen_triton(
         0, 0, 0,
         1, scale * LOG2E, q.shape[1] // k.shape[1], q.shape[-1],
         PAGED=False, CAUSAL=causal,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(q.shape[-1]),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(q.shape[-1]),
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )
@@ -180,7 +194,7 @@ def paged_prefill_attention_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Several new tokens per sequence over its paged context (prefill after a cached prefix, chunked prefill)."""
-    out = torch.empty_like(q) if out is None else out
+    out = q.new_empty(q.shape) if out is None else out  # dense, whatever q's strides
     block_m, block_n, warps, stages = _tiles(q.shape[-1], q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), q.shape[1], seq_lens.shape[0])
     _attention_kernel[grid](
@@ -191,7 +205,7 @@ def paged_prefill_attention_triton(
         k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
         k_cache.shape[1], scale * LOG2E, q.shape[1] // k_cache.shape[2], q.shape[-1],
         PAGED=True, CAUSAL=True,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(q.shape[-1]),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(q.shape[-1]),
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=warps, num_stages=stages,
     )

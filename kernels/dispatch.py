@@ -111,12 +111,17 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     workspace: torch.Tensor | None = None,
     plan: attention.PagedAttentionPlan | None = None,
+    num_decode_seqs: int = 0,
 ) -> torch.Tensor:
     """Packed queries over each sequence's paged context; sequence b's queries are its last
     `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal.
 
     `max_seqlen_q` (a host int) sizes the launch grid; 1 selects the split-K decode
     kernel. When None it is read from `cu_seqlens_q`, which syncs with the device.
+    `num_decode_seqs` (a host int): how many leading sequences have one query each. In a
+    mixed step (decodes packed first, then prefill chunks) those go through the split-K
+    decode kernel and the rest through the prefill kernel, into one output; 0 sends every
+    sequence of a step with longer queries through the prefill kernel.
     `workspace`: fp32 scratch of at least `decode_workspace_numel(batch, Hq, D)` elements
     for the split-K partial results, so that a decode step allocates nothing; without
     it the decode kernel allocates its scratch per call.
@@ -126,17 +131,28 @@ def paged_attention(
         return attention.paged_attention_torch(
             q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q, workspace, plan
         )
-    _triton("attention_triton").check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
+    prefill = _triton("attention_triton")
+    prefill.check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
+    decode = _triton("paged_decode_triton").paged_decode_attention_triton
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if seq_lens.numel() else 0
     if max_seqlen_q == 1:
-        return _triton("paged_decode_triton").paged_decode_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, workspace=workspace
+        return decode(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, workspace=workspace)
+    batch, n = seq_lens.shape[0], num_decode_seqs
+    if not 0 < n < batch:
+        return prefill.paged_prefill_attention_triton(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
         )
-    return _triton("attention_triton").paged_prefill_attention_triton(
-        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
+    # Both kernels read and write their rows at cu_seqlens_q[seq] (absolute token offsets), so
+    # each gets its slice of the metadata and they fill disjoint rows of one output.
+    out = q.new_empty(q.shape)
+    decode(q, k_cache, v_cache, block_tables[:n], seq_lens[:n], cu_seqlens_q[: n + 1], scale, out=out,
+           workspace=workspace)
+    prefill.paged_prefill_attention_triton(
+        q, k_cache, v_cache, block_tables[n:], seq_lens[n:], cu_seqlens_q[n:], max_seqlen_q, scale, out=out
     )
+    return out
 
 
 def plan_paged_attention(
@@ -155,3 +171,14 @@ def decode_workspace_numel(batch: int, num_heads: int, head_dim: int) -> int:
     """fp32 elements of split-K decode scratch for `batch` sequences: each (sequence, query
     head, slice) keeps a partial output of `head_dim` values and its log-sum-exp."""
     return batch * num_heads * MAX_DECODE_SPLITS * (head_dim + 1)
+
+
+def decode_split_batches(max_batch: int, kv_heads: int, device: torch.device) -> dict[int, int]:
+    """Each split count the Triton decode kernel picks for some batch of 1 to `max_batch`
+    sequences, with the smallest such batch. The count is a compile-time constant of the
+    kernel, so each is one binary to compile before serving (`ModelRunner.warm_up`)."""
+    pick = _triton("paged_decode_triton").decode_num_splits
+    batches: dict[int, int] = {}
+    for batch in range(1, max_batch + 1):
+        batches.setdefault(pick(batch, kv_heads, device), batch)
+    return batches

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from splitinfer.kernels.attention_triton import LOG2E, dot_precision
+from splitinfer.kernels.attention_triton import LOG2E, block_d, dot_precision
 from splitinfer.kernels.dispatch import MAX_DECODE_SPLITS
 
 BLOCK_N = 64
@@ -31,7 +31,8 @@ def _split_bounds(kv_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr
     return start, tl.minimum(start + per_split, kv_len)
 
 
-@triton.jit
+# The block-table width changes from step to step outside CUDA graphs: not a specialisation key.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
     o_ptr, part_o_ptr, part_lse_ptr,
@@ -179,12 +180,11 @@ def paged_decode_attention_triton(
     splits = num_splits or decode_num_splits(batch, kv_heads, q.device)
     if not 1 <= splits <= MAX_DECODE_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_DECODE_SPLITS}], got {splits}")
-    out = torch.empty_like(q) if out is None else out
+    out = q.new_empty(q.shape) if out is None else out  # dense, whatever q's strides
     if splits > 1:
         part_o, part_lse = _split_scratch(batch, q.shape[1], splits, head_dim, workspace, q.device)
     else:
         part_o = part_lse = out  # unused
-    block_d = triton.next_power_of_2(head_dim)
     _decode_split_kernel[(batch, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
         out, part_o, part_lse,
@@ -192,7 +192,7 @@ def paged_decode_attention_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         k_cache.shape[1], scale * LOG2E, group, head_dim,
-        NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d(head_dim),
         DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4, num_stages=2,
     )
@@ -200,7 +200,7 @@ def paged_decode_attention_triton(
         _decode_merge_kernel[(batch, q.shape[1])](
             part_o, part_lse, seq_lens, cu_seqlens_q, out,
             out.stride(0), out.stride(1), head_dim,
-            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=block_d(head_dim),
             num_warps=4,
         )
     return out

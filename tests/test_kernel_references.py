@@ -179,3 +179,39 @@ def test_a_plan_made_once_serves_every_layer_of_the_batch() -> None:
         q = torch.randn(5, 4, 8)
         torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, tables, lens, cu, plan=plan),
                                    attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu))
+
+
+def test_references_take_q_k_v_as_strided_views_of_one_qkv_projection() -> None:
+    """The model hands every op views into its fused qkv projection (no copies): RoPE must
+    rotate them in place inside that tensor, and each op must give what it gives dense inputs."""
+    from splitinfer.kernels import attention, kv_store, rope
+
+    torch.manual_seed(3)
+    heads, kv_heads, dim, lengths = 4, 2, 16, [1, 1, 5, 1]
+    tokens = sum(lengths)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1))
+    dense = [t.clone() for t in (q, k, v)]
+    positions = torch.tensor([3, 9, 0, 1, 2, 3, 4, 7])
+    table = kernels.rope_cos_sin_cache(dim, 16, 10000.0)
+    rope.apply_rope_reference_(q, k, positions, table)
+    rope.apply_rope_reference_(dense[0], dense[1], positions, table)
+    assert torch.equal(qkv[:, : heads * dim].view(tokens, heads, dim), dense[0]), "RoPE lost its in-place write"
+    assert torch.equal(q, dense[0]) and torch.equal(k, dense[1]) and torch.equal(v, dense[2])
+
+    caches = [torch.zeros(8, 4, kv_heads, dim) for _ in range(4)]
+    slots = torch.tensor([12, 31, 0, 1, 2, 3, 4, 20])
+    kv_store.store_kv_reference(k, v, caches[0], caches[1], slots)
+    kv_store.store_kv_reference(dense[1], dense[2], caches[2], caches[3], slots)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+    cu = torch.tensor([0, 1, 2, 7, 8], dtype=torch.int32)
+    assert torch.equal(attention.flash_attention_varlen_reference(q, k, v, cu, 5),
+                       attention.flash_attention_varlen_reference(*dense, cu, 5))
+    # Decodes first (one SDPA group over a slice of q), a prefill chunk, then a decode out of line.
+    tables = torch.tensor([[3], [7], [0], [5]], dtype=torch.int32).repeat(1, 2)
+    lens = torch.tensor([4, 4, 5, 2], dtype=torch.int32)
+    for n in (4, 2):  # the whole step; its two leading decodes alone (a slice of q, viewed per KV group)
+        args = (caches[0], caches[1], tables[:n], lens[:n], cu[: n + 1])
+        assert torch.equal(attention.paged_attention_torch(q[: cu[n]], *args),
+                           attention.paged_attention_torch(dense[0][: cu[n]], *args))

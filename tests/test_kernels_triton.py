@@ -251,3 +251,142 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
     torch.testing.assert_close(actual[0], expected[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(actual[1], expected[1], atol=1e-4, rtol=1e-4)
     assert actual[2] == expected[2]
+
+
+def fused_qkv(tokens: int, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """q, k, v as the model hands them over: strided views of one [T, (Hq + 2 Hkv) * D] projection
+    (token stride (Hq + 2 Hkv) * D), and that projection."""
+    qkv = randn(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    sizes = [heads * head_dim for heads in (q_heads, kv_heads, kv_heads)]
+    q, k, v = (t.view(tokens, -1, head_dim) for t in qkv.split(sizes, dim=-1))
+    return qkv, q, k, v
+
+
+@pytest.mark.parametrize("head_dim", [8, 32])
+@pytest.mark.parametrize("op", ["store_kv", "varlen", "paged_prefill", "paged_decode"])
+def test_kernels_take_q_k_v_as_strided_views_of_one_qkv_projection(op: str, head_dim: int) -> None:
+    """Each kernel indexes through the token and head strides it is given (the reference gets
+    dense copies) and leaves the projection alone. head_dim 8 also runs the head dim padded to
+    16, the smallest K of a GPU `tl.dot` (RoPE on these views: test_rope)."""
+    dtype, q_heads, kv_heads = torch.float32, 4, 2
+    scale = head_dim**-0.5
+    if op in ("store_kv", "varlen"):
+        lengths = [5, 1, 9]
+        qkv, q, k, v = fused_qkv(sum(lengths), q_heads, kv_heads, head_dim, dtype)
+    else:
+        lengths, context = ([5, 1, 9], [12, 20, 9]) if op == "paged_prefill" else ([1] * 4, [1, 70, 16, 33])
+        k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths, context, kv_heads, head_dim, dtype, seed=head_dim)
+        qkv, q, _, _ = fused_qkv(sum(lengths), q_heads, kv_heads, head_dim, dtype)
+    assert not q.is_contiguous() and q.stride(0) == (q_heads + 2 * kv_heads) * head_dim
+    before = qkv.clone()
+    if op == "store_kv":
+        slots = torch.randperm(40 * 4, device=DEVICE)[: k.shape[0]]
+        slots[::4] = -1
+        caches = [poisoned((40, 4, kv_heads, head_dim), dtype) for _ in range(4)]
+        store_kv_triton(k, v, caches[0], caches[1], slots)
+        store_kv_reference(k.contiguous(), v.contiguous(), caches[2], caches[3], slots)
+        torch.testing.assert_close(caches[0], caches[2], equal_nan=True, atol=0, rtol=0)
+        torch.testing.assert_close(caches[1], caches[3], equal_nan=True, atol=0, rtol=0)
+    elif op == "varlen":
+        cu = cu_seqlens(lengths)
+        out = flash_attention_varlen_triton(q, k, v, cu, max(lengths), scale, out=poisoned(q.shape, dtype))
+        expected = attention.flash_attention_varlen_reference(q.contiguous(), k.contiguous(), v.contiguous(), cu,
+                                                              max(lengths), scale)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+    elif op == "paged_prefill":
+        out = paged_prefill_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, max(lengths), scale,
+                                             out=poisoned(q.shape, dtype))
+        expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, scale)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+    else:
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, scale, num_splits=4,
+                                            out=poisoned(q.shape, dtype))
+        expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, scale)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert torch.equal(qkv, before), f"{op} wrote into its inputs"
+
+
+def test_attention_tiles_meet_the_gpu_tl_dot_minimum_at_head_dim_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the GPU `tl.dot` needs K >= 16 (the interpreter accepts less): the head-dim tile is the
+    K of q @ k^T, so a model with head_dim < 16 must still launch BLOCK_D = 16."""
+    from launch_spy import LaunchSpy
+    from splitinfer.kernels import attention_triton, paged_decode_triton
+
+    prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel")
+    decode = LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_split_kernel")
+    qkv, q, k, v = fused_qkv(3, 4, 2, 8, torch.float32)
+    flash_attention_varlen_triton(q, k, v, cu_seqlens([3]), 3)
+    k_cache, v_cache, tables, seq_lens, cu = paged_case([1, 2], [3, 5], 2, 8, torch.float32)
+    paged_prefill_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 2, 0.3)
+    paged_decode_attention_triton(q[:2], k_cache, v_cache, tables, seq_lens, cu_seqlens([1, 1]), 0.3, num_splits=2)
+    launches = [kwargs for _, _, kwargs in prefill.launches + decode.launches]
+    assert len(launches) == 3
+    for kwargs in launches:
+        assert kwargs["BLOCK_D"] == 16
+        assert min(kwargs.get("BLOCK_M", 16), kwargs.get("BLOCK_H", 16), kwargs["BLOCK_N"]) >= 16
+
+
+def specialization_keys(spy, kernel) -> set[tuple]:
+    """The key Triton compiles each recorded launch of `kernel` under (types, divisibility by 16,
+    equality to 1, pointer alignment): distinct keys are distinct binaries. Computed for sm_90
+    by the JIT's own binder, without a GPU and without compiling."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    raw = getattr(kernel, "fn", kernel)  # the interpreter's and the JIT's wrappers both keep it
+    options = getattr(kernel, "kwargs", None) or {
+        "do_not_specialize": kernel.do_not_specialize,
+        "do_not_specialize_on_alignment": kernel.do_not_specialize_on_alignment,
+    }
+    names = ("do_not_specialize", "do_not_specialize_on_alignment")
+    jit = JITFunction(raw, **{name: options.get(name) for name in names})
+    binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+    return {repr(binder(*args, **kwargs)[1]) for _, args, kwargs in spy.launches}
+
+
+def test_per_step_values_do_not_compile_new_kernel_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block-table width changes from step to step in eager steps, and a mixed step hands the
+    prefill kernel metadata slices at any offset: neither may be part of the key the kernels are
+    compiled under, or each new value compiles (0.5-2 s) mid-serving."""
+    from launch_spy import LaunchSpy
+    from splitinfer.kernels import attention_triton, dispatch, paged_decode_triton
+
+    monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
+    prefill_kernel, decode_kernel = attention_triton._attention_kernel, paged_decode_triton._decode_split_kernel
+    # Only the launch arguments matter here: the kernels need not run.
+    prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel", run=False)
+    decode = LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_split_kernel", run=False)
+    LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_merge_kernel", run=False)
+    qkv, q, _, _ = fused_qkv(15, 4, 2, 16, torch.float32)
+    for width in (1, 2, 3, 16, 17, 32):
+        for decodes in (0, 1, 2, 3):
+            k_cache, v_cache, tables, seq_lens, cu = paged_case([1] * decodes + [3] * (5 - decodes), [3] * 5, 2, 16,
+                                                                torch.float32)
+            tables = torch.cat([tables, tables.new_zeros(5, width - tables.shape[1])], 1) if width > 1 else tables
+            dispatch.paged_attention(q[: cu[-1]], k_cache, v_cache, tables, seq_lens, cu, 0.25, max_seqlen_q=3,
+                                     num_decode_seqs=decodes)
+            dispatch.paged_attention(q[:5], k_cache, v_cache, tables, seq_lens, cu_seqlens([1] * 5), 0.25,
+                                     max_seqlen_q=1)
+    assert len(prefill.launches) == 24 and len(decode.launches) == 24 + 18
+    assert len(specialization_keys(prefill, prefill_kernel)) == 1
+    assert len(specialization_keys(decode, decode_kernel)) == 1
+
+
+def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decodes packed first, then prefill chunks: the decode kernel takes the first rows, the
+    prefill kernel the rest (absolute token offsets), both into one output equal to the reference."""
+    from launch_spy import LaunchSpy
+    from splitinfer.kernels import attention_triton, dispatch, paged_decode_triton
+
+    monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
+    prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel")
+    decode = LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_split_kernel")
+    lengths_q, context = [1, 1, 1, 6, 9], [70, 1, 17, 30, 9]
+    k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths_q, context, 2, 32, torch.float32, seed=3)
+    _, q, _, _ = fused_qkv(sum(lengths_q), 8, 2, 32, torch.float32)
+    out = dispatch.paged_attention(q, k_cache, v_cache, tables, seq_lens, cu, 0.2, max_seqlen_q=9, num_decode_seqs=3)
+    expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, 0.2)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+    assert [grid[0] for grid, _, _ in decode.launches] == [3]
+    assert [grid[2] for grid, _, _ in prefill.launches] == [2]
