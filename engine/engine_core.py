@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitinfer import kernels
 from splitinfer.engine import cpu_linear
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
 from splitinfer.engine.config import ModelConfig
@@ -41,20 +42,48 @@ from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.sampler import Sampler
-from splitinfer.protocol.sampling_params import SamplingParams
+from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
 from splitinfer.engine.sequence import Logprobs, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
+# Beyond the measured graph pool and workspace: the capture stream's own cuBLAS workspace (up to
+# 32 MiB on Hopper), the static decode buffers, and headroom for allocator rounding.
+GRAPH_FIXED_RESERVE = 256 * 2**20
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" is CUDA when available, else CPU."""
+    """"auto" is CUDA when available, else CPU. A CUDA device always comes back with its index
+    ("cuda" is the current device), since the engine makes it the current device."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index >= count:
+        raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return torch.device("cuda", index)
+
+
+def graphs_off_reason(device: torch.device, enforce_eager: bool, triton_kernels: bool) -> str | None:
+    """Why decode runs without CUDA graphs, or None when they are captured. The torch kernel
+    backend plans paged attention on the host (`.tolist()`, `nonzero`), which is illegal
+    while a stream is capturing, so graphs need the Triton kernels."""
+    if device.type != "cuda":
+        return "not on CUDA"
+    if enforce_eager:
+        return "enforce_eager"
+    if not triton_kernels:
+        return "the torch kernel backend (SPLITINFER_KERNELS=torch, or triton not installed) syncs with the host"
+    return None
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -127,6 +156,9 @@ class EngineCore:
         start = time.perf_counter()
         self.config = config
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            # Triton launches, streams, events and graph capture all use the current device.
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = c = ModelConfig.from_dir(config.model)
         if config.max_model_len is not None and not 0 < config.max_model_len <= c.max_position_embeddings:
@@ -152,8 +184,9 @@ class EngineCore:
         self._new_scheduler(num_blocks)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.sampler, config.max_num_seqs, self.max_model_len,
-            use_cuda_graphs=self.device.type == "cuda" and not config.enforce_eager,
+            use_cuda_graphs=self._graphs_off_reason() is None,
         )
+        self.runner.warm_up()
         self.executor = IsolatingExecutor(self.runner)
         self.requests: dict[str, Sequence] = {}
         self._reported_next: list[StepOutput] = []  # ended between steps (aborts, a reset): the next step reports them
@@ -168,7 +201,7 @@ class EngineCore:
             time.perf_counter() - start, c.path.name, self.device, str(self.dtype).removeprefix("torch."),
             num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 1e9,
             self.max_model_len, "on" if config.enable_prefix_caching else "off",
-            "on" if self.runner.graph_runner.graphs else "off",
+            "on" if self.runner.graph_runner.graphs else f"off ({self._graphs_off_reason()})",
         )
 
     def _new_scheduler(self, num_blocks: int) -> None:
@@ -195,6 +228,9 @@ class EngineCore:
                     "cpu_weight_prepack=False turns this off)", time.perf_counter() - start, extra / 1e9,
                     ", ".join(map(str, sorted(rows))))
 
+    def _graphs_off_reason(self) -> str | None:
+        return graphs_off_reason(self.device, self.config.enforce_eager, kernels.use_triton(self.model.rope_cache))
+
     def _bytes_per_block(self) -> int:
         c = self.model_config
         return KVCache.bytes_per_block(c.num_layers, self.config.block_size, c.num_kv_heads, c.head_dim, self.dtype)
@@ -204,8 +240,10 @@ class EngineCore:
         if self.config.num_kv_blocks is not None:
             blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
+            reserve = self._graph_memory_reserve() if self._graphs_off_reason() is None else 0
             blocks = blocks_from_budget(
-                cuda_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_forward), per_block
+                cuda_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_forward, reserve),
+                per_block,
             )
         else:
             blocks = blocks_from_budget(self.config.kv_cache_gb * 1e9, per_block)
@@ -219,7 +257,7 @@ class EngineCore:
     @torch.inference_mode()
     def _profile_forward(self) -> None:
         """The largest activations a step can need: a full token budget of prefill, then logits
-        and sampling for max_num_seqs rows."""
+        and the sampler's temporaries for max_num_seqs rows with every sampling feature on."""
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
         seqs = min(self.config.max_num_seqs, tokens)
         lengths = [tokens // seqs] * seqs
@@ -227,8 +265,45 @@ class EngineCore:
         batch = ForwardBatch.for_prefill(lengths, self.device)
         positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])
         ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(self.model(ids, positions, batch), batch.logits_indices)
-        logits.softmax(dim=-1).sort(dim=-1)
+        hidden = self.model(ids, positions, batch)
+        del ids, positions
+        rows = torch.arange(self.config.max_num_seqs, device=self.device) % hidden.shape[0]
+        logits = self.model.compute_logits(hidden, rows)
+        del hidden
+        self._profile_sampler(logits)
+
+    def _profile_sampler(self, logits: torch.Tensor) -> None:
+        """Sample `logits` as the most demanding requests would (top-k, top-p, min-p, penalties,
+        logit bias, min_tokens, top logprobs), leaving the default generator as it was."""
+        params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
+                                frequency_penalty=0.5, presence_penalty=0.5, logit_bias={0: 1.0}, min_tokens=2,
+                                logprobs=MAX_LOGPROBS)
+        prompt = list(range(min(64, self.model_config.vocab_size)))
+        seqs = [Sequence(f"profile-{i}", prompt, params) for i in range(logits.shape[0])]
+        state = self.sampler.default_generator.get_state()
+        try:
+            self.sampler(logits, seqs)
+        finally:
+            self.sampler.default_generator.set_state(state)
+
+    @torch.inference_mode()
+    def _graph_memory_reserve(self) -> int:
+        """Device bytes the decode CUDA graphs will take after the KV cache is allocated: their
+        private memory pool (the activations of the largest bucket's forward, measured here on a
+        forward of that many one-token sequences), the split-K attention workspace, and a fixed
+        allowance for the capture stream's cuBLAS workspace and the static input buffers."""
+        c = self.model_config
+        max_bs = decode_buckets(self.config.max_num_seqs)[-1]
+        batch = ForwardBatch.for_prefill([1] * max_bs, self.device)
+        ids = torch.zeros(max_bs, dtype=torch.int64, device=self.device)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.model(ids, ids, batch)
+        torch.cuda.synchronize(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - base
+        workspace = 4 * kernels.decode_workspace_numel(max_bs, c.num_heads, c.head_dim)
+        return activations + workspace + GRAPH_FIXED_RESERVE
 
     # The step API -------------------------------------------------------------------
 

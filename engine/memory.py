@@ -15,14 +15,20 @@ def blocks_from_budget(budget_bytes: float, bytes_per_block: int) -> int:
     return max(int(budget_bytes // bytes_per_block), 0)
 
 
-def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[], None]) -> float:
-    """Bytes left for the KV cache on `device` after a worst-case forward (`profile`).
+def kv_budget(total: int, free: int, torch_reserved: int, torch_peak: int, utilization: float,
+              reserve: int = 0) -> float:
+    """Bytes left for the KV cache, vLLM's accounting: the engine may use `utilization` of the
+    device's `total` memory; from that subtract the torch peak of the profiling run (weights
+    plus the largest activations and the sampler's temporaries), what lives outside torch's
+    allocator (CUDA context, cuBLAS workspaces: the device's used memory, `total - free`,
+    minus what torch has reserved) and `reserve`, bytes that will be allocated after the KV
+    cache (the CUDA graphs' memory pool)."""
+    non_torch = max((total - free) - torch_reserved, 0)
+    return total * utilization - torch_peak - non_torch - reserve
 
-    vLLM's accounting: the engine may use `utilization` of the device's total memory;
-    from that subtract the torch peak of the profiling run (weights plus the largest
-    activations) and what lives outside torch's allocator (CUDA context, cuBLAS
-    workspaces), measured as the device's used memory minus torch's reserved memory.
-    """
+
+def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[], None], reserve: int = 0) -> float:
+    """Bytes left for the KV cache on `device` after a worst-case forward (`profile`); see `kv_budget`."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     gc.collect()
@@ -34,11 +40,12 @@ def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
-    non_torch = max((total - free) - torch.cuda.memory_reserved(device), 0)
-    budget = total * utilization - peak - non_torch
+    reserved = torch.cuda.memory_reserved(device)
+    budget = kv_budget(total, free, reserved, peak, utilization, reserve)
     logger.info(
-        "GPU memory: %.2f GiB total, x %.2f utilization; profiling peak %.2f GiB, outside torch %.2f GiB; "
-        "%.2f GiB left for the KV cache",
-        total / 2**30, utilization, peak / 2**30, non_torch / 2**30, budget / 2**30,
+        "GPU memory: %.2f GiB total, x %.2f utilization; profiling peak %.2f GiB, outside torch %.2f GiB, "
+        "CUDA graphs %.2f GiB; %.2f GiB left for the KV cache",
+        total / 2**30, utilization, peak / 2**30, max((total - free) - reserved, 0) / 2**30, reserve / 2**30,
+        budget / 2**30,
     )
     return budget

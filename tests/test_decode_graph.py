@@ -18,9 +18,17 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 def make_core(path: Path, device: str, **overrides: object) -> EngineCore:
-    dtype = "bfloat16" if device == "cuda" else "float32"
-    return EngineCore(EngineConfig(model=str(path), device=device, dtype=dtype, max_num_seqs=16, block_size=4,
-                                   num_kv_blocks=256, **overrides))
+    settings: dict[str, object] = dict(dtype="bfloat16" if device == "cuda" else "float32", max_num_seqs=16,
+                                       block_size=4, num_kv_blocks=256)
+    return EngineCore(EngineConfig(model=str(path), device=device, **(settings | overrides)))
+
+
+def assert_same_argmax_where_decisive(ours: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    """Equal argmax on every row whose reference top-2 margin exceeds `tolerance`: a random
+    model in bf16 has near-ties that rounding may break either way."""
+    top2 = reference.topk(2, dim=-1).values
+    decisive = (top2[:, 0] - top2[:, 1]) > tolerance
+    assert torch.equal(ours.argmax(-1)[decisive], reference.argmax(-1)[decisive])
 
 
 def decode_plan(core: EngineCore, batch: int) -> SchedulerOutput:
@@ -109,8 +117,9 @@ def test_graph_replay_equals_eager(tiny_checkpoint: Path, batch: int) -> None:
     assert core.runner.graph_runner.graphs, "CUDA graphs were not captured"
     plan = decode_plan(core, batch)
     replayed = core.runner.compute_logits(plan).clone()
-    torch.testing.assert_close(replayed, eager_logits(core, plan), atol=2e-2, rtol=2e-2)
-    assert torch.equal(replayed.argmax(-1), eager_logits(core, plan).argmax(-1))
+    eager = eager_logits(core, plan)
+    torch.testing.assert_close(replayed, eager, atol=2e-2, rtol=2e-2)
+    assert_same_argmax_where_decisive(replayed, eager, tolerance=4e-2)
 
 
 @needs_cuda
@@ -147,7 +156,9 @@ def test_decode_forward_has_no_host_sync(tiny_checkpoint: Path) -> None:
 @needs_cuda
 @pytest.mark.gpu
 def test_steady_state_decode_allocates_no_device_memory(tiny_checkpoint: Path) -> None:
-    core = make_core(tiny_checkpoint, "cuda")
+    # 8 x (29 + 105) tokens need 268 blocks of 4: with fewer, the newest request is preempted
+    # and the step count below no longer holds (as the GPU review found).
+    core = make_core(tiny_checkpoint, "cuda", num_kv_blocks=512)
     for i in range(8):
         core.add_request(f"r{i}", list(range(i + 1, i + 30)),
                          SamplingParams(max_tokens=150, temperature=0.8, top_p=0.9, ignore_eos=True))
