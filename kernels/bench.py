@@ -257,7 +257,7 @@ def _compiled(fn: Callable[[], object]) -> Callable[[], object] | None:
         return None
 
 
-def run_gpu(cases: list[Case], quick: bool) -> list[dict[str, object]]:
+def run_gpu(cases: list[Case], quick: bool, torch_compile: bool = True) -> list[dict[str, object]]:
     from triton.testing import do_bench
 
     bandwidth, tflops = measure_peaks(quick)
@@ -273,7 +273,7 @@ def run_gpu(cases: list[Case], quick: bool) -> list[dict[str, object]]:
             print(f"{case.kernel} {case.shape}: MISMATCH {str(exc).splitlines()[0]}", file=sys.stderr)
         p50, p20, p80 = do_bench(case.ours, quantiles=[0.5, 0.2, 0.8])
         eager = do_bench(case.eager)
-        compiled = _compiled(case.compile_target) if case.compile_target else None
+        compiled = _compiled(case.compile_target) if case.compile_target and torch_compile else None
         compile_ms = do_bench(compiled) if compiled else None
         best_torch = min(t for t in (eager, compile_ms) if t is not None)
         row.update(ours_us=p50 * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, torch_us=eager * 1e3,
@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", choices=KERNELS, action="append",
                         help="benchmark only this kernel (repeatable); default: all")
     parser.add_argument("--quick", action="store_true", help="one shape per model and kernel, and a smaller matmul peak")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile baseline (its compiles take most of a quick run)")
     parser.add_argument("--csv", type=Path, help="also write the rows, with GPU name, versions and git sha, to this CSV file")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                         help="activation dtype (default: bfloat16 on CUDA, float32 under the interpreter)")
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [case for kernel in (args.kernel or KERNELS) for case in builder.cases(kernel)]
     env = environment()
     if CUDA:
-        rows = run_gpu(cases, args.quick)
+        rows = run_gpu(cases, args.quick, torch_compile=not args.no_compile)
     else:
         print("No CUDA device: running the correctness sweep under the Triton interpreter at small sizes. "
               "These runs say nothing about GPU speed, so no timings are shown.", file=sys.stderr)

@@ -6,7 +6,7 @@
 
 Measures, for both: batch-1 decode tokens/s; prefill tokens/s at several prompt lengths;
 and aggregate output tokens/s for N concurrent requests with mixed prompt lengths (32 to
-512) and output lengths (16 to 256): ours continuously batched; transformers one request at
+512 by default) and output lengths (16 to 256): ours continuously batched; transformers one request at
 a time and as one padded batched `generate` (which runs to the longest output). Prints the
 ratios, the achieved memory bandwidth of batch-1 decode against a measured copy bandwidth,
 and the achieved GFLOP/s of the batched runs against a measured matmul peak. On CUDA it also
@@ -91,9 +91,17 @@ def progress(what: str) -> None:
     print(f"measuring {what} ...", file=sys.stderr, flush=True)
 
 
-def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[Request]:
+def span(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '32-512' -> (32, 512)."""
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
+def mixed_workload(count: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (32, 512),
+                   output: tuple[int, int] = (16, 256)) -> list[Request]:
+    """`count` requests, prompt and output lengths uniform in the given ranges."""
     rng = random.Random(seed)
-    return [Request([rng.randrange(vocab) for _ in range(rng.randint(32, 512))], rng.randint(16, 256))
+    return [Request([rng.randrange(vocab) for _ in range(rng.randint(*prompt))], rng.randint(*output))
             for _ in range(count)]
 
 
@@ -106,10 +114,11 @@ PREPACK_POLICIES = {
 
 class Ours:
     def __init__(self, model: str, device: str, dtype: str, enforce_eager: bool, max_num_seqs: int,
-                 prepack: str = "decode") -> None:
+                 prepack: str = "decode", gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None) -> None:
         # No prefix caching: repeated runs of one workload would be served from the cache.
         self.core = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
-                                            max_num_seqs=max_num_seqs, kv_cache_gb=2.0,
+                                            max_num_seqs=max_num_seqs, kv_cache_gb=2.0, num_kv_blocks=num_kv_blocks,
+                                            gpu_memory_utilization=gpu_memory_utilization,
                                             max_num_batched_tokens=MAX_BATCHED_TOKENS, enable_prefix_caching=False,
                                             cpu_weight_prepack=prepack != "off"))
         if prepack == "every" and self.core.model.packed_lm_head is not None:
@@ -150,7 +159,7 @@ class Transformers:
         from transformers import LlamaForCausalLM
 
         self.device = device
-        self.model = LlamaForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+        self.model = LlamaForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -207,11 +216,18 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=128, help="Tokens of the batch-1 decode run (default: %(default)s).")
     p.add_argument("--prefill", default="128,512,2048", help="Prompt lengths for prefill (default: %(default)s).")
     p.add_argument("--concurrency", default="1,8,32", help="Concurrent request counts (default: %(default)s).")
+    p.add_argument("--prompt-tokens", type=span, default="32-512",
+                   help="Prompt lengths of the concurrent requests: N or MIN-MAX (default: %(default)s).")
+    p.add_argument("--output-tokens", type=span, default="16-256",
+                   help="Output lengths of the concurrent requests: N or MIN-MAX (default: %(default)s).")
     p.add_argument("--repeats", type=int, default=2,
                    help="Runs of each measure, ours and transformers' taking turns; the best counts (default: %(default)s).")
     p.add_argument("--skip-sequential", action="store_true",
                    help="Skip transformers one-request-at-a-time for the largest concurrency (slow on CPU).")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="CUDA: the share of the GPU our engine sizes its KV cache to; the rest holds transformers' "
+                   "model and, with graphs off, a second engine of the same size (default: %(default)s).")
     p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")
     p.add_argument("--cpu-prepack-ab", action="store_true",
                    help="CPU: instead of the comparison with transformers, run the concurrent workloads with each "
@@ -231,7 +247,8 @@ def main() -> None:
     print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}: copy {bandwidth:.1f} GB/s, "
           f"matmul {matmul:.1f} GFLOP/s")
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    ours = Ours(model, args.device, args.dtype, enforce_eager=False, max_num_seqs=max(concurrency))
+    ours = Ours(model, args.device, args.dtype, enforce_eager=False, max_num_seqs=max(concurrency),
+                gpu_memory_utilization=args.gpu_memory_utilization)
     params = sum(t.numel() for t in ours.core.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in ours.core.model.parameters())
     vocab = ours.core.model_config.vocab_size
@@ -248,7 +265,8 @@ def main() -> None:
     rows.append(("batch-1 decode tok/s", ours_decode, hf_decode,
                  f"weights read: {roofline(ours_decode)} vs {roofline(hf_decode)} of a {bandwidth:.1f} GB/s copy"))
     if device.type == "cuda":
-        eager = Ours(model, args.device, args.dtype, enforce_eager=True, max_num_seqs=max(concurrency))
+        eager = Ours(model, args.device, args.dtype, enforce_eager=True, max_num_seqs=max(concurrency),
+                     num_kv_blocks=ours.core.pool.num_blocks)
         eager.decode_rate(8)
         eager_decode, = interleaved(args.repeats, lambda: eager.decode_rate(args.decode_tokens))
         rows.append(("batch-1 decode, graphs off", eager_decode, hf_decode, ""))
@@ -264,7 +282,7 @@ def main() -> None:
 
     for count in concurrency:
         progress(f"{count} concurrent requests")
-        work = mixed_workload(count, vocab, seed=count)
+        work = mixed_workload(count, vocab, seed=count, prompt=args.prompt_tokens, output=args.output_tokens)
         useful = sum(r.max_tokens for r in work)
         computed = sum(len(r.prompt) + r.max_tokens for r in work)
         longest = max(r.max_tokens for r in work)
@@ -281,8 +299,11 @@ def main() -> None:
     print(f"\n{'measure':<50} {'ours':>10} {'transformers':>13} {'ratio':>7}  notes")
     for name, a, b, note in rows:
         print(f"{name:<50} {a:>10.1f} {b:>13.1f} {a / b:>6.2f}x  {note}")
-    results["rows"] = [{"measure": n, "ours": a, "transformers": b, "ratio": a / b, "notes": note}
-                       for n, a, b, note in rows]
+    # Batch-1 decode reads every weight once per token: its share of the copy bandwidth.
+    roofline_pct = lambda name, rate: 100 * gbps(rate) / bandwidth if name.startswith("batch-1") else None  # noqa: E731
+    results["weight_bytes"] = weight_bytes
+    results["rows"] = [{"measure": n, "ours": a, "transformers": b, "ratio": a / b, "notes": note,
+                        "roofline_pct": roofline_pct(n, a)} for n, a, b, note in rows]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -3,13 +3,16 @@
 
     python scripts/bench_serving.py --base-url http://127.0.0.1:8000/v1 --concurrency 1,8,32
     python scripts/bench_serving.py --request-rate 4 --num-requests 200 --prompt-tokens 32-512 --output-tokens 16-256
+    python scripts/bench_serving.py --base-url URL1 --base-url URL2 --concurrency 32 --duration 30
 
 Every request streams (with usage), so the client sees each token arrive: TTFT is the time
 to the first text, inter-token latency the gaps between text chunks, end-to-end the time to
 the last byte. For each concurrency level (or request rate) it prints requests/s, output
 tokens/s and TTFT, inter-token and end-to-end latency at p50, p90 and p99, as a table and
 (with --json) as JSON; with --plot (needs matplotlib, the `bench` extra) a PNG of latency
-against throughput.
+against throughput. With several --base-url, requests go to them in turn (one
+engine behind several servers); with --duration, each level keeps its concurrency busy
+for that many seconds instead of running --num-requests.
 
 Prompts are token ids on /v1/completions by default (exact lengths; vLLM, SGLang and
 splitinfer accept them); --prompt-mode text sends words instead, for servers that take
@@ -90,9 +93,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        self.client = httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers,
-                                        timeout=httpx.Timeout(args.timeout),
-                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+        urls = [args.base_url] if isinstance(args.base_url, str) else args.base_url
+        self.clients = [httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(args.timeout),
+                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+                        for url in urls]
+        self.client = self.clients[0]
+        self._sent = 0
         self.model = args.model
         self.rng = random.Random(args.seed)
 
@@ -119,8 +125,10 @@ class Bench:
         result = Result(ok=False)
         start = time.perf_counter()
         last = None
+        client = self.clients[self._sent % len(self.clients)]  # the servers in turn
+        self._sent += 1
         try:
-            async with self.client.stream("POST", path, json=body) as r:
+            async with client.stream("POST", path, json=body) as r:
                 if r.status_code != 200:
                     result.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
                     return result
@@ -156,8 +164,9 @@ class Bench:
         return [self.body(p, o) for p, o in zip(prompts, outputs)]
 
     async def run_level(self, label: str, concurrency: int | None, rate: float | None) -> Summary:
-        work = self.workload(self.args.num_requests)
-        progress = Progress(len(work), label, not self.args.no_progress)
+        duration = getattr(self.args, "duration", None)
+        work = [] if duration else self.workload(self.args.num_requests)
+        progress = Progress(len(work), label, not self.args.no_progress and not duration)
         results: list[Result] = []
 
         async def run(path: str, body: dict) -> None:
@@ -165,7 +174,13 @@ class Bench:
             progress.step()
 
         start = time.perf_counter()
-        if rate is None:
+        if duration:  # `concurrency` workers, each starting requests until the time is up
+            async def worker() -> None:
+                while time.perf_counter() - start < duration:
+                    await run(*self.workload(1)[0])
+
+            await asyncio.gather(*(worker() for _ in range(concurrency or 1)))
+        elif rate is None:
             gate = asyncio.Semaphore(concurrency)
 
             async def gated(path: str, body: dict) -> None:
@@ -202,7 +217,8 @@ class Bench:
                   if self.args.request_rate else
                   [(f"concurrency {c}", int(c), None) for c in self.args.concurrency.split(",")])
         summaries = [await self.run_level(*level) for level in levels]
-        await self.client.aclose()
+        for client in self.clients:
+            await client.aclose()
         return summaries
 
 
@@ -248,7 +264,9 @@ WORDS = ("the of and to in is was for on that with as by at from his her an whic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="The API's base URL (default: %(default)s).")
+    p.add_argument("--base-url", action="append", default=None,
+                   help="The API's base URL; repeat it to send requests to several servers in turn "
+                   "(default: http://127.0.0.1:8000/v1).")
     p.add_argument("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
     p.add_argument("--model", default=None, help="Model name (default: the first of GET /models).")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
@@ -258,6 +276,9 @@ def main() -> None:
     p.add_argument("--vocab-limit", type=int, default=500,
                    help="Token ids for id prompts are drawn below this (default: %(default)s).")
     p.add_argument("--num-requests", type=int, default=64, help="Requests per level (default: %(default)s).")
+    p.add_argument("--duration", type=float, default=None,
+                   help="Seconds each concurrency level runs, starting new requests as others finish (instead of "
+                   "--num-requests; requests in flight at the end are waited for and counted).")
     p.add_argument("--concurrency", default="1,8,32", help="Comma-separated concurrency levels (default: %(default)s).")
     p.add_argument("--request-rate", default=None,
                    help="Comma-separated Poisson request rates (req/s) instead of concurrency levels.")
@@ -273,6 +294,9 @@ def main() -> None:
     p.add_argument("--plot", type=Path, default=None, help="Write a PNG of latency against throughput (matplotlib).")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
     args = p.parse_args()
+    args.base_url = args.base_url or ["http://127.0.0.1:8000/v1"]
+    if args.duration is not None and (args.duration <= 0 or args.request_rate):
+        p.error("--duration must be positive and goes with --concurrency, not --request-rate")
     summaries = asyncio.run(Bench(args).main())
     print_table(summaries)
     if args.json:

@@ -26,6 +26,16 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512, max_position=2048),
     # About 100M parameters: big enough that CPU benchmarks measure compute, not overhead.
     "bench": dict(layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048, vocab=32000, max_position=4096),
+    # Llama-3.2-1B's shapes (1.24B parameters, 2.5 GB in bf16) with random weights: what the GPU
+    # check measures, without a download.
+    "llama-3.2-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
+                         max_position=131072),
+}
+# The other defaults a preset sets (explicit flags override them too).
+PRESET_OPTIONS: dict[str, dict[str, str]] = {
+    "tiny": dict(dtype="float32", rope_scaling="none"),
+    "bench": dict(dtype="float32", rope_scaling="none"),
+    "llama-3.2-1b": dict(dtype="bfloat16", rope_scaling="llama3"),
 }
 SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -81,12 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def size(flag: str, text: str) -> None:
         key = flag[2:].replace("-", "_")
-        p.add_argument(flag, type=int, help=f"{text} (tiny: {PRESETS['tiny'][key]}, bench: {PRESETS['bench'][key]}).")
+        presets = ", ".join(f"{name}: {sizes[key]}" for name, sizes in PRESETS.items())
+        p.add_argument(flag, type=int, help=f"{text} ({presets}).")
 
     p.add_argument("out", type=Path, help="Directory to write the checkpoint into (created if missing).")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="Base sizes, 'tiny' (~0.4M parameters) or 'bench' (~100M); explicit flags override them "
-                        "(default: %(default)s).")
+                   help="Base sizes: 'tiny' (~0.4M parameters), 'bench' (~100M) or 'llama-3.2-1b' (Llama-3.2-1B's "
+                        "shapes, 1.24B, bf16, llama3 rope scaling); explicit flags override them (default: %(default)s).")
     p.add_argument("--seed", type=int, default=0,
                    help="Seed for the weights and the synthetic tokenizer text (default: %(default)s).")
     size("--layers", "Number of decoder layers")
@@ -100,13 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=1,
                    help="Number of safetensors files; more than one also writes model.safetensors.index.json "
                         "(default: %(default)s).")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                   help="Dtype the weights are saved in (default: %(default)s).")
+    p.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="Dtype the weights are saved in (default: the preset's, float32 but for llama-3.2-1b).")
     p.add_argument("--no-tie", action="store_true",
                    help="Write a separate lm_head.weight instead of tying it to the input embeddings.")
-    p.add_argument("--rope-scaling", choices=["none", "llama3", "linear"], default="none",
+    p.add_argument("--rope-scaling", choices=["none", "llama3", "linear"],
                    help="RoPE scaling in config.json: Llama 3.1 style (factor 8, original context a quarter of "
-                        "--max-position), linear (factor 2), or none (default).")
+                        "--max-position), linear (factor 2), or none (default: the preset's, none but for "
+                        "llama-3.2-1b).")
     p.add_argument("--rope-theta", type=float, default=500000.0,
                    help="RoPE base frequency (default: %(default)s).")
     p.add_argument("--attention-bias", action="store_true", help="Give the q/k/v/o projections bias vectors.")
@@ -119,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
 
-    for key, value in PRESETS[args.preset].items():
+    for key, value in (PRESETS[args.preset] | PRESET_OPTIONS[args.preset]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for flag in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_position"):

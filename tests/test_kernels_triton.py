@@ -206,10 +206,12 @@ def test_paged_decode_in_a_preallocated_workspace_matches_per_call_scratch() -> 
 
 
 def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny model with SPLITINFER_KERNELS=triton: same logits (prefill and paged decode) and greedy tokens."""
+    """The tiny model with SPLITINFER_KERNELS=triton: same logits (prefill and paged decode) and greedy tokens.
+
+    Each backend gets its own engine, built after the variable is set and with graphs off: on a
+    GPU, graphs captured under one backend would replay its kernels under the other."""
     from splitinfer.engine import LLM, SamplingParams
 
-    llm = LLM(tiny_checkpoint, device=DEVICE, dtype="float32", num_kv_blocks=64)
     prompts = [[3, 17, 42, 99, 5], list(range(100, 137))]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -218,6 +220,7 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
         from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
         from splitinfer.engine.sequence import Sequence
 
+        llm = LLM(tiny_checkpoint, device=DEVICE, dtype="float32", num_kv_blocks=64, enforce_eager=True)
         seqs = [Sequence(str(i), p, params, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
         runner = ModelRunner(llm.engine.model, llm.engine.kv_cache, None, 4, 64, use_cuda_graphs=False)
         model, cache = llm.engine.model, llm.engine.kv_cache

@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Does every GPU path of splitinfer work, and how fast is it? One command for a bare GPU
+# machine (no network needed), about 5 minutes on one H100/H200. Run with --help for the flags.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+COMMAND_LINE="scripts/gpu_check.sh${*:+ $*}"
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/gpu_check.sh [--dry-run] [--model DIR] [--wheels DIR] [--only STEP,...]
+
+Runs, in order, each step under its own time box (one failure cannot eat the budget),
+printing progress as it goes and writing everything under $OUT (default: gpu-check/):
+
+  install     what is missing of pyzmq, starlette, uvicorn, sse-starlette, openai, hypothesis
+              (from the wheel folder, `pip install --no-index`, when there is one; else from
+              the network), then splitinfer itself (`pip install --no-deps
+              --no-build-isolation -e .`) unless it is already importable
+  checkpoint  a random checkpoint of Llama-3.2-1B's shapes in bf16 (make_tiny_model.py
+              --preset llama-3.2-1b; built once into .cache/), unless --model is given
+  device      nvidia-smi, torch/triton/transformers versions, measured copy bandwidth and
+              bf16 matmul peak                                          -> device.json
+  tests       every test marked `gpu` (bf16 kernels compiled, CUDA-graph replay equal to
+              eager, no allocation and no host sync in steady decode, KV sizing, no compile
+              while serving, bf16 against transformers), then all Triton kernel tests
+              compiled                                                  -> pytest.log
+  kernels     python -m splitinfer.kernels.bench --quick: Llama-3.2-1B and Llama-3.1-8B
+              shapes, correct, time, % of peak, vs torch                -> kernels.csv
+  engine      scripts/bench_engine.py on the checkpoint: batch-1 decode with and without
+              CUDA graphs (% of the bandwidth roofline), prefill 128/512/2048, 64
+              concurrent mixed requests, and transformers (bf16, sdpa) in the same run
+                                                                        -> engine.json
+  http        scripts/start_distributed.sh (1 engine, 2 servers) and 32 concurrent streams
+              for 30 s through both servers; any failed request fails the step -> http.json
+  sanitizer   compute-sanitizer memcheck over the bf16 attention kernel tests and an eager
+              decode step (only where compute-sanitizer is installed) -> sanitizer.log
+and then writes summary.md: a table per step. Exit status 0 when every step passed.
+
+Options:
+  --dry-run      Without a GPU: run every step's plumbing on CPU at toy sizes (the tiny test
+                 checkpoint, a few requests). Says clearly that no GPU numbers were taken.
+  --model DIR    Measure this checkpoint instead of the random Llama-3.2-1B-shaped one.
+  --wheels DIR   Where scripts/gpu_wheels.sh put the wheels (default: $GPU_WHEELS or gpu-wheels/).
+  --only STEPS   Run only these steps (comma-separated names from the list above).
+  -h, --help     Show this help.
+
+Environment: OUT (output folder), PYTHON (the interpreter; default: the first of python3 and
+.venv/bin/python whose torch sees a GPU, or on a dry run that imports torch),
+TRITON_CACHE_DIR (default: .cache/triton, so that a second run skips the compiles).
+EOF
+}
+
+DRY_RUN=0 MODEL="" ONLY="" WHEELS=${GPU_WHEELS:-gpu-wheels}
+need_value() { [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h|--help) usage; exit 0 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        --model) need_value "$@"; MODEL=$2; shift 2 ;;
+        --wheels) need_value "$@"; WHEELS=$2; shift 2 ;;
+        --only) need_value "$@"; ONLY=",$2,"; shift 2 ;;
+        *) echo "error: unexpected argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+OUT=${OUT:-gpu-check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+# A full run starts from an empty record; with --only, the other steps' rows and files stay.
+if [ -z "$ONLY" ] || [ ! -f "$OUT/steps.csv" ]; then
+    echo "step,status,seconds,box" >"$OUT/steps.csv"
+fi
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$REPO/.cache/triton}
+export PYTHONUNBUFFERED=1
+if [ "$DRY_RUN" = 1 ]; then
+    export CUDA_VISIBLE_DEVICES=""  # a dry run measures nothing, even on a GPU machine
+fi
+
+log() { echo "[gpu-check $(date +%H:%M:%S)] $*"; }
+
+pick_python() {
+    local want='import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'
+    [ "$DRY_RUN" = 1 ] && want='import torch'
+    for candidate in ${PYTHON:-python3 .venv/bin/python}; do
+        if "$candidate" -c "$want" 2>/dev/null; then echo "$candidate"; return 0; fi
+    done
+    return 1
+}
+if ! PYTHON=$(pick_python); then
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "error: no Python with torch found (set PYTHON)" >&2
+    else
+        echo "error: no Python whose torch sees a CUDA device; on a machine without a GPU run" \
+             "scripts/gpu_check.sh --dry-run" >&2
+    fi
+    exit 2
+fi
+export PYTHON
+
+FAILED=0
+declare -A STEP_FILES=([device]="device.json device.log" [tests]="pytest.log" [kernels]="kernels.csv kernels.log"
+                       [engine]="engine.json engine.log" [http]="http.json http.log serve.log serve"
+                       [sanitizer]="sanitizer.log")
+# run_step NAME BOX FUNCTION: the function, killed with everything it started after BOX seconds.
+run_step() {
+    local name=$1 box=$2 fn=$3 status start=$SECONDS
+    if [ -n "$ONLY" ] && [[ "$ONLY" != *",$name,"* ]]; then return 0; fi
+    log "step $name: starting (time box ${box}s)"
+    sed -i "/^$name,/d" "$OUT/steps.csv"
+    for file in ${STEP_FILES[$name]:-}; do rm -rf "${OUT:?}/$file"; done
+    export -f "$fn"
+    timeout --kill-after=15 "$box" bash -c "$fn"
+    local rc=$?
+    case $rc in
+        0) status=ok ;;
+        3) status=skipped ;;
+        124|137) status="timed out" ;;
+        *) status="failed (exit $rc)" ;;
+    esac
+    case $status in ok|skipped) ;; *) FAILED=1 ;; esac
+    echo "$name,$status,$((SECONDS - start)),$box" >>"$OUT/steps.csv"
+    log "step $name: $status in $((SECONDS - start))s"
+}
+
+step_install() {
+    local missing
+    missing=$("$PYTHON" - <<'PY'
+import importlib.util
+wanted = {"zmq": "pyzmq", "starlette": "starlette", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
+          "openai": "openai", "hypothesis": "hypothesis", "msgpack": "msgpack", "safetensors": "safetensors",
+          "tokenizers": "tokenizers", "jinja2": "jinja2", "prometheus_client": "prometheus-client",
+          "httpx": "httpx", "pytest": "pytest", "transformers": "transformers", "triton": "triton"}
+print(" ".join(pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None))
+PY
+)
+    local pip=("$PYTHON" -m pip install --quiet --disable-pip-version-check)
+    if [ -n "$missing" ]; then
+        if [ -d "$WHEELS" ]; then
+            echo "installing from $WHEELS: $missing"
+            "${pip[@]}" --no-index --find-links "$WHEELS" $missing || return 1
+        else
+            echo "installing from the network: $missing (no wheel folder at $WHEELS)"
+            "${pip[@]}" $missing || return 1
+        fi
+    fi
+    if "$PYTHON" -c "import splitinfer.engine, splitinfer.server" 2>/dev/null; then
+        [ -z "$missing" ] && return 3
+        return 0
+    fi
+    echo "installing splitinfer from $REPO"
+    "${pip[@]}" --no-deps --no-build-isolation -e "$REPO"
+}
+
+step_checkpoint() {
+    [ -f "$MODEL/config.json" ] && { echo "using $MODEL"; return 3; }
+    local preset=llama-3.2-1b
+    [ "$DRY_RUN" = 1 ] && preset=tiny
+    echo "building the random $preset checkpoint in $MODEL"
+    "$PYTHON" scripts/make_tiny_model.py "$MODEL" --preset "$preset" --force
+}
+
+step_device() {
+    "$PYTHON" scripts/gpu_check.py device "$OUT" 2>&1 | tee "$OUT/device.log"
+}
+
+step_tests() {
+    local pytest=("$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" -rfEs) where=tests
+    # A dry run collects two files, not the whole suite: every test there skips without CUDA.
+    [ "$DRY_RUN" = 1 ] && where="tests/test_gpu_engine.py tests/test_gpu_kernels.py"
+    SPLITINFER_GPU_MODEL="$MODEL" "${pytest[@]}" -m gpu $where 2>&1 | tee "$OUT/pytest.log"
+    local rc=${PIPESTATUS[0]}
+    if [ "$DRY_RUN" = 0 ]; then  # the kernel tests that are not bf16-only, compiled this time
+        "${pytest[@]}" -m "not gpu" tests/test_kernels_triton.py 2>&1 | tee -a "$OUT/pytest.log"
+        [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+    fi
+    return "$rc"
+}
+
+step_kernels() {
+    local args=(--quick --no-compile --csv "$OUT/kernels.csv")
+    [ "$DRY_RUN" = 1 ] && args+=(--kernel rms_norm --kernel paged_decode)
+    "$PYTHON" -m splitinfer.kernels.bench "${args[@]}" 2>&1 | tee "$OUT/kernels.log"
+}
+
+step_engine() {
+    local args=(--model "$MODEL" --device cuda --dtype bfloat16 --decode-tokens 256 --prefill 128,512,2048
+                --concurrency 64 --skip-sequential --repeats 2)
+    [ "$DRY_RUN" = 1 ] && args=(--model "$MODEL" --device cpu --dtype float32 --decode-tokens 8 --prefill 16,40
+                                --concurrency 1,3 --prompt-tokens 8-32 --output-tokens 4-8 --repeats 1)
+    "$PYTHON" scripts/bench_engine.py "${args[@]}" --json "$OUT/engine.json" 2>&1 | tee "$OUT/engine.log"
+}
+
+step_http() {
+    local port engine_args load_args vocab
+    port=$("$PYTHON" -c '
+import socket
+for port in range(18000, 19000, 2):
+    try:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", port)); b.bind(("127.0.0.1", port + 1))
+        print(port); break
+    except OSError:
+        pass')
+    vocab=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["vocab_size"])' "$MODEL/config.json")
+    engine_args=(--device cuda --dtype bfloat16 --max-num-seqs 64)
+    load_args=(--concurrency 32 --duration 30 --prompt-tokens 32-512 --output-tokens 16-256)
+    if [ "$DRY_RUN" = 1 ]; then
+        engine_args=(--device cpu --dtype float32 --kv-cache-gb 0.2 --max-num-seqs 8)
+        load_args=(--concurrency 4 --duration 2 --prompt-tokens 8-32 --output-tokens 4-16 --warmup 0)
+    fi
+    rm -rf "$OUT/serve"
+    : >"$OUT/serve.log"  # emptied here, not by the background launch, which the wait below could outrun
+    scripts/start_distributed.sh --model "$MODEL" --servers 2 --port "$port" --run-dir "$OUT/serve" \
+        "${engine_args[@]}" >"$OUT/serve.log" 2>&1 &
+    SERVE_PID=$!  # not local: the EXIT trap runs after the function has returned
+    trap 'kill -TERM $SERVE_PID 2>/dev/null; wait $SERVE_PID' EXIT
+    until grep -q "splitinfer is up" "$OUT/serve.log"; do
+        kill -0 "$SERVE_PID" 2>/dev/null || { echo "start_distributed.sh exited:"; tail -n 20 "$OUT/serve.log"; return 1; }
+        sleep 0.5
+    done
+    echo "engine and 2 servers up on ports $port, $((port + 1))"
+    "$PYTHON" scripts/bench_serving.py --base-url "http://127.0.0.1:$port/v1" \
+        --base-url "http://127.0.0.1:$((port + 1))/v1" "${load_args[@]}" --vocab-limit "$vocab" --no-progress \
+        --json "$OUT/http.json" 2>&1 | tee "$OUT/http.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || return 1
+    "$PYTHON" -c '
+import json, sys
+failed = sum(level["failed"] for level in json.load(open(sys.argv[1])))
+print(f"{failed} failed requests")
+sys.exit(1 if failed else 0)' "$OUT/http.json"
+}
+
+step_sanitizer() {
+    if [ "$DRY_RUN" = 1 ]; then echo "skipped on a dry run"; return 3; fi
+    if ! command -v compute-sanitizer >/dev/null; then echo "skipped: compute-sanitizer is not installed"; return 3; fi
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts="" \
+        "tests/test_kernels_triton.py" "tests/test_decode_graph.py" -k "(bf16 and decode) or static_buffer" \
+        2>&1 | tee "$OUT/sanitizer.log"
+}
+
+export OUT REPO DRY_RUN WHEELS
+if [ -z "$MODEL" ]; then
+    MODEL=$REPO/.cache/llama-3.2-1b-random
+    [ "$DRY_RUN" = 1 ] && MODEL=$REPO/.cache/gpu-check-tiny
+fi
+export MODEL
+
+if [ "$DRY_RUN" = 1 ]; then
+    log "DRY RUN on CPU at toy sizes: checks the plumbing of every step; no GPU numbers are taken"
+fi
+log "python: $PYTHON; writing to $OUT"
+# Boxes are what a step may take before it is stopped; on an H200 the whole check takes about
+# 5 minutes (the first run on a machine also builds the checkpoint and compiles the kernels).
+run_step install 120 step_install
+run_step checkpoint 150 step_checkpoint
+run_step device 45 step_device
+run_step tests 180 step_tests
+run_step kernels 90 step_kernels
+run_step engine 150 step_engine
+run_step http 100 step_http
+run_step sanitizer 90 step_sanitizer
+
+"$PYTHON" scripts/gpu_check.py summary "$OUT" --command "$COMMAND_LINE" $([ "$DRY_RUN" = 1 ] && echo --dry-run) \
+    >/dev/null
+log "summary: $OUT/summary.md"
+if [ "$FAILED" = 1 ]; then
+    log "FAILED: $(grep -v ',ok,\|,skipped,' "$OUT/steps.csv" | tail -n +2 | cut -d, -f1 | tr '\n' ' ')"
+    exit 1
+fi
+log "every step passed"
