@@ -202,18 +202,19 @@ def test_graph_replay_equals_eager_for_200_steps_across_block_and_split_boundari
         core.add_request(f"r{i}", [(13 * i + j) % 500 for j in range(1 + 29 * i % 30)],
                          SamplingParams(max_tokens=201, temperature=0.0, ignore_eos=True))
     compute_logits = core.runner.compute_logits
-    checked = 0
+    differences: list[float] = []  # collected, not raised: the engine would take an exception for a failed request
 
     def replay_then_eager(step: SchedulerOutput) -> torch.Tensor:
-        nonlocal checked
         logits = compute_logits(step)
         if step.is_decode_only:
             replayed = logits.clone()  # the graph's output lives in its pool: copy before the eager run
-            torch.testing.assert_close(replayed, eager_logits(core, step), atol=2e-2, rtol=2e-2)
-            checked += 1
+            eager = eager_logits(core, step)
+            differences.append(((replayed - eager).abs() / (2e-2 + 2e-2 * eager.abs())).max().item())
         return logits
 
     core.runner.compute_logits = replay_then_eager
     while core.has_unfinished():
         assert all(out.error is None for out in core.step())
-    assert checked >= 200
+    assert len(differences) >= 200
+    worst = max(range(len(differences)), key=differences.__getitem__)
+    assert differences[worst] <= 1, f"step {worst}: replay and eager differ by {differences[worst]:.2f}x the tolerance"

@@ -78,3 +78,17 @@ def test_help_names_every_step() -> None:
     result = subprocess.run([str(SCRIPT), "--help"], capture_output=True, text=True, timeout=10)
     assert result.returncode == 0
     assert all(f"\n  {step}" in result.stdout for step in STEPS)
+
+
+def test_a_failing_step_fails_the_check_and_a_spent_budget_runs_no_more_steps(tmp_path: Path) -> None:
+    """A step's program failing behind `| tee` must fail the step (pipefail reaches the step's
+    shell), and a step that finds the --budget spent is not run, and says so."""
+    out = tmp_path / "out"
+    result = run_check("--dry-run", "--model", str(tmp_path / "missing"), "--only", "engine", out=out, timeout=120)
+    assert result.returncode == 1 and "step engine: failed" in result.stdout
+    result = run_check("--dry-run", "--only", "device", "--budget", "5", out=out, timeout=60)
+    assert result.returncode == 1 and "step device: not run" in result.stdout
+    summary = (out / "summary.md").read_text()
+    assert "| 4. engine vs transformers | failed (exit 1) |" in summary
+    assert "| 1. device, versions, peaks | not run (budget spent) |" in summary
+    assert "FAILED: engine, device" in summary
