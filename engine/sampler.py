@@ -7,7 +7,7 @@ E ~ Exp(1), which draws token i with probability p_i like multinomial, without a
 sync). A request with a seed draws its noise from its own generator, so its tokens do
 not depend on its batch-mates. Log-probabilities come from the raw logits.
 
-A step waits for the device once, when it reads the sampled tokens back (and again for
+A step waits for the device once, when it reads the sampled tokens back (and once more for
 log-probabilities, when asked). Everything it needs from the host (per-row settings, the
 rows and token ids of logit biases, suppressed stop tokens and penalties) is packed into
 one float32 and one int64 tensor and sent in copies that do not wait for the device; every
@@ -288,16 +288,18 @@ class Sampler:
         if all(n is None for n in wanted):
             return [None] * len(seqs)
         logprobs = raw.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         k = max(n for n in wanted if n is not None)
-        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
-        top_values = top_values.tolist() if k else None
-        top_ids = top_ids.tolist() if k else None
+        top_values, top_ids = logprobs.topk(k, dim=-1)
+        # One read back: the chosen token's logprob, the top k logprobs and their token ids side by
+        # side in float64 (which holds every fp32 value and every token id exactly).
+        parts = (logprobs.gather(1, tokens[:, None]), top_values, top_ids)
+        table = torch.cat([part.double() for part in parts], dim=1).tolist()
         out: list[Logprobs | None] = []
         for row, n in enumerate(wanted):
             if n is None:
                 out.append(None)
                 continue
-            top = list(zip(top_ids[row][:n], top_values[row][:n])) if n else []
-            out.append(Logprobs(token_list[row], chosen[row], top))
+            values = table[row]
+            top = [(int(values[1 + k + i]), values[1 + i]) for i in range(n)]
+            out.append(Logprobs(token_list[row], values[0], top))
         return out

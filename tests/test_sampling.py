@@ -265,6 +265,17 @@ def test_a_step_builds_two_host_tensors_and_reads_back_only_its_tokens() -> None
         "older torch reads the index range back for index_put_(accumulate=True)"
 
 
+def test_logprobs_add_one_read_back_whatever_how_many_rows_ask() -> None:
+    """The chosen token's logprob and the top k of every row come back in one read, not three."""
+    seqs = [seq(SamplingParams(temperature=0, logprobs=3)), seq(SamplingParams(temperature=0.8, logprobs=0)),
+            seq(SamplingParams(top_p=0.9, seed=1)), seq(SamplingParams(temperature=0, logprobs=20))]
+    with CallLog() as log:
+        out = sampler()(logits_of(*[ramp()] * len(seqs)), seqs)
+    assert [name for name, _, _ in log.calls].count("tolist") == 2
+    assert [len(lp.top) if lp else None for lp in out.logprobs] == [3, 0, None, 20]
+    assert all(isinstance(token, int) for lp in out.logprobs if lp for token, _ in lp.top)
+
+
 @pytest.mark.parametrize(("kwargs", "needed"), [
     ({}, False),
     ({"top_k": -1}, False),
