@@ -51,6 +51,28 @@ def _aligned(nbytes: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeStep:
+    """One decode step's inputs, one entry per sequence, as the host has them: the token each
+    feeds, its position, the KV slot it writes (-1: none), its length after the step, and its
+    block table (the sequence's own append-only list, which `TableSlots` keys on)."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.input_ids)
+
+    @classmethod
+    def empty(cls) -> DecodeStep:
+        """No sequence: a bucket of padding rows only."""
+        return cls([], [], [], [], [])
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeInputs:
     """One decode step's inputs as views into one byte buffer, so that a step crosses to the
     device in a single copy of its first `nbytes(m)` bytes: a fixed header with the
@@ -288,31 +310,24 @@ class DecodeGraphRunner:
         logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
                     len(self.graphs), self.buckets, time.perf_counter() - start)
 
-    def _stage(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-        bs: int,
-    ) -> tuple[int, int]:
+    def _stage(self, step: DecodeStep, bs: int) -> tuple[int, int]:
         """Write one step's inputs (padded to `bs` rows) and its block-table writes into the
         staging buffer; returns the number of writes and the width of the longest table."""
-        slots, index, values = self.table_slots.plan(block_tables)
+        slots, index, values = self.table_slots.plan(step.block_tables)
         # The previous step's copy must have read the staging memory. It always has in the
         # engine (its sampler reads tokens back each step), so only query: no host sync.
         if self._staged is not None and not self._staged.query():
             self._staged.synchronize()
-        n = len(input_ids)
-        for (array, pad), values_of_rows in zip(self._host_rows, (input_ids, positions, slot_mapping, seq_lens, slots)):
+        n = step.num_seqs
+        for (array, pad), values_of_rows in zip(self._host_rows, (step.input_ids, step.positions, step.slot_mapping,
+                                                                 step.seq_lens, slots)):
             array[:n] = values_of_rows
             array[n:bs] = pad
         if index:
             index_buffer, value_buffer = self.staging.table_writes(len(index))
             index_buffer.numpy()[:] = index
             value_buffer.numpy()[:] = values
-        return len(index), max(map(len, block_tables), default=0)
+        return len(index), max(map(len, step.block_tables), default=0)
 
     def _upload(self, n: int, num_writes: int, width: int) -> None:
         """Copy the staged step to the device in one piece, apply its block-table writes to the
@@ -330,24 +345,17 @@ class DecodeGraphRunner:
                                out=self.block_tables[:n, :width])
 
     @torch.inference_mode()
-    def load_step(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-    ) -> int:
-        """Put one decode step's inputs for n sequences into the static buffers' first rows, pad
+    def load_step(self, step: DecodeStep) -> int:
+        """Put a decode step's inputs for its n sequences into the static buffers' first rows, pad
         the rest of its bucket, and return the bucket (what `run` does before the forward).
 
         Only what a block table gained since it was last passed in crosses to the device, so a
         list passed again must have changed by appends only, as `Sequence.block_table` does
         (`TableSlots` says why); any other change must come as a new list."""
-        n = len(input_ids)
+        n = step.num_seqs
         bs = self.bucket_for(n)
         try:
-            num_writes, width = self._stage(input_ids, positions, slot_mapping, seq_lens, block_tables, bs)
+            num_writes, width = self._stage(step, bs)
             self._upload(n, num_writes, width)
         except BaseException:
             self.table_slots.forget()  # which writes reached the device is unknown now
@@ -355,22 +363,15 @@ class DecodeGraphRunner:
         return bs
 
     @torch.inference_mode()
-    def run(
-        self,
-        input_ids: list[int],
-        positions: list[int],
-        slot_mapping: list[int],
-        seq_lens: list[int],
-        block_tables: list[list[int]],
-    ) -> torch.Tensor:
+    def run(self, step: DecodeStep) -> torch.Tensor:
         """Hidden states of one decode step for n sequences, as the whole bucket [bucket, hidden]:
         the n sequences' rows first, then the padding rows' (finite, meaningless; the caller
         drops them). n may be 0: then only padding runs, which is how `ModelRunner.probe`
-        tests the device. The inputs are as `load_step` takes them.
+        tests the device (`DecodeStep.empty()`).
 
         The result may live in the graph's memory pool: consume it before the next call.
         """
-        bs = self.load_step(input_ids, positions, slot_mapping, seq_lens, block_tables)
+        bs = self.load_step(step)
         graph = self.graphs.get(bs)
         if graph is None:
             return self._forward(bs)

@@ -16,7 +16,7 @@ import time
 import torch
 
 from splitinfer import kernels
-from splitinfer.engine.cuda_graph import DecodeGraphRunner
+from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model import LlamaForCausalLM
@@ -97,13 +97,13 @@ class ModelRunner:
         """Hidden states of a decode step's whole bucket [bucket, hidden]: its rows first, then padding."""
         seqs = [item.seq for item in step.scheduled]
         positions = [seq.num_computed_tokens for seq in seqs]
-        return self.graph_runner.run(
+        return self.graph_runner.run(DecodeStep(
             input_ids=[seq.token_ids[p] for seq, p in zip(seqs, positions)],
             positions=positions,
             slot_mapping=[self._slots(seq.block_table, p, p + 1)[0] for seq, p in zip(seqs, positions)],
             seq_lens=[seq.num_tokens for seq in seqs],
             block_tables=[seq.block_table for seq in seqs],
-        )
+        ))
 
     @torch.inference_mode()
     def compute_logits(self, step: SchedulerOutput) -> torch.Tensor:
@@ -174,7 +174,7 @@ class ModelRunner:
         """A forward with no request in it (one bucket of padding rows through the decode path:
         no K/V written, nothing attended), waited for. Raises if the device or the model can
         no longer compute at all, whatever the requests."""
-        self.graph_runner.run([], [], [], [], [])
+        self.graph_runner.run(DecodeStep.empty())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # a CUDA error surfaces at a sync
 

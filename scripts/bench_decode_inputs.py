@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import torch
 
-from splitinfer.engine.cuda_graph import DecodeGraphRunner
+from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 
 
 def time_steps(n: int, blocks: int, steps: int, device: torch.device) -> list[float]:
@@ -28,15 +28,15 @@ def time_steps(n: int, blocks: int, steps: int, device: torch.device) -> list[fl
     runner = DecodeGraphRunner(model, None, n, width, use_cuda_graphs=False)
     rng = random.Random(0)
     tables = [list(range(i * width, i * width + blocks)) for i in range(n)]
-    ids, positions, slots, lens = [1] * n, [blocks * 16 - 1] * n, [5] * n, [blocks * 16] * n
-    runner.load_step(ids, positions, slots, lens, tables)  # the first step sends every table whole
+    step = DecodeStep([1] * n, [blocks * 16 - 1] * n, [5] * n, [blocks * 16] * n, tables)
+    runner.load_step(step)  # the first step sends every table whole
     times = []
     for _ in range(steps):
         for table in tables:
             if rng.random() < 1 / 16:
                 table.append(table[-1] + 1)
         start = time.perf_counter()
-        runner.load_step(ids, positions, slots, lens, tables)
+        runner.load_step(step)
         times.append(time.perf_counter() - start)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -33,6 +33,8 @@ import torch
 
 from splitinfer.engine import EngineConfig, EngineCore, SamplingParams, cpu_linear
 
+from bench_serving import span  # beside this script: one parser of 'N' and 'MIN-MAX' lengths
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_BATCHED_TOKENS = 4096
 
@@ -89,12 +91,6 @@ def interleaved(repeats: int, *measures: Callable[[], float]) -> list[float]:
 
 def progress(what: str) -> None:
     print(f"measuring {what} ...", file=sys.stderr, flush=True)
-
-
-def span(text: str) -> tuple[int, int]:
-    """'128' -> (128, 128); '32-512' -> (32, 512)."""
-    low, _, high = text.partition("-")
-    return int(low), int(high or low)
 
 
 def mixed_workload(count: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (32, 512),

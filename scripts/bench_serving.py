@@ -59,10 +59,15 @@ class Summary:
     e2e_ms: dict[str, float]
 
 
+def span(text: str) -> tuple[int, int]:
+    """'128' -> (128, 128); '32-512' -> (32, 512)."""
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
+
+
 def lengths(spec: str, count: int, rng: random.Random) -> list[int]:
     """'128' -> all 128; '32-512' -> uniform in [32, 512]."""
-    low, _, high = spec.partition("-")
-    return [rng.randint(int(low), int(high or low)) for _ in range(count)]
+    return [rng.randint(*span(spec)) for _ in range(count)]
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

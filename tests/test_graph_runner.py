@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from splitinfer.engine import EngineConfig, EngineCore, SamplingParams
-from splitinfer.engine.cuda_graph import DecodeGraphRunner, TableSlots
+from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep, TableSlots
 from test_decode_graph import decode_plan, eager_logits, make_core, written_slots
 
 
@@ -30,7 +30,7 @@ def bare_runner(max_num_seqs: int, max_blocks: int, device: str = "cpu") -> Deco
 
 def load(runner: DecodeGraphRunner, tables: list[list[int]]) -> None:
     n = len(tables)
-    runner.load_step([0] * n, [0] * n, [-1] * n, [0] * n, tables)
+    runner.load_step(DecodeStep([0] * n, [0] * n, [-1] * n, [0] * n, tables))
 
 
 def test_warm_up_writes_no_kv_even_after_a_real_step(tiny_checkpoint: Path) -> None:
@@ -207,14 +207,14 @@ def test_device_block_tables_and_logits_stay_right_through_preemption_prefix_hit
     mismatches: list[str] = []  # collected: the engine would contain a raise as a failed request
     real_run, real_compute_logits = runner.run, core.runner.compute_logits
 
-    def checked_run(input_ids, positions, slot_mapping, seq_lens, block_tables):
-        hidden = real_run(input_ids, positions, slot_mapping, seq_lens, block_tables)
+    def checked_run(step: DecodeStep) -> torch.Tensor:
+        hidden = real_run(step)
         try:
-            runner.check_block_tables(block_tables)
+            runner.check_block_tables(step.block_tables)
         except RuntimeError as exc:
             mismatches.append(str(exc))
-        checked["rows"] += len(block_tables)
-        checked["sub-batches"] += len(block_tables) < len(core.scheduler.running)
+        checked["rows"] += step.num_seqs
+        checked["sub-batches"] += step.num_seqs < len(core.scheduler.running)
         return hidden
 
     def compared_logits(step):
