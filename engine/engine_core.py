@@ -174,6 +174,8 @@ class EngineCore:
         load_weights(self.model, c.path)
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()
+        # Known once the model is on its device: the KV sizing reserves the graphs' memory by it.
+        self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, kernels.use_triton(self.model.rope_cache))
         self.stop_ids = frozenset(c.eos_token_ids)
         generator = torch.Generator(self.device).manual_seed(config.seed)
         self.sampler = Sampler(c.vocab_size, self.stop_ids, generator)
@@ -184,7 +186,7 @@ class EngineCore:
         self._new_scheduler(num_blocks)
         self.runner = ModelRunner(
             self.model, self.kv_cache, self.sampler, config.max_num_seqs, self.max_model_len,
-            use_cuda_graphs=self._graphs_off_reason() is None,
+            use_cuda_graphs=self.graphs_off is None,
         )
         self.runner.warm_up()
         self.executor = IsolatingExecutor(self.runner)
@@ -201,7 +203,7 @@ class EngineCore:
             time.perf_counter() - start, c.path.name, self.device, str(self.dtype).removeprefix("torch."),
             num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 1e9,
             self.max_model_len, "on" if config.enable_prefix_caching else "off",
-            "on" if self.runner.graph_runner.graphs else f"off ({self._graphs_off_reason()})",
+            "on" if self.runner.graph_runner.graphs else f"off ({self.graphs_off})",
         )
 
     def _new_scheduler(self, num_blocks: int) -> None:
@@ -228,9 +230,6 @@ class EngineCore:
                     "cpu_weight_prepack=False turns this off)", time.perf_counter() - start, extra / 1e9,
                     ", ".join(map(str, sorted(rows))))
 
-    def _graphs_off_reason(self) -> str | None:
-        return graphs_off_reason(self.device, self.config.enforce_eager, kernels.use_triton(self.model.rope_cache))
-
     def _bytes_per_block(self) -> int:
         c = self.model_config
         return KVCache.bytes_per_block(c.num_layers, self.config.block_size, c.num_kv_heads, c.head_dim, self.dtype)
@@ -240,7 +239,7 @@ class EngineCore:
         if self.config.num_kv_blocks is not None:
             blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
-            reserve = self._graph_memory_reserve() if self._graphs_off_reason() is None else 0
+            reserve = self._graph_memory_reserve() if self.graphs_off is None else 0
             blocks = blocks_from_budget(
                 cuda_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_forward, reserve),
                 per_block,
