@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from faulty_engine import POISON
 from procs import PYTHON, REPO, start_engine, stop
 from splitinfer.engine import LLM
 from splitinfer.protocol import ErrorCode, SamplingParams
-from splitinfer.server.engine_client import EngineClient, EngineRequestError, EngineUnavailable
+from splitinfer.server.engine_client import EngineClient, EngineRequestError, EngineUnavailable, Health
 from test_engine_process import Peer
 
 FAULTY = (PYTHON, str(REPO / "tests" / "faulty_engine.py"))
@@ -112,7 +113,13 @@ def test_a_dead_device_stops_the_engine_with_status_1_and_tells_the_clients(
                 max_tokens=1500, temperature=0.0, ignore_eos=True), started))
             await started.wait()
             bad = await run(client, "bad", *BAD)
-            return bad, await survivor
+            result = bad, await survivor
+            # The engine's Shutdown follows the aborts on the socket: wait for it to be read
+            # rather than closing first (closing first lost the race once in CI).
+            deadline = time.monotonic() + 10
+            while client.health is not Health.UNAVAILABLE and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return result
         finally:
             monitor = client._monitor  # of the socket it is reconnecting on now
             await client.close()
