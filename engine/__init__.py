@@ -14,9 +14,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from splitinfer.engine.config import ModelConfig  # noqa: E402
-from splitinfer.engine.engine_core import EngineConfig, EngineCore, EngineStats, StepOutput
+from splitinfer.engine.engine_core import EngineConfig, EngineCore, EngineStats
 from splitinfer.engine.errors import CheckpointError, EngineDeadError, RequestError
-from splitinfer.engine.llm import LLM, RequestOutput
+from splitinfer.engine.llm import LLM, Generation
 from splitinfer.protocol.sampling_params import SamplingParams
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     "EngineStats",
     "ModelConfig",
     "RequestError",
-    "RequestOutput",
+    "Generation",
     "SamplingParams",
-    "StepOutput",
 ]

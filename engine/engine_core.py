@@ -42,9 +42,10 @@ from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.sampler import Sampler
-from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
-from splitinfer.engine.sequence import Logprobs, Sequence, SequenceStatus
+from splitinfer.engine.sequence import Sequence, SequenceStatus
+from splitinfer.protocol import RequestOutput, TokenLogprobs
+from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -119,28 +120,6 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class StepOutput:
-    """What one step produced for one request: its new tokens, why it ended if it did, and
-    its token counts so far (`num_cached_tokens`: prompt tokens served by the prefix cache).
-    A request the engine failed on ends with finish reason "error" and `error` saying so."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: str | None
-    logprobs: list[Logprobs] | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-    num_cached_tokens: int
-    error: str | None = None
-
-    @classmethod
-    def of(cls, seq: Sequence, new_token_ids: list[int], logprobs: list[Logprobs] | None = None,
-           error: str | None = None) -> StepOutput:
-        return cls(seq.request_id, new_token_ids, seq.finish_reason, logprobs,
-                   seq.num_prompt_tokens, seq.num_output_tokens, seq.num_cached_tokens, error)
-
-
-@dataclass(frozen=True, slots=True)
 class EngineStats:
     waiting: int
     running: int
@@ -191,7 +170,7 @@ class EngineCore:
         self.runner.warm_up()
         self.executor = IsolatingExecutor(self.runner)
         self.requests: dict[str, Sequence] = {}
-        self._reported_next: list[StepOutput] = []  # ended between steps (aborts, a reset): the next step reports them
+        self._reported_next: list[RequestOutput] = []  # ended between steps (aborts, a reset): the next step reports them
         self._num_preemptions = 0
         self._computed_tokens = 0
         self._prompt_tokens = 0
@@ -352,13 +331,13 @@ class EngineCore:
             self._reported_next += self._reset_after(exc)
             return True
         del self.requests[request_id]
-        self._reported_next.append(StepOutput.of(seq, []))
+        self._reported_next.append(_output(seq, ()))
         return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._reported_next)
 
-    def step(self) -> list[StepOutput]:
+    def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample; returns one output per request that produced a
         token, finished, failed, or was aborted since the last step. Raises `EngineDeadError`
         only when the device cannot compute even a forward with no request in it."""
@@ -371,7 +350,7 @@ class EngineCore:
             outputs += self._reset_after(exc)
         return outputs
 
-    def _step(self, outputs: list[StepOutput]) -> None:
+    def _step(self, outputs: list[RequestOutput]) -> None:
         """One step, appending to `outputs` as it goes: if the bookkeeping fails halfway, what
         was already reported stays reported."""
         plan = self.scheduler.schedule()
@@ -391,7 +370,7 @@ class EngineCore:
                 logger.error("request %s: updating it after its forward failed", item.seq.request_id, exc_info=exc)
                 outputs.append(self._fail(item.seq, exc))
 
-    def _advance(self, item: ScheduledSeq, sample: Sample | None) -> list[StepOutput]:
+    def _advance(self, item: ScheduledSeq, sample: Sample | None) -> list[RequestOutput]:
         """Count a scheduled sequence's new tokens as computed, register its full blocks in the
         prefix cache, and append the token it sampled (if it sampled)."""
         seq = item.seq
@@ -408,17 +387,17 @@ class EngineCore:
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
-        return [StepOutput.of(seq, [token], [logprobs] if logprobs else None)]
+        return [_output(seq, (token,), (logprobs,) if logprobs else None)]
 
-    def _fail(self, seq: Sequence, exc: Exception) -> StepOutput:
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
         """End one request with finish reason "error" and free its blocks. (If even that
         raises, the scheduler's state is broken, and `step` resets everything.)"""
         logger.error("request %s failed and was ended: %s: %s", seq.request_id, type(exc).__name__, exc)
         self.scheduler.abort(seq, reason="error")
         self.requests.pop(seq.request_id, None)
-        return StepOutput.of(seq, [], error=_failure_message(exc))
+        return _output(seq, (), error=_failure_message(exc))
 
-    def _reset_after(self, exc: Exception) -> list[StepOutput]:
+    def _reset_after(self, exc: Exception) -> list[RequestOutput]:
         """The scheduler or the block pool failed, so neither can be trusted: fail every request
         and start both afresh (the prefix cache is dropped; the KV cache memory stays)."""
         logger.error("the scheduler or the KV block pool failed; ending all %d request(s) and rebuilding both",
@@ -428,7 +407,7 @@ class EngineCore:
             # Ended by hand, not through Scheduler.abort: the scheduler's state is what failed.
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
             seq.block_table, seq.block_keys = [], []
-            outputs.append(StepOutput.of(seq, [], error=_failure_message(exc)))
+            outputs.append(_output(seq, (), error=_failure_message(exc)))
         self.requests.clear()
         self._new_scheduler(self.pool.num_blocks)
         return outputs
@@ -443,6 +422,14 @@ class EngineCore:
             prompt_tokens=self._prompt_tokens,
             generated_tokens=self._generated_tokens,
         )
+
+
+def _output(seq: Sequence, new_token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None = None,
+            error: str | None = None) -> RequestOutput:
+    """What a step produced for one request: its new tokens, why it ended if it did, and its
+    token counts so far; a request the engine failed on ends with finish reason "error"."""
+    return RequestOutput(seq.request_id, new_token_ids, seq.finish_reason, logprobs, seq.num_prompt_tokens,
+                         seq.num_output_tokens, seq.num_cached_tokens, error)
 
 
 def _failure_message(exc: Exception) -> str:

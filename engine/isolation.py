@@ -27,11 +27,11 @@ import torch
 from splitinfer.engine.errors import EngineDeadError
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
-from splitinfer.engine.sequence import Logprobs
+from splitinfer.protocol import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
-Sample = tuple[int, Logprobs | None]  # a sampled token and its logprobs
+Sample = tuple[int, TokenLogprobs | None]  # a sampled token and its logprobs
 
 
 @dataclass(slots=True)

@@ -14,13 +14,12 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from splitinfer.engine.engine_core import EngineConfig, EngineCore
-from splitinfer.protocol.sampling_params import SamplingParams
-from splitinfer.engine.sequence import Logprobs
 from splitinfer.engine.tokenizer import Tokenizer
+from splitinfer.protocol import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True, slots=True)
-class RequestOutput:
+class Generation:
     """The result of one prompt: generated token ids (a final stop or eos token included),
     their text (special tokens skipped), why generation ended ("stop" or "length"; "error"
     when the engine failed while computing this prompt, then `error` says so and the other
@@ -30,7 +29,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finish_reason: str
-    logprobs: list[Logprobs] | None = None
+    logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
 
 
@@ -58,7 +57,7 @@ class LLM:
         self,
         prompts: SequenceOf[str] | SequenceOf[SequenceOf[int]],
         sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
-    ) -> list[RequestOutput]:
+    ) -> list[Generation]:
         """Generate for every prompt (strings, or lists of token ids); outputs keep the prompts' order.
 
         An invalid prompt raises before any is queued.
@@ -77,7 +76,7 @@ class LLM:
         for rid, tokens, p in zip(ids, token_lists, params):
             self.engine.add_request(rid, tokens, p)
         generated: dict[str, list[int]] = {rid: [] for rid in ids}
-        logprobs: dict[str, list[Logprobs]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
         reasons: dict[str, str] = {}
         errors: dict[str, str] = {}
         while len(reasons) < len(ids):
@@ -91,7 +90,7 @@ class LLM:
                 if out.error is not None:
                     errors[out.request_id] = out.error
         return [
-            RequestOutput(tokens, generated[rid], self._detokenize(generated[rid]), reasons[rid],
+            Generation(tokens, generated[rid], self._detokenize(generated[rid]), reasons[rid],
                           logprobs[rid] if p.logprobs is not None else None, errors.get(rid))
             for rid, tokens, p in zip(ids, token_lists, params)
         ]

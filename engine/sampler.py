@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from splitinfer.engine.sequence import Logprobs, Sequence
-from splitinfer.protocol import SamplingParams
+from splitinfer.engine.sequence import Sequence
+from splitinfer.protocol import SamplingParams, TokenLogprobs
 
 MIN_TEMPERATURE = 1e-2
 # How a row picks its token.
@@ -44,7 +44,7 @@ _GREEDY, _FULL_SOFTMAX, _TRUNCATED = 0, 1, 2
 @dataclass(slots=True)
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[Logprobs | None]
+    logprobs: list[TokenLogprobs | None]
 
 
 def needs_sort(params: SamplingParams, vocab: int) -> bool:
@@ -283,7 +283,7 @@ class Sampler:
 
     def _logprobs(
         self, raw: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor, token_list: list[int]
-    ) -> list[Logprobs | None]:
+    ) -> list[TokenLogprobs | None]:
         wanted = [seq.params.logprobs for seq in seqs]
         if all(n is None for n in wanted):
             return [None] * len(seqs)
@@ -294,12 +294,13 @@ class Sampler:
         # side in float64 (which holds every fp32 value and every token id exactly).
         parts = (logprobs.gather(1, tokens[:, None]), top_values, top_ids)
         table = torch.cat([part.double() for part in parts], dim=1).tolist()
-        out: list[Logprobs | None] = []
+        out: list[TokenLogprobs | None] = []
         for row, n in enumerate(wanted):
             if n is None:
                 out.append(None)
                 continue
             values = table[row]
             top = [(int(values[1 + k + i]), values[1 + i]) for i in range(n)]
-            out.append(Logprobs(token_list[row], values[0], top))
+            # Refuses a NaN (a broken forward): the isolating executor pins it on this request.
+            out.append(TokenLogprobs(token_list[row], values[0], top))
         return out

@@ -17,15 +17,6 @@ class SequenceStatus(enum.Enum):
 
 
 @dataclass(slots=True)
-class Logprobs:
-    """The log-probability of a sampled token and the `top` most likely alternatives, best first."""
-
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]
-
-
-@dataclass(slots=True)
 class Sequence:
     """Tokens (prompt then output), how many have K/V in the cache, and the blocks holding them.
 

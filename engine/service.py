@@ -18,8 +18,8 @@ returns (exit status 0).
 
 Nothing a client sends can end the process: a message that makes its handler raise gets
 an `internal` Error reply (its traceback goes to the log), and a request the engine
-core fails on while computing it (see engine_core.py) gets one too, ending only that
-request. Only a device that can compute nothing at all (`EngineDeadError`) stops the
+core fails on while computing it (see engine_core.py) ends with finish reason "error",
+alone. Only a device that can compute nothing at all (`EngineDeadError`) stops the
 engine, by the same path as SIGTERM, after which `run` raises it (exit status 1).
 """
 
@@ -37,10 +37,11 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import zmq
 
 from splitinfer.engine.clients import ClientRegistry, ClientSession
-from splitinfer.engine.engine_core import EngineConfig, EngineCore, StepOutput
+from splitinfer.engine.engine_core import EngineConfig, EngineCore
 from splitinfer.engine.errors import EngineDeadError, RequestError
 from splitinfer.protocol import (
     DEFAULT_LIMITS,
@@ -60,7 +61,6 @@ from splitinfer.protocol import (
     Shutdown,
     Stats,
     StatsReply,
-    TokenLogprobs,
     decode,
     encode,
     parse_address,
@@ -430,38 +430,24 @@ class EngineService:
 
     # Sending -------------------------------------------------------------------------
 
-    def _send_outputs(self, outputs: list[StepOutput]) -> None:
+    def _send_outputs(self, outputs: list[RequestOutput]) -> None:
+        """One `Outputs` per client with news, each entry under the client's own request id."""
         by_session: dict[int, tuple[ClientSession, list[RequestOutput]]] = {}
-        errors: list[tuple[ClientSession, str, str]] = []
         for out in outputs:
             owner = self._owners.get(out.request_id)
             if owner is None:
                 continue
             session, request_id = owner
-            entry = None
-            error = out.error
-            if error is None:
-                try:
-                    entry = _request_output(request_id, out)
-                except ProtocolError as exc:  # e.g. a NaN logprob: the model's output cannot be sent
-                    logger.error("request %s: its output cannot be sent (%s); ending it", out.request_id, exc)
-                    error = f"the engine produced an output it cannot send ({exc.message})"
-                    if out.finish_reason is None:
-                        self.core.abort(out.request_id)
-            if out.finish_reason is not None or error is not None:
+            if out.finish_reason is not None:
                 del self._owners[out.request_id]
                 if session.requests.get(request_id) == out.request_id:
                     del session.requests[request_id]
             if self.clients.get(session.identity) is not session:
                 continue  # its client is gone: the request was aborted for that reason
-            if entry is not None:
-                by_session.setdefault(id(session), (session, []))[1].append(entry)
-            else:
-                errors.append((session, request_id, error))
+            entries = by_session.setdefault(id(session), (session, []))[1]
+            entries.append(msgspec.structs.replace(out, request_id=request_id))
         for session, entries in by_session.values():
             self._send(session.identity, Outputs(outputs=entries))
-        for session, request_id, error in errors:  # after the Outputs: they end their requests
-            self._reply_error(session.identity, request_id, ErrorCode.INTERNAL, error, log_level=logging.DEBUG)
 
     def _send(self, identity: bytes, message: object) -> None:
         try:
@@ -507,13 +493,3 @@ class EngineService:
             except FileNotFoundError:
                 pass
         logger.info("stopped")
-
-
-def _request_output(request_id: str, out: StepOutput) -> RequestOutput:
-    """The protocol's copy of a step output, under the client's own request id."""
-    return RequestOutput(
-        request_id=request_id, new_token_ids=out.new_token_ids, finish_reason=out.finish_reason,
-        logprobs=[TokenLogprobs(lp.token_id, lp.logprob, lp.top) for lp in out.logprobs] if out.logprobs else None,
-        num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
-        num_cached_tokens=out.num_cached_tokens,
-    )

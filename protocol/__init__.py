@@ -1,14 +1,16 @@
 """Messages between the HTTP servers and the engine process (msgpack over ZeroMQ).
 
-Plain Python only (msgpack and dataclasses; no torch, no event loop), so both sides import
-it cheaply. `docs/PROTOCOL.md` is the wire specification.
+Plain Python only (msgspec; no torch, no event loop), so both sides import it cheaply.
+`docs/PROTOCOL.md` is the wire specification.
 
-- `messages.py`: one frozen dataclass per message, validated when built. Client to engine:
+- `messages.py`: one frozen msgspec Struct per message, tagged by its wire type. Client to engine:
   `Hello`, `Generate`, `Abort`, `Ping`, `Stats`, `Goodbye`. Engine to client: `HelloReply`,
   `Outputs` (of `RequestOutput`, with `TokenLogprobs`), `Error`, `Pong`, `StatsReply`,
   `Shutdown`.
 - `codec.py`: `encode(message) -> bytes` and `decode(bytes, limits) -> message`, the one
   codec; `decode` raises only `ProtocolError` (`errors.py`, with an `ErrorCode`).
+- `fields.py`: the value types with their bounds; `structs.py`: the base every type shares
+  (checked when decoded and when built) and how a failed check names its field.
 - `addresses.py`: `default_engine_address()` and `parse_address()` (ipc:// or tcp://).
 - `sampling_params.py`: `SamplingParams`, which `Generate` carries.
 """

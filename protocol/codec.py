@@ -4,42 +4,36 @@
     message = decode(frame)            # -> Generate, or raises ProtocolError
 
 Every map carries `type` (the message's wire tag) and `v` (PROTOCOL_VERSION) beside the
-message's fields, all of them, always. `decode` raises only `ProtocolError` whatever the
-bytes are, and is strict: a wrong version, an unknown type, a missing field, a field of
-the wrong type and an unknown field are all errors. Unknown fields are refused rather
-than skipped because both sides ship from one repository and any change to a message
-bumps the version: a field we do not know is a peer we do not understand, and skipping it
-(say, a new sampling option) would silently serve something the client did not ask for.
+message's fields, all of them, always. msgspec does the work: one decoder for the tagged
+union of every message, checking each field's type and bounds in C. `decode` raises only
+`ProtocolError` whatever the bytes are, and is strict: a wrong version, an unknown type,
+a missing field, a field of the wrong type and an unknown field are all errors. Unknown
+fields are refused rather than skipped because both sides ship from one repository and
+any change to a message bumps the version: a field we do not know is a peer we do not
+understand, and skipping it (say, a new sampling option) would silently serve something
+the client did not ask for.
 
 Limits (frame size, prompt length) are checked here, on the receiving side, so that a
 violation becomes an `Error` reply about the request instead of a crash or a huge
-allocation: the frame size before msgpack looks at the bytes, the prompt length before its
-token ids are checked one by one.
+allocation: the frame size before msgpack looks at the bytes, the prompt length before
+its token ids are judged one by one.
+
+A valid frame costs one C decode. Only a refused one is looked at again, leniently, to
+say why in the order a person needs: not a map, the version, the type, then the field.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Any, Union
 
-import msgpack
+import msgspec
 
-from splitinfer.protocol.checks import is_id, show
-from splitinfer.protocol.errors import ErrorCode, ProtocolError
-from splitinfer.protocol.messages import (
-    MESSAGE_TYPES,
-    PROTOCOL_VERSION,
-    Abort,
-    Error,
-    Generate,
-    Message,
-    Outputs,
-    RequestOutput,
-    TokenLogprobs,
-)
+from splitinfer.protocol.errors import ErrorCode, ProtocolError, show
+from splitinfer.protocol.fields import MAX_ID_LENGTH
+from splitinfer.protocol.messages import MESSAGE_TYPES, PROTOCOL_VERSION, Abort, Generate, Message
 from splitinfer.protocol.sampling_params import SamplingParams
-
-Wire = dict  # a message as msgpack sees it
+from splitinfer.protocol.structs import from_validation_error, trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,72 +55,21 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
-
-# Encoding --------------------------------------------------------------------------
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Union[tuple(MESSAGE_TYPES.values())])  # noqa: UP007 (a runtime tuple)
+# The second, lenient look at a refused frame: any map, every value kept as it is.
+_RAW = msgspec.msgpack.Decoder(dict[Any, Any])
 
 
 def encode(message: Message) -> bytes:
-    """One message as one msgpack frame. The message validated itself when it was built;
+    """One message as one msgpack frame. The message checked itself when it was built;
     what msgpack still refuses (a string that is not valid UTF-8) raises ProtocolError."""
-    encoder = _ENCODERS.get(type(message))
-    if encoder is None:
+    if not isinstance(message, Message):
         raise TypeError(f"not a protocol message: {type(message).__name__}")
     try:
-        return msgpack.packb(encoder(message), use_bin_type=True)
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a str with lone surrogates is not UTF-8
+        return _ENCODER.encode(message)
+    except (ValueError, TypeError, OverflowError, msgspec.EncodeError) as exc:  # e.g. a lone surrogate
         raise ProtocolError(ErrorCode.BAD_MESSAGE, f"cannot encode {type(message).__name__}: {exc}") from None
-
-
-def _field_encoder(cls: type[Message]) -> Callable[[Message], Wire]:
-    tag, names = cls.TYPE, cls.FIELDS
-
-    def encode_fields(message: Message) -> Wire:
-        wire = {"type": tag, "v": PROTOCOL_VERSION}
-        for name in names:
-            wire[name] = getattr(message, name)
-        return wire
-
-    return encode_fields
-
-
-_SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
-_SAMPLING_KEYS = frozenset(_SAMPLING_FIELDS)
-
-
-def _encode_generate(message: Generate) -> Wire:
-    params = message.params
-    return {"type": Generate.TYPE, "v": PROTOCOL_VERSION, "request_id": message.request_id,
-            "prompt_token_ids": message.prompt_token_ids,
-            "params": {name: getattr(params, name) for name in _SAMPLING_FIELDS}}
-
-
-def _encode_token_logprobs(entry: TokenLogprobs) -> Wire:
-    return {"token_id": entry.token_id, "logprob": entry.logprob, "top": entry.top}
-
-
-def _encode_outputs(message: Outputs) -> Wire:
-    # Written out field by field: this runs once per client per engine step.
-    return {"type": Outputs.TYPE, "v": PROTOCOL_VERSION, "outputs": [
-        {"request_id": o.request_id, "new_token_ids": o.new_token_ids, "finish_reason": o.finish_reason,
-         "logprobs": None if o.logprobs is None else [_encode_token_logprobs(t) for t in o.logprobs],
-         "num_prompt_tokens": o.num_prompt_tokens, "num_output_tokens": o.num_output_tokens,
-         "num_cached_tokens": o.num_cached_tokens}
-        for o in message.outputs
-    ]}
-
-
-def _encode_error(message: Error) -> Wire:
-    wire = _encode_error_fields(message)
-    wire["code"] = message.code.value
-    return wire
-
-
-_encode_error_fields = _field_encoder(Error)
-_ENCODERS: dict[type, Callable[[Message], Wire]] = {cls: _field_encoder(cls) for cls in MESSAGE_TYPES.values()}
-_ENCODERS.update({Generate: _encode_generate, Outputs: _encode_outputs, Error: _encode_error})
-
-
-# Decoding --------------------------------------------------------------------------
 
 
 def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -140,142 +83,111 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise ProtocolError(ErrorCode.TOO_LARGE, f"a frame of {size} bytes is over the limit of "
                                                  f"{limits.max_frame_bytes}")
     try:
-        # use_list=False: arrays arrive as tuples, which the frozen messages store as they are.
-        # strict_map_key=False: logit_bias maps int token ids.
-        wire = msgpack.unpackb(data, raw=False, use_list=False, strict_map_key=False)
-    except Exception as exc:  # msgpack's errors span ValueError, TypeError and others: all mean "not msgpack"
-        why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a msgpack message ({why})") from None
-    if type(wire) is not dict:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"a message is a msgpack map, got {type(wire).__name__}")
-    version = wire.get("v")
-    if type(version) is not int:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no integer protocol version 'v' "
-                                                   f"(got {show(version)})", field="v")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(ErrorCode.BAD_VERSION, f"the peer speaks protocol version {version}, this side "
-                                                   f"speaks {PROTOCOL_VERSION}", field="v")
-    tag = wire.get("type")
-    if type(tag) is not str:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no string 'type' (got {show(tag)})", field="type")
-    decoder = _DECODERS.get(tag)
-    if decoder is None:
-        raise ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {show(tag)}", field="type")
+        with trusted():
+            message = _DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _refused(data, exc, limits) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"not a msgpack message ({exc})") from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "not a msgpack message (nested too deeply)") from None
+    if message.v != PROTOCOL_VERSION:
+        raise _bad_version(message.v) if message.v else _no_version(None)
+    if type(message) is Generate:
+        _check_generate(message, data, limits)
+    return message
+
+
+def _check_generate(message: Generate, data: bytes | bytearray | memoryview, limits: Limits) -> None:
+    if len(message.prompt_token_ids) > limits.max_prompt_tokens:
+        raise _prompt_too_long(message.request_id, len(message.prompt_token_ids), limits)
+    # A client that leaves a sampling option out was built against another set of them:
+    # refused, not served with a default it did not choose. (Costs a C pass over the keys.)
+    missing = _SAMPLING_FIELDS.difference(_PARAMS_KEYS.decode(data).params)
+    if missing:
+        name = min(missing)
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"Generate.params.{name} is missing", field=f"params.{name}",
+                            request_id=message.request_id)
+
+
+class _ParamsKeys(msgspec.Struct):
+    params: dict[str, msgspec.Raw]
+
+
+_PARAMS_KEYS = msgspec.msgpack.Decoder(_ParamsKeys)
+_SAMPLING_FIELDS = frozenset(SamplingParams.__struct_fields__)
+
+
+def _refused(data: bytes | bytearray | memoryview, exc: msgspec.ValidationError, limits: Limits) -> ProtocolError:
+    """Why a well-formed msgpack frame is not a message, in the order a person needs."""
     try:
-        return decoder(wire, limits)
-    except ProtocolError as exc:
-        if exc.request_id is None:
-            exc.request_id = _readable_request_id(tag, wire)
-        raise
-    except Exception as exc:
-        # The checks above and in the constructors should turn every input into a
-        # ProtocolError; if one slipped through, it is our bug, but the caller still gets
-        # the one error type it handles (tests assert this code never appears).
-        raise ProtocolError(ErrorCode.INTERNAL, f"decoding a {tag!r} message failed: "
-                                                f"{type(exc).__name__}: {exc}") from exc
+        raw = _RAW.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        raw = None
+    if raw is None:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, "a message is a msgpack map with string keys, got something else")
+    version = raw.get("v")
+    if type(version) is not int:
+        return _no_version(version)
+    if version != PROTOCOL_VERSION:
+        return _bad_version(version)
+    tag = raw.get("type")
+    if type(tag) is not str:
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no string 'type' (got {show(tag)})",
+                             field="type")
+    cls = MESSAGE_TYPES.get(tag)
+    if cls is None:
+        return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {show(tag)}", field="type")
+    request_id = _readable_request_id(cls, raw)
+    prompt = raw.get("prompt_token_ids") if cls is Generate else None
+    if type(prompt) is list and len(prompt) > limits.max_prompt_tokens:
+        return _prompt_too_long(request_id, len(prompt), limits)
+    error = from_validation_error(exc, cls, raw, _generate_code if cls is Generate else _malformed)
+    error.request_id = request_id
+    return error
 
 
-def _readable_request_id(tag: str, wire: Wire) -> str | None:
-    if tag == Generate.TYPE:
-        request_id = wire.get("request_id")
-        return request_id if is_id(request_id) else None
-    if tag == Abort.TYPE:
-        ids = wire.get("request_ids")
-        if type(ids) is tuple and len(ids) == 1 and is_id(ids[0]):
+def _generate_code(field: str | None, kind: str) -> ErrorCode:
+    """A refused Generate field's code: a well-formed Generate whose values are refused is
+    an invalid request (its user asked for what we do not serve); one that is malformed,
+    a bad message (the client itself is broken)."""
+    if kind != "shape" and field is not None and field.startswith("params."):
+        return ErrorCode.INVALID_REQUEST
+    if kind == "value" and field == "prompt_token_ids":
+        return ErrorCode.INVALID_REQUEST
+    return ErrorCode.BAD_MESSAGE
+
+
+def _malformed(field: str | None, kind: str) -> ErrorCode:
+    return ErrorCode.BAD_MESSAGE
+
+
+def _readable_request_id(cls: type[Message], raw: dict) -> str | None:
+    if cls is Generate:
+        request_id = raw.get("request_id")
+        return request_id if _is_id(request_id) else None
+    if cls is Abort:
+        ids = raw.get("request_ids")
+        if type(ids) is list and len(ids) == 1 and _is_id(ids[0]):
             return ids[0]
     return None
 
 
-def _check_keys(record: object, keys: frozenset, where: str) -> None:
-    if type(record) is not dict:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{where} must be a map, got {show(record)}")
-    if record.keys() != keys:
-        missing = sorted(keys - record.keys())
-        unknown = sorted(map(show, record.keys() - keys))
-        problems = ([f"is missing {', '.join(missing)}"] if missing else []) + (
-            [f"has unknown field(s) {', '.join(unknown)}"] if unknown else [])
-        prefix = where.partition(".")[2]  # "Generate.params" -> fields named "params.top_p"
-        field = f"{prefix}.{missing[0]}" if missing and prefix else (missing or [None])[0]
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{where} {' and '.join(problems)}", field=field)
+def _is_id(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= MAX_ID_LENGTH
 
 
-def _field_decoder(cls: type[Message]) -> Callable[[Wire, Limits], Message]:
-    names, keys, where = cls.FIELDS, frozenset(cls.FIELDS) | {"type", "v"}, cls.__name__
-
-    def decode_fields(wire: Wire, limits: Limits) -> Message:
-        _check_keys(wire, keys, where)
-        return cls(*[wire[name] for name in names])
-
-    return decode_fields
+def _no_version(version: object) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no integer protocol version 'v' "
+                                                f"(got {show(version)})", field="v")
 
 
-_GENERATE_KEYS = frozenset(Generate.FIELDS) | {"type", "v"}
+def _bad_version(version: int) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_VERSION, f"the peer speaks protocol version {version}, this side "
+                                                f"speaks {PROTOCOL_VERSION}", field="v")
 
 
-def _decode_generate(wire: Wire, limits: Limits) -> Generate:
-    _check_keys(wire, _GENERATE_KEYS, "Generate")
-    prompt = wire["prompt_token_ids"]
-    if type(prompt) is tuple and len(prompt) > limits.max_prompt_tokens:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"Generate.prompt_token_ids has {len(prompt)} tokens, over the "
-                                                 f"limit of {limits.max_prompt_tokens}", field="prompt_token_ids")
-    return Generate(wire["request_id"], prompt, _decode_sampling_params(wire["params"]))
-
-
-def _decode_sampling_params(params: object) -> SamplingParams:
-    _check_keys(params, _SAMPLING_KEYS, "Generate.params")
-    # Shapes SamplingParams would otherwise coerce (tuple() of a map or a string).
-    if type(params["stop_token_ids"]) is not tuple:
-        raise _params_error("stop_token_ids", f"must be a list, got {show(params['stop_token_ids'])}")
-    if type(params["logit_bias"]) is not dict:
-        raise _params_error("logit_bias", f"must be a map, got {show(params['logit_bias'])}")
-    try:
-        return SamplingParams(**params)
-    except (ValueError, TypeError, OverflowError) as exc:
-        # SamplingParams is the one judge of request parameters (the servers build them
-        # with it too); its messages start with the field's name.
-        text = str(exc)
-        name = text.split(" ", 1)[0]
-        if name in _SAMPLING_KEYS:
-            raise _params_error(name, text.split(" ", 1)[1]) from None
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, f"Generate.params: {text}", field="params") from None
-
-
-def _params_error(name: str, problem: str) -> ProtocolError:
-    return ProtocolError(ErrorCode.INVALID_REQUEST, f"Generate.params.{name} {problem}", field=f"params.{name}")
-
-
-_OUTPUTS_KEYS = frozenset({"type", "v", "outputs"})
-_REQUEST_OUTPUT_KEYS = frozenset(f.name for f in fields(RequestOutput))
-_TOKEN_LOGPROBS_KEYS = frozenset(f.name for f in fields(TokenLogprobs))
-
-
-def _decode_outputs(wire: Wire, limits: Limits) -> Outputs:
-    _check_keys(wire, _OUTPUTS_KEYS, "Outputs")
-    entries = wire["outputs"]
-    if type(entries) is not tuple:
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"Outputs.outputs must be a list, got {show(entries)}",
-                            field="outputs")
-    return Outputs(tuple([_decode_request_output(entry) for entry in entries]))
-
-
-def _decode_request_output(entry: object) -> RequestOutput:
-    _check_keys(entry, _REQUEST_OUTPUT_KEYS, "RequestOutput")
-    logprobs = entry["logprobs"]
-    if logprobs is not None:
-        if type(logprobs) is not tuple:
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"RequestOutput.logprobs must be a list or nil, got "
-                                                       f"{show(logprobs)}", field="logprobs")
-        logprobs = tuple([_decode_token_logprobs(item) for item in logprobs])
-    return RequestOutput(entry["request_id"], entry["new_token_ids"], entry["finish_reason"], logprobs,
-                         entry["num_prompt_tokens"], entry["num_output_tokens"], entry["num_cached_tokens"])
-
-
-def _decode_token_logprobs(item: object) -> TokenLogprobs:
-    _check_keys(item, _TOKEN_LOGPROBS_KEYS, "TokenLogprobs")
-    return TokenLogprobs(item["token_id"], item["logprob"], item["top"])
-
-
-_DECODERS: dict[str, Callable[[Wire, Limits], Message]] = {
-    tag: _field_decoder(cls) for tag, cls in MESSAGE_TYPES.items()
-}
-_DECODERS.update({Generate.TYPE: _decode_generate, Outputs.TYPE: _decode_outputs})
+def _prompt_too_long(request_id: str | None, length: int, limits: Limits) -> ProtocolError:
+    return ProtocolError(ErrorCode.TOO_LARGE, f"Generate.prompt_token_ids has {length} tokens, over the limit of "
+                                              f"{limits.max_prompt_tokens}", field="prompt_token_ids",
+                         request_id=request_id)

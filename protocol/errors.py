@@ -7,7 +7,21 @@ into a reply with no translation table in between.
 
 from __future__ import annotations
 
+import reprlib
 from enum import Enum
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = 6
+_repr.maxlevel = 3
+
+
+def show(value: object) -> str:
+    """A short repr for error messages: a bad field may be megabytes of nested junk, or an
+    int of a million digits (described instead: repr refuses past 4300 digits)."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return _repr.repr(value)
 
 
 class ErrorCode(str, Enum):
@@ -21,7 +35,6 @@ class ErrorCode(str, Enum):
     UNKNOWN_REQUEST = "unknown_request"  # an Abort names no live request (often a harmless race)
     NO_SESSION = "no_session"  # the sender has no session: say Hello (again)
     TOO_LARGE = "too_large"  # a frame over Limits.max_frame_bytes or a prompt over max_prompt_tokens
-    OVERLOADED = "overloaded"  # the engine cannot take more work now; retry later
     SHUTTING_DOWN = "shutting_down"  # the engine is stopping and accepts nothing new
     INTERNAL = "internal"  # a bug on the side that reports it
 
@@ -43,7 +56,7 @@ class ProtocolError(ValueError):
     def __init__(
         self, code: ErrorCode, message: str, *, request_id: str | None = None, field: str | None = None
     ) -> None:
-        super().__init__(f"{code.value}: {message}")
+        super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id

@@ -1,353 +1,255 @@
-"""The message types: one frozen dataclass per message, validated when it is built.
+"""The message types: one frozen msgspec Struct per message, tagged by its wire `type`.
 
-Each class has a wire tag (`TYPE`); on the wire a message is a msgpack map of its fields
-plus `type` and `v` (see codec.py and docs/PROTOCOL.md). Building a message with a bad
-field raises `ProtocolError` naming the class and field, so a sender's bug shows where it
-was made and a decoded message (built by the same constructors) is valid by construction.
-Sequences are stored as tuples: the messages are immutable values.
+On the wire a message is a msgpack map of its fields plus `type` (the tag) and `v` (the
+protocol version); see codec.py and docs/PROTOCOL.md. Field types carry their bounds
+(fields.py), so the decoder checks them; building a message checks the same (structs.py).
+Sequences are tuples: the messages are immutable values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
-from splitinfer.protocol.checks import (
-    MAX_FLOAT,
-    MAX_TOKEN_ID,
-    check_bool,
-    check_float,
-    check_id,
-    check_int,
-    check_sequence,
-    check_str,
-    check_token_ids,
-    fail,
-    show,
-)
+import msgspec
+from msgspec import Meta
+from msgspec.structs import force_setattr as _set
+
 from splitinfer.protocol.errors import ErrorCode
+from splitinfer.protocol.fields import (
+    FileName,
+    Id,
+    Logprob,
+    Number,
+    PerSecond,
+    Rate,
+    TokenId,
+    UInt,
+)
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
+from splitinfer.protocol.structs import FieldError, Struct, building
 
-PROTOCOL_VERSION = 1
-FINISH_REASONS = frozenset({"stop", "length", "abort", "error"})
+PROTOCOL_VERSION = 2
+FinishReason = Literal["stop", "length", "abort", "error"]
+FINISH_REASONS = frozenset(FinishReason.__args__)
 
-_set = object.__setattr__  # normalising a field of a frozen dataclass in __post_init__
 
+class Message(Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", kw_only=True):
+    """Base of every message. `TYPE` is the wire tag; `FIELDS` the field names in order
+    (without `v`, which every message carries)."""
 
-class Message:
-    """Base of every message. `TYPE` is the wire tag; `FIELDS` the field names in order."""
-
-    __slots__ = ()
     TYPE: ClassVar[str]
     FIELDS: ClassVar[tuple[str, ...]]
 
+    # Required on the wire, so its default means "absent"; a message built here is stamped.
+    v: int = 0
 
-MESSAGE_TYPES: dict[str, type[Message]] = {}
-
-
-def _message(tag: str):
-    def register(cls: type[Message]) -> type[Message]:
-        if tag in MESSAGE_TYPES:
-            raise RuntimeError(f"two messages use the wire tag {tag!r}")
-        cls.TYPE = tag
-        cls.FIELDS = tuple(f.name for f in fields(cls))  # once per class, not per message
-        MESSAGE_TYPES[tag] = cls
-        return cls
-
-    return register
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if building():
+            _set(self, "v", PROTOCOL_VERSION)
 
 
 # Client -> engine ------------------------------------------------------------------
 
 
-@_message("hello")
-@dataclass(frozen=True, slots=True)
-class Hello(Message):
+class Hello(Message, tag="hello"):
     """Opens (or resumes) a session. The same `client_id` with a new `nonce` is a restarted
     client: the engine aborts what the old instance left running."""
 
-    client_id: str
-    nonce: str
-    pid: int
-
-    def __post_init__(self) -> None:
-        check_id("Hello", "client_id", self.client_id)
-        check_id("Hello", "nonce", self.nonce)
-        check_int("Hello", "pid", self.pid, low=1)
+    client_id: Id
+    nonce: Id
+    pid: Annotated[int, Meta(ge=1, le=2**63 - 1)]
 
 
-@_message("generate")
-@dataclass(frozen=True, slots=True)
-class Generate(Message):
+class Generate(Message, tag="generate"):
     """Start a request. `request_id` is the client's own name for it (unique among its live
     requests); every `RequestOutput` about it carries the same id."""
 
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
+    request_id: Id
+    prompt_token_ids: Annotated[tuple[TokenId, ...], Meta(min_length=1)]
     params: SamplingParams
 
-    def __post_init__(self) -> None:
-        check_id("Generate", "request_id", self.request_id)
-        ids = check_token_ids("Generate", "prompt_token_ids", self.prompt_token_ids, ErrorCode.INVALID_REQUEST)
-        if not ids:
-            raise fail("Generate", "prompt_token_ids", "must not be empty", ErrorCode.INVALID_REQUEST)
-        _set(self, "prompt_token_ids", ids)
-        # SamplingParams checked its own values, the bounds the wire carries included.
-        if type(self.params) is not SamplingParams:
-            raise fail("Generate", "params", f"must be a SamplingParams, got {show(self.params)}")
 
 
-@_message("abort")
-@dataclass(frozen=True, slots=True)
-class Abort(Message):
+class Abort(Message, tag="abort"):
     """Stop requests of this client; each ends with finish reason "abort"."""
 
-    request_ids: tuple[str, ...]
+    request_ids: Annotated[tuple[Id, ...], Meta(min_length=1)]
     reason: str = ""
 
-    def __post_init__(self) -> None:
-        ids = check_sequence("Abort", "request_ids", self.request_ids)
-        if not ids:
-            raise fail("Abort", "request_ids", "must name at least one request")
-        for request_id in ids:
-            check_id("Abort", "request_ids", request_id)
-        _set(self, "request_ids", ids)
-        check_str("Abort", "reason", self.reason)
 
-
-@_message("ping")
-@dataclass(frozen=True, slots=True)
-class Ping(Message):
+class Ping(Message, tag="ping"):
     """Heartbeat (renews the client's lease) and round-trip probe; answered by a `Pong`
     with the same `nonce` and `sent_at` (the sender's clock: only the sender reads it)."""
 
-    nonce: int
-    sent_at: float
-
-    def __post_init__(self) -> None:
-        check_int("Ping", "nonce", self.nonce)
-        _set(self, "sent_at", check_float("Ping", "sent_at", self.sent_at))
+    nonce: UInt
+    sent_at: Number
 
 
-@_message("stats")
-@dataclass(frozen=True, slots=True)
-class Stats(Message):
+class Stats(Message, tag="stats"):
     """Ask for a `StatsReply`."""
 
 
-@_message("goodbye")
-@dataclass(frozen=True, slots=True)
-class Goodbye(Message):
+class Goodbye(Message, tag="goodbye"):
     """The client is leaving: the engine aborts its requests and forgets its session now,
     without waiting for the lease to run out."""
 
-    client_id: str
-
-    def __post_init__(self) -> None:
-        check_id("Goodbye", "client_id", self.client_id)
+    client_id: Id
 
 
 # Engine -> client ------------------------------------------------------------------
 
 
-@_message("hello_reply")
-@dataclass(frozen=True, slots=True)
-class HelloReply(Message):
+class HelloReply(Message, tag="hello_reply"):
     """Everything a server needs to serve this engine's model without the checkpoint:
     limits, eos ids, the chat template and the tokenizer files' bytes. `lease_s`: the
     client must send something (at least a Ping) this often or lose its requests."""
 
-    engine_id: str
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: tuple[int, ...]
+    engine_id: Id
+    model_name: Annotated[str, Meta(min_length=1)]
+    max_model_len: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+    vocab_size: Annotated[int, Meta(ge=1, le=2**32)]
+    eos_token_ids: tuple[TokenId, ...]
     chat_template: str | None
-    tokenizer_files: dict[str, bytes]
-    kv_capacity_tokens: int
-    block_size: int
-    lease_s: float
-
-    def __post_init__(self) -> None:
-        check_id("HelloReply", "engine_id", self.engine_id)
-        if not check_str("HelloReply", "model_name", self.model_name):
-            raise fail("HelloReply", "model_name", "must not be empty")
-        check_int("HelloReply", "max_model_len", self.max_model_len, low=1)
-        check_int("HelloReply", "vocab_size", self.vocab_size, low=1, high=MAX_TOKEN_ID + 1)
-        _set(self, "eos_token_ids", check_token_ids("HelloReply", "eos_token_ids", self.eos_token_ids))
-        if self.chat_template is not None:
-            check_str("HelloReply", "chat_template", self.chat_template)
-        files = self.tokenizer_files
-        if type(files) is not dict:
-            raise fail("HelloReply", "tokenizer_files", f"must map file names to bytes, got {show(files)}")
-        for name, content in files.items():
-            # Bare names only: a client may write them into a directory of its own.
-            if type(name) is not str or name in ("", ".", "..") or any(c in name for c in "/\\\0"):
-                raise fail("HelloReply", "tokenizer_files", f"has a key that is not a plain file name: {show(name)}")
-            if type(content) is not bytes:
-                raise fail("HelloReply", "tokenizer_files", f"[{name!r}] must be bytes, got {show(content)}")
-        check_int("HelloReply", "kv_capacity_tokens", self.kv_capacity_tokens)
-        check_int("HelloReply", "block_size", self.block_size, low=1)
-        _set(self, "lease_s", check_float("HelloReply", "lease_s", self.lease_s, low=1e-3))
+    tokenizer_files: dict[FileName, bytes]
+    kv_capacity_tokens: UInt
+    block_size: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+    lease_s: Annotated[float, Meta(ge=1e-3, le=1e300)]
 
 
-@dataclass(frozen=True, slots=True)
-class TokenLogprobs:
+class TokenLogprobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Log-probabilities at one generated position: the sampled token's, and the `top`
-    most likely tokens' as (token_id, logprob) pairs, best first (empty if none asked)."""
+    most likely tokens' as (token_id, logprob) pairs, best first (empty if none asked).
 
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
+    Built per token by the sampler, so checked by a lean `__post_init__` of its own rather
+    than the `Struct` base's full conversion (structs.py)."""
+
+    token_id: TokenId
+    logprob: Logprob
+    top: Annotated[tuple[tuple[TokenId, Logprob], ...], Meta(max_length=MAX_LOGPROBS)] = ()
 
     def __post_init__(self) -> None:
-        check_int("TokenLogprobs", "token_id", self.token_id, high=MAX_TOKEN_ID)
-        # -inf is a real answer (a token the sampler masked); NaN and +inf are not.
-        _set(self, "logprob", check_float("TokenLogprobs", "logprob", self.logprob, low=-float("inf")))
-        top = check_sequence("TokenLogprobs", "top", self.top)
+        top = self.top
+        if type(top) is not tuple:
+            top = tuple(top)
+            _set(self, "top", top)
         if len(top) > MAX_LOGPROBS:
-            raise fail("TokenLogprobs", "top", f"has {len(top)} entries, more than {MAX_LOGPROBS}")
-        pairs = []
-        for pair in top:
-            if type(pair) not in (tuple, list) or len(pair) != 2:
-                raise fail("TokenLogprobs", "top", f"must hold (token_id, logprob) pairs, got {show(pair)}")
-            token_id, logprob = pair
-            pairs.append((check_int("TokenLogprobs", "top", token_id, high=MAX_TOKEN_ID),
-                          check_float("TokenLogprobs", "top", logprob, low=-float("inf"))))
-        _set(self, "top", tuple(pairs))
+            raise FieldError("TokenLogprobs", "top", f"has {len(top)} entries, more than {MAX_LOGPROBS}")
+        # A NaN from a broken forward fails here, in the engine's sampler (which the isolating
+        # executor pins on its request), not in every server's decoder with the whole step's frame.
+        if not self.logprob < _INF or not all(pair[1] < _INF for pair in top):
+            raise FieldError("TokenLogprobs", "logprob", "must be a number below +inf (NaN is not)")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestOutput:
+class RequestOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One request's news from one engine step: the tokens it generated (usually one;
     none when it only finished, e.g. aborted), why it finished if it did, logprobs per
     new token if it asked, and its token counts so far (`num_cached_tokens`: prompt tokens
-    served from the prefix cache)."""
+    served from the prefix cache). A request the engine failed on ends with finish reason
+    "error" and `error` saying what happened (no other request is affected).
 
-    request_id: str
-    new_token_ids: tuple[int, ...]
-    finish_reason: str | None = None
+    Built per request per step by the engine, so checked by a lean `__post_init__` (its
+    usual case, a running request without logprobs, costs one comparison)."""
+
+    request_id: Id
+    new_token_ids: tuple[TokenId, ...]
+    finish_reason: FinishReason | None = None
     logprobs: tuple[TokenLogprobs, ...] | None = None
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_prompt_tokens: UInt = 0
+    num_output_tokens: UInt = 0
+    num_cached_tokens: UInt = 0
+    error: str | None = None
 
     def __post_init__(self) -> None:
-        check_id("RequestOutput", "request_id", self.request_id)
-        new = check_token_ids("RequestOutput", "new_token_ids", self.new_token_ids)
-        _set(self, "new_token_ids", new)
-        reason = self.finish_reason
-        if reason is not None and (type(reason) is not str or reason not in FINISH_REASONS):
-            raise fail("RequestOutput", "finish_reason",
-                       f"must be None or one of {sorted(FINISH_REASONS)}, got {show(reason)}")
-        if self.logprobs is not None:
-            logprobs = check_sequence("RequestOutput", "logprobs", self.logprobs)
-            if len(logprobs) != len(new):
-                raise fail("RequestOutput", "logprobs", f"has {len(logprobs)} entries for {len(new)} new tokens")
-            for entry in logprobs:
-                if type(entry) is not TokenLogprobs:
-                    raise fail("RequestOutput", "logprobs", f"must hold TokenLogprobs, got {show(entry)}")
-            _set(self, "logprobs", logprobs)
-        check_int("RequestOutput", "num_prompt_tokens", self.num_prompt_tokens)
-        check_int("RequestOutput", "num_output_tokens", self.num_output_tokens)
-        check_int("RequestOutput", "num_cached_tokens", self.num_cached_tokens)
+        if type(self.new_token_ids) is not tuple:
+            _set(self, "new_token_ids", tuple(self.new_token_ids))
+        if self.logprobs is not None or self.finish_reason is not None or self.error is not None:
+            self._check()
+
+    def _check(self) -> None:
+        if self.finish_reason is not None and self.finish_reason not in FINISH_REASONS:
+            raise FieldError("RequestOutput", "finish_reason",
+                             f"must be None or one of {sorted(FINISH_REASONS)}, got {self.finish_reason!r}")
+        logprobs = self.logprobs
+        if logprobs is not None:
+            if type(logprobs) is not tuple:
+                logprobs = tuple(logprobs)
+                _set(self, "logprobs", logprobs)
+            if len(logprobs) != len(self.new_token_ids):
+                raise FieldError("RequestOutput", "logprobs",
+                                 f"has {len(logprobs)} entries for {len(self.new_token_ids)} new tokens")
+            if not all(type(entry) is TokenLogprobs for entry in logprobs):
+                raise FieldError("RequestOutput", "logprobs", "must hold TokenLogprobs")
+        if self.error is not None and self.finish_reason != "error":
+            raise FieldError("RequestOutput", "error", "is set only when finish_reason is 'error'")
 
 
-@_message("outputs")
-@dataclass(frozen=True, slots=True)
-class Outputs(Message):
+class Outputs(Message, tag="outputs"):
     """One engine step's news for one client: an entry per request of that client that
     produced tokens or finished in the step."""
 
+    VALIDATE_ON_BUILD: ClassVar[bool] = False  # built per client per step; its entries check themselves
+
     outputs: tuple[RequestOutput, ...]
 
-    def __post_init__(self) -> None:
-        outputs = check_sequence("Outputs", "outputs", self.outputs)
-        for entry in outputs:
-            if type(entry) is not RequestOutput:
-                raise fail("Outputs", "outputs", f"must hold RequestOutput entries, got {show(entry)}")
-        _set(self, "outputs", outputs)
+    def _check(self) -> None:
+        outputs = self.outputs
+        if type(outputs) is not tuple:
+            outputs = tuple(outputs)
+            _set(self, "outputs", outputs)
+        # The decoder built every entry itself; a caller may have passed anything.
+        if building() and not all(type(entry) is RequestOutput for entry in outputs):
+            raise self._fail("outputs", "must hold RequestOutput entries")
 
 
-@_message("error")
-@dataclass(frozen=True, slots=True)
-class Error(Message):
+class Error(Message, tag="error"):
     """Something the client sent failed. `request_id` names the request when the failure
     is about one (that request is over); `param` the offending field when known;
-    `retryable`: the same message may succeed later (overloaded, shutting down)."""
+    `retryable`: the same message may succeed later (the engine is shutting down)."""
 
-    request_id: str | None
+    request_id: Id | None
     code: ErrorCode
     message: str
     retryable: bool = False
     param: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.request_id is not None:
-            check_id("Error", "request_id", self.request_id)
-        if type(self.code) is not ErrorCode:
-            try:
-                _set(self, "code", ErrorCode(self.code))
-            except ValueError:  # also for unhashable junk: Enum lookup falls back to a scan
-                raise fail("Error", "code", f"must be one of {[c.value for c in ErrorCode]}, "
-                                            f"got {show(self.code)}") from None
-        check_str("Error", "message", self.message)
-        check_bool("Error", "retryable", self.retryable)
-        if self.param is not None:
-            check_str("Error", "param", self.param)
 
-
-@_message("pong")
-@dataclass(frozen=True, slots=True)
-class Pong(Message):
+class Pong(Message, tag="pong"):
     """The answer to a `Ping`, echoing its `nonce` and `sent_at`."""
 
-    nonce: int
-    sent_at: float
-
-    def __post_init__(self) -> None:
-        check_int("Pong", "nonce", self.nonce)
-        _set(self, "sent_at", check_float("Pong", "sent_at", self.sent_at))
+    nonce: UInt
+    sent_at: Number
 
 
-@_message("stats_reply")
-@dataclass(frozen=True, slots=True)
-class StatsReply(Message):
+class StatsReply(Message, tag="stats_reply"):
     """The engine's load: requests waiting and running, KV blocks in use or holding cached
     prefixes, the prefix-cache hit rate, recent throughput, preemptions, clients."""
 
-    waiting: int
-    running: int
-    kv_total_blocks: int
-    kv_used_blocks: int
-    kv_cached_blocks: int
-    kv_usage: float
-    prefix_hit_rate: float
-    prompt_tokens_per_s: float
-    generation_tokens_per_s: float
-    num_preemptions: int
-    num_clients: int
-
-    def __post_init__(self) -> None:
-        for name in ("waiting", "running", "kv_total_blocks", "kv_used_blocks", "kv_cached_blocks",
-                     "num_preemptions", "num_clients"):
-            check_int("StatsReply", name, getattr(self, name))
-        for name, high in (("kv_usage", 1.0), ("prefix_hit_rate", 1.0),
-                           ("prompt_tokens_per_s", MAX_FLOAT), ("generation_tokens_per_s", MAX_FLOAT)):
-            _set(self, name, check_float("StatsReply", name, getattr(self, name), low=0.0, high=high))
+    waiting: UInt
+    running: UInt
+    kv_total_blocks: UInt
+    kv_used_blocks: UInt
+    kv_cached_blocks: UInt
+    kv_usage: Rate
+    prefix_hit_rate: Rate
+    prompt_tokens_per_s: PerSecond
+    generation_tokens_per_s: PerSecond
+    num_preemptions: UInt
+    num_clients: UInt
 
 
-@_message("shutdown")
-@dataclass(frozen=True, slots=True)
-class Shutdown(Message):
+class Shutdown(Message, tag="shutdown"):
     """The engine is stopping: in-flight requests have ended with "abort"; nothing new is
     accepted. Clients should fail over or reconnect later."""
 
     message: str = ""
 
-    def __post_init__(self) -> None:
-        check_str("Shutdown", "message", self.message)
 
-
+_INF = float("inf")
 CLIENT_MESSAGES: tuple[type[Message], ...] = (Hello, Generate, Abort, Ping, Stats, Goodbye)
 ENGINE_MESSAGES: tuple[type[Message], ...] = (HelloReply, Outputs, Error, Pong, StatsReply, Shutdown)
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+for _cls in (*CLIENT_MESSAGES, *ENGINE_MESSAGES):
+    _cls.TYPE = _cls.__struct_config__.tag
+    _cls.FIELDS = tuple(name for name in _cls.__struct_fields__ if name != "v")
+    MESSAGE_TYPES[_cls.TYPE] = _cls

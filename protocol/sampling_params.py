@@ -4,18 +4,23 @@ Plain Python (no torch): the engine samples with them and the `Generate` message
 protocol carries them, so servers build and validate them without importing the engine.
 
 `SamplingParams` is the one judge of a request's settings: the servers, the engine's
-socket and the offline `LLM` all build them through it. Every value it accepts is one the
-engine can represent: integers fit the signed 64-bit ints the wire and torch carry (token
-ids the wire's uint32), and every float is finite and inside a range chosen so that the
-sampler's float32 arithmetic cannot overflow. An int given for a float is converted (after
-the range check, which compares exactly, so no int is too large to judge).
+socket and the offline `LLM` all build them through it, and its field types hold every
+bound (a refused value raises `ProtocolError` with code `invalid_request` and the field's
+name). Every value it accepts is one the engine can represent: integers fit the signed
+64-bit ints the wire and torch carry (token ids the wire's uint32), and every float is
+finite and inside a range chosen so that the sampler's float32 arithmetic cannot overflow.
+An int given for a float is converted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
-from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID, MIN_INT, show
+from msgspec import Meta
+
+from splitinfer.protocol.errors import ErrorCode
+from splitinfer.protocol.fields import MAX_INT, Int64, TokenId
+from splitinfer.protocol.structs import Struct
 
 MAX_LOGPROBS = 20
 # Above this temperature every distribution is as good as uniform; larger values are refused
@@ -28,8 +33,7 @@ MAX_LOGIT_BIAS = 100.0
 MAX_PENALTY = 2.0  # presence and frequency, as OpenAI
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
+class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     """How to pick each next token and when to stop.
 
     - `temperature` in [0, 100]: 0 is greedy (argmax); otherwise logits are divided by it.
@@ -55,55 +59,27 @@ class SamplingParams:
     `stop_token_ids`) are at most 2**32 - 1, and the engine refuses those past its vocabulary.
     """
 
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[int, float] = field(default_factory=dict)
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    BUILD_ERROR_CODE: ClassVar[ErrorCode] = ErrorCode.INVALID_REQUEST
+    NAMED_IN_ERRORS: ClassVar[bool] = False  # "top_p must be ...": the request's own words
+
+    max_tokens: Annotated[int, Meta(ge=1, le=MAX_INT)] = 16
+    min_tokens: Annotated[int, Meta(ge=0, le=MAX_INT)] = 0
+    temperature: Annotated[float, Meta(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1, le=MAX_INT)] = 0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    seed: Int64 | None = None
+    presence_penalty: Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-MAX_PENALTY, le=MAX_PENALTY)] = 0.0
+    repetition_penalty: Annotated[float, Meta(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] = 1.0
+    logit_bias: dict[TokenId, Annotated[float, Meta(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] = {}
+    stop_token_ids: tuple[TokenId, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
-    def __post_init__(self) -> None:
-        _check_int("max_tokens", self.max_tokens, 1, MAX_INT)
-        _check_int("min_tokens", self.min_tokens, 0, MAX_INT)
+    def _check(self) -> None:
         if self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        self._set_float("temperature", 0.0, MAX_TEMPERATURE)
-        _check_int("top_k", self.top_k, -1, MAX_INT)
-        self._set_float("top_p", 0.0, 1.0, low_open=True)
-        self._set_float("min_p", 0.0, 1.0)
-        if self.seed is not None:
-            _check_int("seed", self.seed, MIN_INT, MAX_INT)
-        self._set_float("presence_penalty", -MAX_PENALTY, MAX_PENALTY)
-        self._set_float("frequency_penalty", -MAX_PENALTY, MAX_PENALTY)
-        self._set_float("repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
-        if not isinstance(self.logit_bias, dict):
-            raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
-        bias = {}
-        for token, value in self.logit_bias.items():
-            _check_int("logit_bias token id", token, 0, MAX_TOKEN_ID)
-            bias[token] = _checked_float("logit_bias", value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
-        object.__setattr__(self, "logit_bias", bias)
-        if isinstance(self.stop_token_ids, (str, bytes, dict)):
-            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
-        stop = tuple(self.stop_token_ids)
-        for token in stop:
-            _check_int("stop_token_ids token id", token, 0, MAX_TOKEN_ID)
-        object.__setattr__(self, "stop_token_ids", stop)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}")
-        if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
-
-    def _set_float(self, name: str, low: float, high: float, low_open: bool = False) -> None:
-        object.__setattr__(self, name, _checked_float(name, getattr(self, name), low, high, low_open))
+            raise self._fail("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
 
     @property
     def greedy(self) -> bool:
@@ -116,21 +92,3 @@ class SamplingParams:
     def max_token_id(self) -> int:
         """The largest token id the params name (for checking against the vocabulary); -1 if none."""
         return max([*self.logit_bias, *self.stop_token_ids], default=-1)
-
-
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {show(value)}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {show(value)}")
-
-
-def _checked_float(name: str, value: object, low: float, high: float, low_open: bool = False) -> float:
-    """`value` as a float, if it is a number in the range (NaN never is). The comparison is
-    exact for ints of any size, so the conversion afterwards cannot overflow."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {show(value)}")
-    if not (low < value if low_open else low <= value) or not value <= high:  # also True for NaN
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low:g}, {high:g}], got {show(value)}")
-    return float(value)

@@ -28,7 +28,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from splitinfer.protocol.checks import show
+from splitinfer.protocol.errors import show
 
 logger = logging.getLogger(__name__)
 

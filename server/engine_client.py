@@ -290,7 +290,11 @@ class EngineClient:
                 stream = self._streams.get(out.request_id)
                 if stream is None:
                     continue  # aborted by us, or from an earlier connection
-                stream.queue.put_nowait(out)
+                if out.finish_reason == "error":  # the engine failed while computing it (alone)
+                    stream.queue.put_nowait(EngineRequestError(Error(
+                        out.request_id, ErrorCode.INTERNAL, out.error or "the engine failed while computing this request")))
+                else:
+                    stream.queue.put_nowait(out)
                 if out.finish_reason is not None:
                     del self._streams[out.request_id]
         elif isinstance(message, Pong):

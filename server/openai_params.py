@@ -9,10 +9,12 @@ top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos.
 
 from __future__ import annotations
 
+import msgspec
 from dataclasses import dataclass, replace
 
 from splitinfer.protocol import SamplingParams
-from splitinfer.protocol.checks import MAX_INT, MAX_TOKEN_ID, MIN_INT, show
+from splitinfer.protocol.errors import ProtocolError, show
+from splitinfer.protocol.fields import MAX_INT, MAX_TOKEN_ID, MIN_INT
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
 
@@ -132,14 +134,11 @@ TEMPLATE_MAX_TOKENS = 2**31 - 1
 
 
 def _build(make) -> SamplingParams:
-    """SamplingParams' ValueError ("top_p must be in ...") as a 400 naming the field."""
+    """SamplingParams' refusal ("top_p must be a number <= 1.0, got 1.5") as a 400 naming the field."""
     try:
         return make()
-    except ValueError as exc:
-        message = str(exc)
-        raise bad_request(message, param=message.split(" ", 1)[0]) from None
-    except TypeError as exc:  # e.g. stop_token_ids not a list
-        raise bad_request(str(exc)) from None
+    except ProtocolError as exc:
+        raise bad_request(exc.message, param=exc.field) from None
 
 
 def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]) -> Common:
@@ -210,4 +209,4 @@ def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams
     """The settings of choice `index`: its own seed (seed + index, wrapped within the signed
     64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls."""
     seed = None if common.params.seed is None else (common.params.seed + index - MIN_INT) % 2**64 + MIN_INT
-    return _build(lambda: replace(common.params, max_tokens=max_tokens, seed=seed))
+    return _build(lambda: msgspec.structs.replace(common.params, max_tokens=max_tokens, seed=seed))

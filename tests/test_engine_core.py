@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hf_oracle import hf_model
-from splitinfer.engine import EngineConfig, EngineCore, RequestError, SamplingParams, StepOutput
+from splitinfer.engine import EngineConfig, EngineCore, RequestError, SamplingParams
+from splitinfer.protocol import RequestOutput
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -20,9 +21,9 @@ def make_core(path: Path, **overrides: object) -> EngineCore:
     return EngineCore(EngineConfig(model=str(path), device="cpu", dtype="float32", **overrides))
 
 
-def run_to_completion(core: EngineCore, on_step: Callable[[int], None] | None = None) -> dict[str, list[StepOutput]]:
+def run_to_completion(core: EngineCore, on_step: Callable[[int], None] | None = None) -> dict[str, list[RequestOutput]]:
     """Step until nothing is unfinished; every output, grouped by request id."""
-    outputs: dict[str, list[StepOutput]] = {}
+    outputs: dict[str, list[RequestOutput]] = {}
     steps = 0
     while core.has_unfinished():
         if on_step is not None:
@@ -34,11 +35,11 @@ def run_to_completion(core: EngineCore, on_step: Callable[[int], None] | None = 
     return outputs
 
 
-def tokens_of(outputs: list[StepOutput]) -> list[int]:
+def tokens_of(outputs: list[RequestOutput]) -> list[int]:
     return [t for out in outputs for t in out.new_token_ids]
 
 
-def finish_of(outputs: list[StepOutput]) -> str | None:
+def finish_of(outputs: list[RequestOutput]) -> str | None:
     reasons = [out.finish_reason for out in outputs if out.finish_reason is not None]
     assert len(reasons) == 1 and outputs[-1].finish_reason == reasons[0], "exactly one finish, in the last output"
     return reasons[0]
@@ -207,7 +208,7 @@ def test_aborts_anywhere_free_blocks_at_once_and_return_the_pool_to_its_baseline
 
     reported = {out.request_id: out for out in core.step() if out.finish_reason == "abort"}
     assert set(reported) == {"running", "mid-prefill", "w4"}
-    assert reported["running"].new_token_ids == []
+    assert reported["running"].new_token_ids == ()
     outputs = run_to_completion(core)
     assert {rid: finish_of(outs) for rid, outs in outputs.items()} == {"w1": "length", "w2": "length", "w3": "length"}
     after = core.stats().kv

@@ -211,7 +211,7 @@ def test_fuzzed_openai_requests_never_get_a_5xx(stack: Stack) -> None:
     assert_engine_healthy(stack)
 
 
-PARAM_VALUES = {name: getattr(SamplingParams(), name) for name in SamplingParams.__dataclass_fields__}
+PARAM_VALUES = {name: getattr(SamplingParams(), name) for name in SamplingParams.__struct_fields__}
 
 
 @st.composite

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import fields
+from msgspec.structs import fields
 from pathlib import Path
 
 import msgpack
@@ -44,7 +44,7 @@ from splitinfer.protocol import (
     encode,
     parse_address,
 )
-from splitinfer.protocol.checks import MAX_ID_LENGTH, MAX_INT, MAX_TOKEN_ID
+from splitinfer.protocol.fields import MAX_ID_LENGTH, MAX_INT, MAX_TOKEN_ID
 
 FAST = settings(max_examples=60, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -78,8 +78,9 @@ token_logprobs = st.builds(TokenLogprobs, token_id, logprob, st.lists(st.tuples(
 def request_outputs(draw: st.DrawFn) -> RequestOutput:
     new = draw(token_ids)
     logprobs = draw(st.none() | st.lists(token_logprobs, min_size=len(new), max_size=len(new)))
-    return RequestOutput(draw(ids), new, draw(st.sampled_from([None, "stop", "length", "abort", "error"])),
-                         logprobs, draw(uints), draw(uints), draw(uints))
+    reason = draw(st.sampled_from([None, "stop", "length", "abort", "error"]))
+    error = draw(st.none() | st.text(max_size=20)) if reason == "error" else None
+    return RequestOutput(draw(ids), new, reason, logprobs, draw(uints), draw(uints), draw(uints), error)
 
 
 MESSAGES: dict[type[Message], st.SearchStrategy] = {
@@ -199,9 +200,9 @@ def test_wrong_version_is_bad_version():
 
 
 def test_unknown_type_is_unknown_type_and_missing_type_bad_message():
-    assert rejected(pack({"type": "launch_missiles", "v": 1})).code is ErrorCode.UNKNOWN_TYPE
-    assert rejected(pack({"v": 1})).code is ErrorCode.BAD_MESSAGE
-    assert rejected(pack({"type": ["ping"], "v": 1})).code is ErrorCode.BAD_MESSAGE
+    assert rejected(pack({"type": "launch_missiles", "v": PROTOCOL_VERSION})).code is ErrorCode.UNKNOWN_TYPE
+    assert rejected(pack({"v": PROTOCOL_VERSION})).code is ErrorCode.BAD_MESSAGE
+    assert rejected(pack({"type": ["ping"], "v": PROTOCOL_VERSION})).code is ErrorCode.BAD_MESSAGE
 
 
 def test_missing_and_unknown_fields_are_named():

@@ -135,7 +135,7 @@ def test_logprobs_come_from_the_raw_distribution() -> None:
     top = reference.topk(5)
     assert [t for t, _ in first.top] == top.indices.tolist()
     assert [lp for _, lp in first.top] == pytest.approx(top.values.tolist(), abs=1e-6)
-    assert second.top == [] and second.logprob == pytest.approx(reference[second.token_id].item(), abs=1e-6)
+    assert second.top == () and second.logprob == pytest.approx(reference[second.token_id].item(), abs=1e-6)
     assert third is None
 
 
