@@ -7,12 +7,14 @@ server; building, encoding and decoding one `Generate`.
     python scripts/bench_codec.py --requests 64 --json
 
 Only the public protocol API is used, so the same script measures any version of it.
-`scripts/bench_ipc.py` prints these numbers beside its round trips.
+`scripts/bench_ipc.py` prints these numbers beside its round trips. Read them side by side with
+another version of protocol/ by running this script against it (PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from splitinfer.protocol.codec import Limits
 LIMITS = Limits(max_frame_bytes=2**30)
 
 
-def best_of(fn: Callable[[], object], repeats: int = 7, min_time_s: float = 0.05) -> float:
+def _best_of(fn: Callable[[], object], repeats: int = 7, min_time_s: float = 0.05) -> float:
     """Seconds per call: the best of `repeats` timed loops, each long enough to be read."""
     fn()
     loops = 1
@@ -64,9 +66,10 @@ def build_outputs(rows: list[tuple]) -> Outputs:
     ])
 
 
-def measure(requests: int, prompt_tokens: int) -> dict[str, float]:
-    """Microseconds per operation."""
+def measure(requests: int, prompt_tokens: int, repeats: int = 7) -> dict[str, float]:
+    """Microseconds per operation (the best of `repeats` timed loops)."""
     results = {}
+    best_of = functools.partial(_best_of, repeats=repeats)
     for label, logprobs in (("", None), (" with logprobs=5", 5)):
         rows = step_values(requests, logprobs)
         message = build_outputs(rows)
@@ -98,9 +101,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=256, help="Requests in the step's Outputs (default: %(default)s).")
     p.add_argument("--prompt-tokens", type=int, default=512,
                    help="Prompt length of the Generate (default: %(default)s).")
+    p.add_argument("--repeats", type=int, default=7, help="Timed loops per operation; the best counts "
+                   "(default: %(default)s).")
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     args = p.parse_args()
-    results = measure(args.requests, args.prompt_tokens)
+    results = measure(args.requests, args.prompt_tokens, args.repeats)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -8,7 +8,9 @@ Generate (1 prompt token, 1 output token) -> its first Outputs.
 Two clients are measured: a bare synchronous DEALER (the protocol and the engine loop
 alone) and the asyncio `EngineClient` the HTTP servers use (adds the event loop). Beside
 them, the floor: the same DEALER against a bare ROUTER echo in another Python process,
-measured in the same run (on a shared machine both move together).
+measured in the same run (on a shared machine both move together). Then, in this process,
+what the protocol itself costs per step (`bench_codec.py`: building, encoding and decoding
+one step's Outputs for 256 requests, and a Generate).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import zmq
 
 from splitinfer.protocol import Generate, Hello, Outputs, Ping, Pong, SamplingParams, decode, encode
 from splitinfer.server.engine_client import ENGINE_REPLY_LIMITS, EngineClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_codec  # noqa: E402 (a sibling script)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,6 +139,8 @@ def main() -> None:
     p.add_argument("--pings", type=int, default=5000, help="Ping round trips per client (default: %(default)s).")
     p.add_argument("--generates", type=int, default=500,
                    help="Generate round trips per client (default: %(default)s).")
+    p.add_argument("--codec-requests", type=int, default=256,
+                   help="Requests in the step whose Outputs the codec benchmark builds (default: %(default)s).")
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,12 +153,15 @@ def main() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
-    if args.json:
+    if args.json:  # the round trips; `bench_codec.py --json` gives the codec's numbers
         print(json.dumps(results, indent=2))
         return
+    codec = bench_codec.measure(args.codec_requests, prompt_tokens=512)
     print(f"{'round trip':<42} {'p50 us':>9} {'p99 us':>9} {'mean us':>9} {'n':>6}")
     for name, r in results.items():
         print(f"{name:<42} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['mean_us']:>9.1f} {r['n']:>6}")
+    print()
+    bench_codec.print_table(codec)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,14 @@ def test_bench_ipc_and_bench_restart_report_their_round_trips() -> None:
     assert "engine pid unchanged: True; model loads in the engine log: 1" in text
 
 
+def test_bench_codec_times_each_protocol_operation() -> None:
+    results = json.loads(run_script("bench_codec.py", "--requests", "4", "--prompt-tokens", "8", "--repeats", "1",
+                                    "--json"))
+    kinds = ("build", "encode", "decode")
+    assert {f"Outputs x4: {kind}" for kind in kinds} | {f"Generate (8 tokens): {kind}" for kind in kinds} <= set(results)
+    assert all(us > 0 for us in results.values())
+
+
 def test_bench_engine_compares_the_cpu_prepacking_policies(tiny_checkpoint: Path) -> None:
     text = run_script("bench_engine.py", "--model", str(tiny_checkpoint), "--cpu-prepack-ab", "--concurrency", "3",
                       "--repeats", "1")
