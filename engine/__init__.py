@@ -13,15 +13,16 @@ import os
 # model). Setting OMP_WAIT_POLICY yourself overrides this default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from splitinfer.engine.config import ModelConfig  # noqa: E402
-from splitinfer.engine.engine_core import EngineConfig, EngineCore, EngineStats
-from splitinfer.engine.errors import CheckpointError, EngineDeadError, RequestError
+from splitinfer.engine.config import EngineConfig, ModelConfig  # noqa: E402
+from splitinfer.engine.engine_core import EngineCore, EngineStats
+from splitinfer.engine.errors import CheckpointError, ConfigError, EngineDeadError, RequestError
 from splitinfer.engine.llm import LLM, Generation
 from splitinfer.protocol.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
     "CheckpointError",
+    "ConfigError",
     "EngineConfig",
     "EngineCore",
     "EngineDeadError",

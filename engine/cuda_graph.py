@@ -33,7 +33,6 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.engine.forward_batch import ForwardBatch
-from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -208,13 +207,13 @@ class DecodeGraphRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
-        kv_cache: KVCache,
         max_num_seqs: int,
         max_blocks_per_seq: int,
         use_cuda_graphs: bool,
     ) -> None:
+        """`model` with its KV cache bound (`LlamaForCausalLM.bind_kv_cache`): the graphs write and
+        read K/V through the layers' views as they are at capture."""
         self.model = model
-        self.kv_cache = kv_cache
         self.device = model.rope_cache.device
         self.buckets = decode_buckets(max_num_seqs)
         max_bs = self.buckets[-1]
@@ -261,6 +260,9 @@ class DecodeGraphRunner:
         raise ValueError(f"{num_seqs} sequences exceed the largest decode bucket {self.buckets[-1]}")
 
     def _forward(self, bs: int) -> torch.Tensor:
+        # A new metadata object per call, of views into the static buffers (the same memory at
+        # every call, which is what a graph captures): it may carry per-step state (the torch
+        # path's plan), which must not outlive the step.
         batch = ForwardBatch(
             cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
             seq_lens=self.inputs.seq_lens[:bs],
@@ -270,7 +272,7 @@ class DecodeGraphRunner:
             has_cached_prefix=True,
             decode_workspace=self.decode_workspace,
         )
-        return self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs], batch, self.kv_cache)
+        return self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs], batch)
 
     @torch.inference_mode()
     def warm_up(self) -> None:

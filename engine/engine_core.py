@@ -30,7 +30,7 @@ import torch
 from splitinfer import kernels
 from splitinfer.engine import cpu_linear
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
-from splitinfer.engine.config import ModelConfig
+from splitinfer.engine.config import EngineConfig, ModelConfig
 from splitinfer.engine.cuda_graph import decode_buckets
 from splitinfer.engine.errors import EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
@@ -87,36 +87,28 @@ def graphs_off_reason(device: torch.device, enforce_eager: bool, triton_kernels:
     return None
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow); any other
+    name is one `EngineConfig` accepted."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """Everything that shapes an engine. Sizes of the KV cache: `num_kv_blocks` if given; else on
-    CUDA what `gpu_memory_utilization` leaves after a profiling forward, on CPU `kv_cache_gb`."""
+@dataclass(slots=True)
+class Counters:
+    """What the engine has done since it started, for throughput and the /metrics counters."""
 
-    model: str
-    device: str = "auto"
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_gb: float = 1.0
-    gpu_memory_utilization: float = 0.90
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    cpu_weight_prepack: bool = True
-    seed: int = 0
+    num_preemptions: int = 0
+    computed_tokens: int = 0  # tokens fed through the model (prompts, recomputation, decode inputs)
+    prompt_tokens: int = 0  # of those, prompt positions (recomputed ones again after a preemption)
+    generated_tokens: int = 0
+
+    def count(self, item: ScheduledSeq) -> None:
+        """A scheduled sequence whose step succeeded."""
+        self.computed_tokens += item.num_new_tokens
+        self.prompt_tokens += item.num_prompt_tokens
+        self.generated_tokens += item.samples
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +138,13 @@ class EngineCore:
                 f"got {config.max_model_len}"
             )
         self.max_model_len = config.max_model_len or c.max_position_embeddings
-        if config.block_size <= 0 or config.max_num_seqs <= 0:
-            raise ValueError("block_size and max_num_seqs must be positive")
 
         self.model = LlamaForCausalLM.build(c, self.device, self.dtype)
         load_weights(self.model, c.path)
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()
         # Known once the model is on its device: the KV sizing reserves the graphs' memory by it.
-        self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, kernels.use_triton(self.model.rope_cache))
+        self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, self.model.backend.uses_triton)
         self.stop_ids = frozenset(c.eos_token_ids)
         generator = torch.Generator(self.device).manual_seed(config.seed)
         self.sampler = Sampler(c.vocab_size, self.stop_ids, generator)
@@ -171,10 +161,7 @@ class EngineCore:
         self.executor = IsolatingExecutor(self.runner)
         self.requests: dict[str, Sequence] = {}
         self._reported_next: list[RequestOutput] = []  # ended between steps (aborts, a reset): the next step reports them
-        self._num_preemptions = 0
-        self._computed_tokens = 0
-        self._prompt_tokens = 0
-        self._generated_tokens = 0
+        self.counters = Counters()
         per_block = self._bytes_per_block()
         logger.info(
             "engine ready in %.1f s: %s on %s in %s; KV cache %d blocks x %d tokens = %d tokens (%.2f GB); "
@@ -189,7 +176,8 @@ class EngineCore:
         """A fresh block pool (empty prefix cache), allocator bookkeeping and scheduler."""
         self.pool = BlockPool(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   stop_ids=self.stop_ids, max_model_len=self.max_model_len)
 
     def _prepack_cpu_weights(self) -> None:
         extra = self.model.matmul_weight_bytes()
@@ -354,39 +342,31 @@ class EngineCore:
         """One step, appending to `outputs` as it goes: if the bookkeeping fails halfway, what
         was already reported stays reported."""
         plan = self.scheduler.schedule()
-        self._num_preemptions += len(plan.preempted)
+        self.counters.num_preemptions += len(plan.preempted)
         if not plan.scheduled:
             return
-        result = self.executor.execute(plan.scheduled)
+        result = self.executor.execute(plan.scheduled)  # forward and sampling; failures pinned on requests
+        outputs += [self._fail(item.seq, exc) for item, exc in result.failures]
         failed = {item.seq.request_id for item, _ in result.failures}
-        for item, exc in result.failures:
-            outputs.append(self._fail(item.seq, exc))
         for item in plan.scheduled:
-            if item.seq.request_id in failed:
-                continue
-            try:
-                outputs += self._advance(item, result.samples.get(item.seq.request_id))
-            except Exception as exc:
-                logger.error("request %s: updating it after its forward failed", item.seq.request_id, exc_info=exc)
-                outputs.append(self._fail(item.seq, exc))
+            if item.seq.request_id not in failed:
+                outputs += self._update(item, result.samples.get(item.seq.request_id))
 
-    def _advance(self, item: ScheduledSeq, sample: Sample | None) -> list[RequestOutput]:
-        """Count a scheduled sequence's new tokens as computed, register its full blocks in the
-        prefix cache, and append the token it sampled (if it sampled)."""
+    def _update(self, item: ScheduledSeq, sample: Sample | None) -> list[RequestOutput]:
+        """The scheduler's bookkeeping for one request the step computed, counted, and its
+        output if it sampled a token; a request whose bookkeeping raises fails alone."""
         seq = item.seq
-        self._prompt_tokens += max(0, min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens)
-                                   - seq.num_computed_tokens)
-        seq.num_computed_tokens += item.num_new_tokens
-        self._computed_tokens += item.num_new_tokens
-        self.kv.commit_computed(seq)
+        try:
+            reason = self.scheduler.update(item, sample[0] if sample is not None else None)
+        except Exception as exc:
+            logger.error("request %s: updating it after its forward failed", seq.request_id, exc_info=exc)
+            return [self._fail(seq, exc)]
+        self.counters.count(item)
         if sample is None:
             return []
-        token, logprobs = sample
-        reason = seq.append_token(token, self.stop_ids, self.max_model_len)
-        self._generated_tokens += 1
         if reason is not None:
-            self.scheduler.finish(seq, reason)
             del self.requests[seq.request_id]
+        token, logprobs = sample
         return [_output(seq, (token,), (logprobs,) if logprobs else None)]
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
@@ -417,10 +397,10 @@ class EngineCore:
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
             kv=self.pool.stats(),
-            num_preemptions=self._num_preemptions,
-            computed_tokens=self._computed_tokens,
-            prompt_tokens=self._prompt_tokens,
-            generated_tokens=self._generated_tokens,
+            num_preemptions=self.counters.num_preemptions,
+            computed_tokens=self.counters.computed_tokens,
+            prompt_tokens=self.counters.prompt_tokens,
+            generated_tokens=self.counters.generated_tokens,
         )
 
 

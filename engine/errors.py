@@ -17,6 +17,14 @@ class CheckpointError(ValueError):
         super().__init__(f"{self.path}: {message}")
 
 
+class ConfigError(ValueError):
+    """An engine setting out of its bounds (`EngineConfig`); `field` names it."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(message)
+
+
 class RequestError(ValueError):
     """A request the engine refuses (bad parameters, too long, unknown id): the caller's fault,
     reported without disturbing other requests. `field` names the offending input when one does."""

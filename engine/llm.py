@@ -10,10 +10,11 @@ All prompts of one call are batched continuously by the engine core.
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceOf
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from splitinfer.engine.engine_core import EngineConfig, EngineCore
+from splitinfer.engine.config import EngineConfig
+from splitinfer.engine.engine_core import EngineCore
 from splitinfer.engine.tokenizer import Tokenizer
 from splitinfer.protocol import SamplingParams, TokenLogprobs
 
@@ -36,14 +37,14 @@ class Generation:
 class LLM:
     """A loaded model with its KV cache, generating for batches of prompts.
 
-    Takes the checkpoint directory and any `EngineConfig` field as a keyword: device
-    ("auto", "cpu", "cuda", ...), dtype ("auto", "float32", "float16", "bfloat16"),
-    max_model_len, block_size, num_kv_blocks, kv_cache_gb, gpu_memory_utilization,
-    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, enforce_eager, seed.
+    Takes the checkpoint directory and any `EngineConfig` field as a keyword (device, dtype,
+    max_model_len, kv_cache_gb, max_num_seqs, ...: each is documented on `EngineConfig`, and
+    `splitinfer-engine --help` shows them as flags with their defaults). A value out of its
+    bounds raises `ConfigError` naming the field.
     """
 
     def __init__(self, model: str | Path, **engine_args: object) -> None:
-        known = {f.name for f in fields(EngineConfig)} - {"model"}
+        known = set(EngineConfig.__struct_fields__) - {"model"}
         unknown = sorted(set(engine_args) - known)
         if unknown:
             raise TypeError(f"unknown LLM argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

@@ -2,8 +2,13 @@
 
 Module and parameter names follow `LlamaForCausalLM` so every checkpoint tensor maps
 to one place; q/k/v and gate/up are fused into single matmuls and `weight_sources()`
-says which checkpoint tensor fills which rows. All hot ops go through
-`splitinfer.kernels`, which picks Triton or torch per call.
+says which checkpoint tensor fills which rows. All hot ops go through one
+`splitinfer.kernels.Backend` (Triton or torch), picked once when the model is built.
+
+What does not change from step to step is bound to the modules instead of passed down
+each forward: every module keeps the backend, every attention layer the rope table, and,
+once the KV cache is allocated (`bind_kv_cache`), its own layer's K/V cache views. A
+layer's forward takes only the step's hidden states, positions and attention metadata.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer import kernels
+from splitinfer.kernels import AttentionMetadata, Backend
 
 
 def _empty_param(*shape: int) -> nn.Parameter:
@@ -52,21 +58,35 @@ class VocabEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, backend: Backend) -> None:
         super().__init__()
         self.weight = _empty_param(hidden_size)
         self.eps = eps
+        self.backend = backend
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.backend.rms_norm(x, self.weight, self.eps, residual)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    """Self-attention of one layer over the paged KV cache.
+
+    Built with the backend and the rope table (fp32 [max_positions, D], shared by every layer);
+    its own layer's K/V cache views are bound once the cache exists (`bind_kv_cache`). Until
+    then it writes no K/V and can only attend within the batch (the profiling forwards that
+    size the cache)."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.backend = backend
+        # Plain attributes, not buffers: `Module.to(dtype)` must leave the fp32 table alone, and
+        # the caches are views into the engine's one KV allocation, not state of this module.
+        self.rope_cache = rope_cache
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D]
+        self.v_cache: torch.Tensor | None = None
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -76,14 +96,12 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        batch: ForwardBatch,
-        kv_cache: KVCache | None,
-        rope_cache: torch.Tensor,
-    ) -> torch.Tensor:
+    def bind_kv_cache(self, kv_cache: KVCache) -> None:
+        """Keep this layer's views of `kv_cache`. CUDA graphs captured afterwards read and write
+        through them, so a model whose graphs are captured must keep this cache."""
+        self.k_cache, self.v_cache = kv_cache.layer(self.layer_index)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionMetadata) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Strided views into the qkv output, not copies (three copy kernels per layer): every
@@ -92,50 +110,44 @@ class LlamaAttention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        kernels.apply_rope_(q, k, positions, rope_cache)
-        if kv_cache is None:
+        self.backend.apply_rope_(q, k, positions, self.rope_cache)
+        if self.k_cache is None:
             if batch.has_cached_prefix:
-                raise ValueError("a batch with a cached prefix needs the KV cache")
-        else:
-            k_cache, v_cache = kv_cache.layer(self.layer_index)
-            kernels.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+                raise ValueError("a batch with a cached prefix needs the KV cache (bind_kv_cache)")
+        elif batch.slot_mapping is not None:  # a batch without slots (for_prefill) writes nothing
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, batch)
         if batch.has_cached_prefix:
-            out = kernels.paged_attention(
-                q, k_cache, v_cache, batch.block_tables, batch.seq_lens, batch.cu_seqlens_q, self.scale,
-                max_seqlen_q=batch.max_seqlen_q, workspace=batch.decode_workspace,
-                plan=batch.attention_plan(kv_cache.block_size), num_decode_seqs=batch.num_decode_seqs,
-            )
+            out = self.backend.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
         else:
-            out = kernels.flash_attention_varlen(q, k, v, batch.cu_seqlens_q, batch.max_seqlen_q, self.scale)
+            out = self.backend.flash_attention_varlen(q, k, v, batch, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.self_attn = LlamaAttention(config, layer_index, backend, rope_cache)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
+        self.mlp = LlamaMLP(config, backend)
 
     def forward(
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         positions: torch.Tensor,
-        batch: ForwardBatch,
-        kv_cache: KVCache | None,
-        rope_cache: torch.Tensor,
+        batch: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next RMSNorm: (norm(h + r), h + r).
         if residual is None:
@@ -143,62 +155,73 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, batch, kv_cache, rope_cache)
+        hidden = self.self_attn(hidden, positions, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, backend, rope_cache) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
 
 class LlamaForCausalLM(nn.Module):
-    """The whole model. Create it with `build` and fill it with `engine.loader.load_weights`."""
+    """The whole model. Create it with `build`, fill it with `engine.loader.load_weights`, and
+    bind the KV cache once it is allocated (`bind_kv_cache`; `ModelRunner` does)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.backend = backend  # which kernels every op runs: `uses_triton` says whether graphs may capture it
+        # fp32 [max_positions, head_dim] cos|sin, the one table every layer rotates by (a plain
+        # attribute, not a buffer, so it stays fp32 whatever the model dtype: the angles of
+        # late positions need the precision).
+        self.rope_cache = rope_cache
+        self.kv_cache: KVCache | None = None
+        self.model = LlamaModel(config, backend, rope_cache)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
-        self.rope_cache = torch.empty(0)
         self.packed_lm_head: cpu_linear.PackedWeight | None = None  # the (tied or not) lm_head weight, prepacked
 
     @classmethod
     def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
-        """Allocate the (uninitialised) model directly on `device` in `dtype`: no host copy, no init."""
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to(dtype=dtype).to_empty(device=device)
-        # A plain attribute, not a buffer, so it stays fp32 whatever the model dtype:
-        # the angles of late positions need the precision.
-        model.rope_cache = kernels.rope_cos_sin_cache(
+        """Allocate the (uninitialised) model directly on `device` in `dtype`: no host copy, no init.
+        The kernel backend is chosen here, once, from the device and SPLITINFER_KERNELS."""
+        backend = kernels.select_backend(device)
+        # Computed outside the meta-device block below, which would make it a meta tensor.
+        rope_cache = kernels.rope_cos_sin_cache(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         ).to(device)
+        with torch.device("meta"):
+            model = cls(config, backend, rope_cache)
+        model = model.to(dtype=dtype).to_empty(device=device)
         return model.eval()
+
+    def bind_kv_cache(self, kv_cache: KVCache) -> None:
+        """Give every layer its views of `kv_cache`, once it is allocated; from then on a forward
+        whose batch has slots writes its K/V there, and attention may read cached prefixes."""
+        self.kv_cache = kv_cache
+        for layer in self.model.layers:
+            layer.self_attn.bind_kv_cache(kv_cache)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        batch: ForwardBatch,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Final hidden states [T, hidden] of the packed tokens `input_ids` [T] at `positions` [T].
 
-        With `kv_cache`, the new tokens' K/V are written at `batch.slot_mapping`.
+        With a KV cache bound, the new tokens' K/V are written at `batch.slot_mapping` (none
+        when it is None); without one, nothing is written and `batch` may not have a cached prefix.
         """
         hidden = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:
-            hidden, residual = layer(hidden, residual, positions, batch, kv_cache, self.rope_cache)
+            hidden, residual = layer(hidden, residual, positions, batch)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 

@@ -1,9 +1,10 @@
 """Turns one scheduled step into a model forward plus sampling.
 
-It owns the model, the KV cache and the sampler. A step may mix decodes (one token)
-and prefill chunks (many tokens, possibly after a cached prefix) of different
-sequences in one packed forward; a decode-only step goes through the static-buffer
-graph runner instead. Logits are computed only for the sequences that sample.
+It owns the model, the KV cache (bound to the model's layers when the runner is built)
+and the sampler. A step may mix decodes (one token) and prefill chunks (many tokens,
+possibly after a cached prefix) of different sequences in one packed forward; a
+decode-only step goes through the static-buffer graph runner instead. Logits are
+computed only for the sequences that sample.
 Before serving, `warm_up` compiles every Triton kernel variant that a step can launch
 outside the captured decode graphs.
 """
@@ -38,12 +39,14 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        # Before the graph runner exists: its capture records the addresses of the layers' views.
+        model.bind_kv_cache(kv_cache)
         self.sampler = sampler
         self.device = model.rope_cache.device
         self.block_size = kv_cache.block_size
         self.max_num_seqs = max_num_seqs
         max_blocks = -(-max_model_len // self.block_size)
-        self.graph_runner = DecodeGraphRunner(model, kv_cache, max_num_seqs, max_blocks, use_cuda_graphs)
+        self.graph_runner = DecodeGraphRunner(model, max_num_seqs, max_blocks, use_cuda_graphs)
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -119,7 +122,7 @@ class ModelRunner:
             # each new one would leave oneDNN state behind); the padding rows are dropped.
             return self.model.compute_logits(hidden)[:n]
         input_ids, positions, batch = self.prepare(step)
-        hidden = self.model(input_ids, positions, batch, self.kv_cache)
+        hidden = self.model(input_ids, positions, batch)
         return self.model.compute_logits(hidden, batch.logits_indices)
 
     @torch.inference_mode()
@@ -133,7 +136,7 @@ class ModelRunner:
         Every row is harmless: slot -1 writes no K/V, and the block tables point at block 0,
         which is only read. Returns the decode split counts warmed up; with the torch kernels,
         which compile nothing, it runs nothing and returns []."""
-        if not kernels.use_triton(self.model.rope_cache):
+        if not self.model.backend.uses_triton:
             return []
         start = time.perf_counter()
         splits = kernels.decode_split_batches(self.max_num_seqs, self.model.config.num_kv_heads, self.device)
@@ -166,8 +169,7 @@ class ModelRunner:
             has_cached_prefix=cached_prefix,
             num_decode_seqs=decodes,
         )
-        self.model(self._tensor([0] * cu[-1], torch.int64), self._tensor(positions, torch.int64), batch,
-                   self.kv_cache)
+        self.model(self._tensor([0] * cu[-1], torch.int64), self._tensor(positions, torch.int64), batch)
 
     @torch.inference_mode()
     def probe(self) -> None:

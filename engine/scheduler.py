@@ -11,7 +11,7 @@ front of the queue, to be recomputed later (its prefix may still be cached).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitinfer.engine.kv_manager import KVCacheManager
 from splitinfer.engine.sequence import Sequence, SequenceStatus
@@ -19,13 +19,19 @@ from splitinfer.engine.sequence import Sequence, SequenceStatus
 
 @dataclass(slots=True)
 class ScheduledSeq:
+    """A sequence in a step, with the tokens the step computes for it. Decided once, when
+    scheduled: whether the step samples its next token (it computes the last known one) and
+    how many of the new tokens are prompt tokens (for the throughput counters)."""
+
     seq: Sequence
     num_new_tokens: int
+    samples: bool = field(init=False)
+    num_prompt_tokens: int = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last known token, so a new one is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        computed, end = self.seq.num_computed_tokens, self.seq.num_computed_tokens + self.num_new_tokens
+        self.samples = end == self.seq.num_tokens
+        self.num_prompt_tokens = max(0, min(end, self.seq.num_prompt_tokens) - computed)
 
 
 @dataclass(slots=True)
@@ -45,7 +51,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, *,
+                 stop_ids: frozenset[int] = frozenset(), max_model_len: int = 2**63 - 1) -> None:
         if max_num_batched_tokens < max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_num_seqs ({max_num_seqs}) "
@@ -54,6 +61,8 @@ class Scheduler:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.stop_ids = stop_ids  # the checkpoint's eos ids
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         # Running requests by id, in admission order (dicts keep it): the last is preempted
         # first, and finishing or aborting one is O(1).
@@ -104,6 +113,20 @@ class Scheduler:
             scheduled[seq.request_id] = ScheduledSeq(seq, n)
             budget -= n
         return SchedulerOutput(list(scheduled.values()), preempted)
+
+    def update(self, item: ScheduledSeq, token: int | None) -> str | None:
+        """After the step's forward succeeded for `item`: its new tokens are computed (full
+        blocks enter the prefix cache) and the token it sampled, if it sampled, is appended.
+        Returns the finish reason when that ends the sequence (its blocks are freed now)."""
+        seq = item.seq
+        seq.num_computed_tokens += item.num_new_tokens
+        self.kv.commit_computed(seq)
+        if token is None:
+            return None
+        reason = seq.append_token(token, self.stop_ids, self.max_model_len)
+        if reason is not None:
+            self.finish(seq, reason)
+        return reason
 
     def _preempt_newest(self) -> Sequence:
         """Free the most recently admitted running request's blocks and put it first in line;

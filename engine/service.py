@@ -41,7 +41,8 @@ import msgspec
 import zmq
 
 from splitinfer.engine.clients import ClientRegistry, ClientSession
-from splitinfer.engine.engine_core import EngineConfig, EngineCore
+from splitinfer.engine.config import EngineConfig
+from splitinfer.engine.engine_core import EngineCore
 from splitinfer.engine.errors import EngineDeadError, RequestError
 from splitinfer.protocol import (
     DEFAULT_LIMITS,

@@ -1,36 +1,34 @@
-"""The kernels every model forward calls, one public function per op.
+"""The kernels every model forward calls, behind one `Backend` per implementation.
 
-Each op has a pure-torch reference beside it (the CPU path and the oracle of the
-tests); `dispatch` chooses the implementation per call. Import from here only.
+Each op has a pure-torch reference beside it (the CPU path and the oracle of the tests)
+and a Triton launcher; `select_backend(device)` picks which implementation a model runs,
+once, when it is built (`dispatch`). Attention ops take the step's `AttentionMetadata`.
+Import from here only.
 """
 
+from splitinfer.kernels.attention import PagedAttentionPlan
 from splitinfer.kernels.dispatch import (
-    apply_rope_,
+    BACKEND_ENV,
+    Backend,
+    TorchBackend,
+    TritonBackend,
     decode_split_batches,
     decode_workspace_numel,
-    flash_attention_varlen,
-    paged_attention,
-    plan_paged_attention,
-    rms_norm,
-    silu_and_mul,
-    store_kv,
-    use_triton,
+    select_backend,
 )
-from splitinfer.kernels.attention import PagedAttentionPlan
+from splitinfer.kernels.metadata import AttentionMetadata
 from splitinfer.kernels.rope import RopeScaling, rope_cos_sin_cache
 
 __all__ = [
+    "BACKEND_ENV",
+    "AttentionMetadata",
+    "Backend",
     "PagedAttentionPlan",
     "RopeScaling",
-    "apply_rope_",
+    "TorchBackend",
+    "TritonBackend",
     "decode_split_batches",
     "decode_workspace_numel",
-    "flash_attention_varlen",
-    "paged_attention",
-    "plan_paged_attention",
-    "rms_norm",
     "rope_cos_sin_cache",
-    "silu_and_mul",
-    "store_kv",
-    "use_triton",
+    "select_backend",
 ]

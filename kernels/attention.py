@@ -3,9 +3,10 @@
 Both take queries packed as [T, Hq, D] with `cu_seqlens` marking where each sequence
 starts, and support grouped-query attention (Hq a multiple of Hkv) without repeating
 K/V. The references loop over sequences and call torch's SDPA; they are the oracle the
-Triton kernels are tested against. `paged_attention_torch` is the CPU path: the same
-math, with every single-query (decode) row of a step batched into one SDPA call, since a
-loop of small calls per sequence and layer costs more than the attention itself.
+Triton kernels are tested against. `paged_attention_cpu` is the CPU path (the torch
+backend's, wherever it runs): the same math, with the single-query (decode) rows of a step
+batched into a few SDPA calls, since a loop of small calls per sequence and layer costs
+more than the attention itself.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class DecodeGroup:
 
 @dataclass(frozen=True, slots=True)
 class PagedAttentionPlan:
-    """How `paged_attention_torch` splits one batch: the same for every layer of a forward, so
-    the model builds it once per step (`plan_paged_attention_torch`) and passes it to each."""
+    """How `paged_attention_cpu` splits one batch: the same for every layer of a forward, so it
+    is made once per step (`plan_paged_attention_cpu`, through `AttentionMetadata.cpu_plan`)."""
 
     bounds: list[int]  # cu_seqlens_q as host ints
     lengths: list[int]  # seq_lens as host ints
@@ -140,9 +141,11 @@ class PagedAttentionPlan:
     decode_groups: list[DecodeGroup]
 
 
-def plan_paged_attention_torch(
+def plan_paged_attention_cpu(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, block_size: int
 ) -> PagedAttentionPlan:
+    """Which sequences `paged_attention_cpu` attends one by one and how it groups the rest.
+    Host work: it reads the lengths back, so it syncs with the device."""
     bounds, lengths = cu_seqlens_q.tolist(), seq_lens.tolist()
     decodes = [b for b in range(len(lengths)) if bounds[b + 1] - bounds[b] == 1]
     multi = [b for b in range(len(lengths)) if bounds[b + 1] - bounds[b] > 1]
@@ -191,7 +194,7 @@ def _plan_decode_group(
     return DecodeGroup(rows, block_ids, padding_rows, visible[:, None, None, :], live, n, context)
 
 
-def paged_attention_torch(
+def paged_attention_cpu(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -199,17 +202,15 @@ def paged_attention_torch(
     seq_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     scale: float | None = None,
-    max_seqlen_q: int | None = None,
-    workspace: torch.Tensor | None = None,
+    *,
     plan: PagedAttentionPlan | None = None,
 ) -> torch.Tensor:
     """`paged_attention_reference`'s result, faster on CPU: the sequences with one query (decodes)
     attend together in a few groups of similar context lengths; the others (prefill chunks
     over a cached prefix) one by one. `plan`: this batch's, if already made."""
-    del max_seqlen_q, workspace
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if plan is None:
-        plan = plan_paged_attention_torch(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1])
+        plan = plan_paged_attention_cpu(block_tables, seq_lens, cu_seqlens_q, k_cache.shape[1])
     out = torch.empty_like(q)
     bounds = plan.bounds
     for b in plan.multi_query:

@@ -16,8 +16,8 @@ LOG2E = 1.4426950408889634
 
 
 # The block-table width changes from step to step, and the metadata pointers of a mixed step's
-# prefill rows are slices (`dispatch.paged_attention`) whose 16-byte alignment depends on how many
-# decode rows precede them: specialising on either would compile new binaries mid-serving.
+# prefill rows are slices (`TritonBackend.paged_attention`) whose 16-byte alignment depends on
+# how many decode rows precede them: specialising on either would compile new binaries mid-serving.
 @triton.jit(
     do_not_specialize=["stride_bt"],
     do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"],

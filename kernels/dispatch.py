@@ -1,22 +1,31 @@
-"""The single place that picks an implementation for each kernel call.
+"""The kernel backends, and the one place that picks one.
 
-Triton runs for CUDA tensors; the pure-torch reference runs for CPU tensors. The
-environment variable SPLITINFER_KERNELS overrides the choice per call:
-`triton` forces Triton (with TRITON_INTERPRET=1 set before triton is imported, the
-kernels then run on CPU tensors under the interpreter: that is how the tests prove
-them), `torch` forces the references, `auto` (the default) decides by device.
+A `Backend` runs every hot op of the model: `TritonBackend` the Triton kernels,
+`TorchBackend` the pure-torch references (the CPU path). `select_backend(device)` picks one
+when a model is built, from the device and the environment variable SPLITINFER_KERNELS:
+`triton` forces Triton (with TRITON_INTERPRET=1 set before triton is imported, the kernels
+then run on CPU tensors under the interpreter: that is how the tests prove them), `torch`
+forces the references, `auto` (the default) decides by device. Whoever calls the kernels
+keeps the backend it got (the model does, `LlamaForCausalLM.backend`): the environment is
+read once, not on every call, and one model never mixes the two implementations.
+
+The attention ops take the step's `AttentionMetadata`, built once per forward and shared by
+every layer, instead of the same lengths, tables and slots at every call.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib.util
 import os
 from types import ModuleType
+from typing import ClassVar
 
 import torch
 
 from splitinfer.kernels import activation, attention, kv_store, norm, rope
+from splitinfer.kernels.metadata import AttentionMetadata
 
 # Triton ships wheels for Linux x86_64 only; elsewhere the references run. It is
 # imported on first use, so that TRITON_INTERPRET may still be set before then
@@ -36,135 +45,175 @@ MAX_DECODE_SPLITS = 16
 BACKENDS = ("auto", "triton", "torch")
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether a call on `tensor` runs the Triton kernel."""
-    backend = os.environ.get(BACKEND_ENV, "auto")
-    if backend not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
-        return True
-    return tensor.is_cuda and HAS_TRITON
+class Backend(abc.ABC):
+    """The model's hot ops on one implementation. Shapes are `[tokens, heads, head_dim]`; caches
+    are one layer's `[blocks, block_size, Hkv, D]`; GQA maps query head h to KV head
+    `h // (Hq // Hkv)` without repeating K/V. Backends hold no state: one instance serves
+    every model."""
+
+    name: ClassVar[str]
+    # Only Triton ops may be captured in a CUDA graph: the torch path plans paged attention
+    # on the host (`.tolist()`, `nonzero`), which syncs, and a sync is illegal during capture.
+    uses_triton: ClassVar[bool]
+
+    @abc.abstractmethod
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm of x [T, H] times weight [H], fp32 math; with `residual`, fused
+        `residual_out = x + residual` and returns `(rms_norm(residual_out), residual_out)`."""
+
+    @abc.abstractmethod
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
+
+    @abc.abstractmethod
+    def apply_rope_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor) -> None:
+        """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half layout) by positions [T]."""
+
+    @abc.abstractmethod
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        """Write k, v [T, Hkv, D] into one layer's paged caches at `metadata.slot_mapping`;
+        slot -1 writes nothing."""
+
+    @abc.abstractmethod
+    def flash_attention_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               metadata: AttentionMetadata, scale: float | None = None,
+                               causal: bool = True) -> torch.Tensor:
+        """Attention within each packed sequence over its fresh K/V alone (a prefill with no
+        cached prefix): q [T, Hq, D], k, v [T, Hkv, D], split by `metadata.cu_seqlens_q`."""
+
+    @abc.abstractmethod
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+        """Packed queries q [T, Hq, D] over each sequence's paged context (one layer's caches,
+        which already hold the new tokens); sequence b's queries are its last
+        `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal, its keys
+        read through `block_tables[b]`."""
+
+    def __repr__(self) -> str:
+        return f"<{self.name} kernels>"
 
 
-def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm of x [T, H] times weight [H], fp32 math; with `residual`, fused
-    `residual_out = x + residual` and returns `(rms_norm(residual_out), residual_out)`."""
-    if use_triton(x):
-        return _triton("norm_triton").rms_norm_triton(x, weight, eps, residual)
-    return norm.rms_norm_reference(x, weight, eps, residual)
+class TorchBackend(Backend):
+    """The pure-torch references: the CPU path, and the oracle of the Triton kernels."""
 
+    name = "torch"
+    uses_triton = False
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU: [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
-    if use_triton(gate_up):
-        return _triton("activation_triton").silu_and_mul_triton(gate_up)
-    return activation.silu_and_mul_reference(gate_up)
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return norm.rms_norm_reference(x, weight, eps, residual)
 
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return activation.silu_and_mul_reference(gate_up)
 
-def apply_rope_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half layout) by positions [T]."""
-    if use_triton(q):
-        _triton("rope_triton").apply_rope_triton_(q, k, positions, cos_sin_cache)
-    else:
+    def apply_rope_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor) -> None:
         rope.apply_rope_reference_(q, k, positions, cos_sin_cache)
 
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        kv_store.store_kv_reference(k, v, k_cache, v_cache, metadata.slot_mapping)
 
-def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Write k, v [T, Hkv, D] into the paged caches at flat slots [T]; slot -1 writes nothing."""
-    if use_triton(k):
-        _triton("kv_store_triton").store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
-    else:
-        kv_store.store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    def flash_attention_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               metadata: AttentionMetadata, scale: float | None = None,
+                               causal: bool = True) -> torch.Tensor:
+        return attention.flash_attention_varlen_reference(q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q,
+                                                          scale, causal)
 
-
-def flash_attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    scale: float | None = None,
-    causal: bool = True,
-) -> torch.Tensor:
-    """Attention within each packed sequence (fresh prefill): q [T, Hq, D], k, v [T, Hkv, D]."""
-    if use_triton(q):
-        return _triton("attention_triton").flash_attention_varlen_triton(q, k, v, cu_seqlens, max_seqlen, scale, causal)
-    return attention.flash_attention_varlen_reference(q, k, v, cu_seqlens, max_seqlen, scale, causal)
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+        """The decode rows of a step in a few SDPA calls (`paged_attention_cpu`), grouped by a
+        plan made once per step (`metadata.cpu_plan`) and reused by every layer."""
+        plan = metadata.cpu_plan(k_cache.shape[1])
+        return attention.paged_attention_cpu(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
+                                             metadata.cu_seqlens_q, scale, plan=plan)
 
 
-def paged_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float | None = None,
-    max_seqlen_q: int | None = None,
-    workspace: torch.Tensor | None = None,
-    plan: attention.PagedAttentionPlan | None = None,
-    num_decode_seqs: int = 0,
-) -> torch.Tensor:
-    """Packed queries over each sequence's paged context; sequence b's queries are its last
-    `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal.
+class TritonBackend(Backend):
+    """The Triton kernels (`*_triton.py`). Each launcher module is looked up at call time
+    (`_triton`), so triton is imported on first use only."""
 
-    `max_seqlen_q` (a host int) sizes the launch grid; 1 selects the split-K decode
-    kernel. When None it is read from `cu_seqlens_q`, which syncs with the device.
-    `num_decode_seqs` (a host int): how many leading sequences have one query each. In a
-    mixed step (decodes packed first, then prefill chunks) those go through the split-K
-    decode kernel and the rest through the prefill kernel, into one output; 0 sends every
-    sequence of a step with longer queries through the prefill kernel.
-    `workspace`: fp32 scratch of at least `decode_workspace_numel(batch, Hq, D)` elements
-    for the split-K partial results, so that a decode step allocates nothing; without
-    it the decode kernel allocates its scratch per call.
-    `plan`: what `plan_paged_attention` made for this batch (the same for every layer).
-    """
-    if not use_triton(q):
-        return attention.paged_attention_torch(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, max_seqlen_q, workspace, plan
+    name = "triton"
+    uses_triton = True
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return _triton("norm_triton").rms_norm_triton(x, weight, eps, residual)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return _triton("activation_triton").silu_and_mul_triton(gate_up)
+
+    def apply_rope_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor) -> None:
+        _triton("rope_triton").apply_rope_triton_(q, k, positions, cos_sin_cache)
+
+    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 metadata: AttentionMetadata) -> None:
+        _triton("kv_store_triton").store_kv_triton(k, v, k_cache, v_cache, metadata.slot_mapping)
+
+    def flash_attention_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               metadata: AttentionMetadata, scale: float | None = None,
+                               causal: bool = True) -> torch.Tensor:
+        return _triton("attention_triton").flash_attention_varlen_triton(
+            q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal
         )
-    prefill = _triton("attention_triton")
-    prefill.check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q)
-    decode = _triton("paged_decode_triton").paged_decode_attention_triton
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if seq_lens.numel() else 0
-    if max_seqlen_q == 1:
-        return decode(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, scale, workspace=workspace)
-    batch, n = seq_lens.shape[0], num_decode_seqs
-    if not 0 < n < batch:
-        return prefill.paged_prefill_attention_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale
+
+    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+        """`max_seqlen_q` 1 selects the split-K decode kernel (in `decode_workspace` when given).
+        Otherwise the first `num_decode_seqs` sequences (one query each, packed first in a mixed
+        step) go through the decode kernel and the rest through the prefill kernel, into one
+        output; 0 sends every sequence through the prefill kernel. No host sync: every value
+        read on the host is a host int of the metadata."""
+        m = metadata
+        prefill = _triton("attention_triton")
+        prefill.check_paged_inputs(q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q)
+        decode = _triton("paged_decode_triton").paged_decode_attention_triton
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        if m.max_seqlen_q == 1:
+            return decode(q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, scale,
+                          workspace=m.decode_workspace)
+        batch, n = m.seq_lens.shape[0], m.num_decode_seqs
+        if not 0 < n < batch:
+            return prefill.paged_prefill_attention_triton(
+                q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, m.max_seqlen_q, scale
+            )
+        # Both kernels read and write their rows at cu_seqlens_q[seq] (absolute token offsets), so
+        # each gets its slice of the metadata and they fill disjoint rows of one output.
+        out = q.new_empty(q.shape)
+        decode(q, k_cache, v_cache, m.block_tables[:n], m.seq_lens[:n], m.cu_seqlens_q[: n + 1], scale, out=out,
+               workspace=m.decode_workspace)
+        prefill.paged_prefill_attention_triton(
+            q, k_cache, v_cache, m.block_tables[n:], m.seq_lens[n:], m.cu_seqlens_q[n:], m.max_seqlen_q, scale,
+            out=out,
         )
-    # Both kernels read and write their rows at cu_seqlens_q[seq] (absolute token offsets), so
-    # each gets its slice of the metadata and they fill disjoint rows of one output.
-    out = q.new_empty(q.shape)
-    decode(q, k_cache, v_cache, block_tables[:n], seq_lens[:n], cu_seqlens_q[: n + 1], scale, out=out,
-           workspace=workspace)
-    prefill.paged_prefill_attention_triton(
-        q, k_cache, v_cache, block_tables[n:], seq_lens[n:], cu_seqlens_q[n:], max_seqlen_q, scale, out=out
-    )
-    return out
+        return out
 
 
-def plan_paged_attention(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, block_size: int
-) -> attention.PagedAttentionPlan | None:
-    """What `paged_attention` can work out once per batch rather than once per layer, as in
-    FlashInfer's plan/run split: on CPU, how decode rows are grouped and gathered (host work
-    that would otherwise repeat in every layer); None where the kernel needs no plan (Triton,
-    which reads lengths and tables on the device, with no host work and no sync)."""
-    if use_triton(seq_lens):
-        return None
-    return attention.plan_paged_attention_torch(block_tables, seq_lens, cu_seqlens_q, block_size)
+_TORCH = TorchBackend()
+_TRITON = TritonBackend()
+
+
+def select_backend(device: torch.device | str) -> Backend:
+    """The backend for a model on `device`: Triton on CUDA when triton is installed, the torch
+    references otherwise, unless SPLITINFER_KERNELS says `triton` or `torch`. Reads the
+    environment: call it once, when the model is built, and keep what it returns."""
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {choice!r}")
+    if choice == "torch":
+        return _TORCH
+    if choice == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed")
+        return _TRITON
+    return _TRITON if torch.device(device).type == "cuda" and HAS_TRITON else _TORCH
 
 
 def decode_workspace_numel(batch: int, num_heads: int, head_dim: int) -> int:

@@ -136,8 +136,9 @@ def from_validation_error(exc: msgspec.ValidationError, cls: type[Struct], root:
     else:
         kind = "type" if ", got " in what or what.startswith("Invalid") else "value"
         value = _lookup(root, path) if not match.group("key") else _NOT_FOUND
-        bounds = _bounds(cls, path, key=bool(match.group("key"))) if kind == "value" else None
-        problem = _problem(what, value, bounds)
+        expected = _expected(_leaf(cls, path, key=bool(match.group("key")))) if kind != "type" or \
+            what.startswith("Invalid") else None
+        problem = _problem(what, value, expected)
     field = ".".join(steps) or None
     where = cls.__name__ if cls.NAMED_IN_ERRORS else ""
     subject = ".".join(part for part in (where, shown_path) if part) or "the message"
@@ -146,11 +147,11 @@ def from_validation_error(exc: msgspec.ValidationError, cls: type[Struct], root:
     return ProtocolError(classify(field, kind), f"{subject} {problem}", field=field)
 
 
-def _problem(what: str, value: object, bounds: str | None) -> str:
-    """msgspec's "Expected `int` >= 0" as "must be an integer >= 0, got -3", or with the
-    field's two bounds "must be in [0, 100], got 101"."""
-    if bounds is not None:
-        return f"must be in {bounds}" + (f", got {show(value)}" if value is not _NOT_FOUND else "")
+def _problem(what: str, value: object, expected: str | None) -> str:
+    """msgspec's "Expected `int` >= 0" as "must be an integer >= 0, got -3", or with what
+    the field's type says "must be in [0, 100], got 101", "must be one of 'a', 'b', got 'c'"."""
+    if expected is not None:
+        return f"must be {expected}" + (f", got {show(value)}" if value is not _NOT_FOUND else "")
     if what.startswith("Expected "):
         expected, _, got = what[len("Expected "):].partition(", got ")
         text = "must be " + _TYPE_NAME.sub(lambda m: " or ".join(_NOUNS.get(t, t) for t in m.group(1).split(" | ")),
@@ -165,8 +166,9 @@ def _problem(what: str, value: object, bounds: str | None) -> str:
     return what
 
 
-def _bounds(cls: type[Struct], path: str, key: bool) -> str | None:
-    """The interval "[0, 100]" of the number at `path` in `cls`, if both its ends are bounded."""
+def _leaf(cls: type[Struct], path: str, key: bool) -> object:
+    """The msgspec type (`msgspec.inspect`) of the value at `path` in `cls` (of its key if
+    `key`), or None when the path leads nowhere known."""
     node: object = _type_info(cls)
     for name, _ in re.findall(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]", path):
         node = _unwrap(node)
@@ -183,13 +185,23 @@ def _bounds(cls: type[Struct], path: str, key: bool) -> str | None:
     node = _unwrap(node)
     if key and isinstance(node, msgspec.inspect.DictType):
         node = _unwrap(node.key_type)
+    return node
+
+
+def _expected(node: object) -> str | None:
+    """What a value must be, said the way a person reads it: "in [0, 100]" for a number
+    bounded at both ends, "one of 'a', 'b'" for a choice; None for anything else."""
+    if isinstance(node, msgspec.inspect.LiteralType):
+        return "one of " + ", ".join(map(repr, node.values))
+    if isinstance(node, msgspec.inspect.EnumType):
+        return "one of " + ", ".join(repr(member.value) for member in node.cls)
     if not isinstance(node, (msgspec.inspect.IntType, msgspec.inspect.FloatType)):
         return None
     low, high = node.ge if node.ge is not None else node.gt, node.le if node.le is not None else node.lt
     if low is None or high is None:
         return None
     text = lambda bound: str(bound) if isinstance(bound, int) else f"{bound:g}"  # noqa: E731
-    return f"{'[' if node.ge is not None else '('}{text(low)}, {text(high)}{']' if node.le is not None else ')'}"
+    return f"in {'[' if node.ge is not None else '('}{text(low)}, {text(high)}{']' if node.le is not None else ')'}"
 
 
 @functools.cache
@@ -198,9 +210,11 @@ def _type_info(cls: type[Struct]) -> msgspec.inspect.Type:
 
 
 def _unwrap(node: object) -> object:
-    """An optional type's non-nil member (`int | None` -> int)."""
+    """The type under its metadata, and an optional type's non-nil member (`int | None` -> int)."""
+    if isinstance(node, msgspec.inspect.Metadata):
+        node = node.type
     if isinstance(node, msgspec.inspect.UnionType):
-        members = [t for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
+        members = [_unwrap(t) for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
         return members[0] if len(members) == 1 else node
     return node
 

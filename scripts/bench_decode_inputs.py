@@ -25,7 +25,7 @@ from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 def time_steps(n: int, blocks: int, steps: int, device: torch.device) -> list[float]:
     model = SimpleNamespace(rope_cache=torch.empty(0, device=device), config=SimpleNamespace(num_heads=8, head_dim=64))
     width = blocks + steps
-    runner = DecodeGraphRunner(model, None, n, width, use_cuda_graphs=False)
+    runner = DecodeGraphRunner(model, n, width, use_cuda_graphs=False)
     rng = random.Random(0)
     tables = [list(range(i * width, i * width + blocks)) for i in range(n)]
     step = DecodeStep([1] * n, [blocks * 16 - 1] * n, [5] * n, [blocks * 16] * n, tables)

@@ -28,13 +28,20 @@ Options:
   --run-dir DIR          Where logs and the socket go (default: runs/<date-time>).
   -h, --help             Show this help.
 
-Any other flag goes to the engine, with its value: for example --device cuda,
---dtype bfloat16, --num-kv-blocks 4096, --kv-cache-gb 2, --gpu-memory-utilization 0.85,
---max-num-seqs 128, --max-model-len 8192, --enforce-eager. Everything after `--` goes to
-the engine as is. `python -m splitinfer.engine --help` lists them all.
+Any other flag goes to the engine, with its value: its settings are listed below, from the
+engine's own --help, which also has --lease and --max-frame-bytes. Everything after `--`
+goes to the engine as is.
 
 Logs: RUN_DIR/engine.log and RUN_DIR/server-PORT.log.
 EOF
+    # The engine's flags are generated from its EngineConfig: printed from there, never copied.
+    local python=python3
+    [ -x .venv/bin/python ] && python=.venv/bin/python
+    echo
+    if ! "$python" -m splitinfer.engine --help 2>/dev/null | sed -n '/^model and memory:/,/^serving:/p' \
+            | grep -v '^serving:' | grep .; then
+        echo "Engine flags: run 'python -m splitinfer.engine --help' once splitinfer is installed."
+    fi
 }
 
 MODEL="" SERVERS=1 HOST=127.0.0.1 PORT=8000 API_KEY="" SERVED_NAME="" ADDRESS="" RUN_DIR=""

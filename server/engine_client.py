@@ -4,7 +4,6 @@
     await client.start()                     # connect and handshake; client.info is the HelloReply
     async for out in client.generate("req-1", prompt_ids, SamplingParams(max_tokens=32)):
         ...                                  # protocol RequestOutput: new tokens, finish reason, counts
-    await client.abort(["req-1"])
     await client.close()                     # says Goodbye
 
 One background task receives every message and routes `Outputs` to per-request queues by
@@ -65,8 +64,6 @@ logger = logging.getLogger(__name__)
 
 # Replies from the engine can be large (HelloReply carries the tokenizer files).
 ENGINE_REPLY_LIMITS = Limits(max_frame_bytes=512 * 2**20, max_prompt_tokens=2**31 - 1)
-# The engine's lease until its HelloReply tells (the engine's default).
-ASSUMED_LEASE_S = 5.0
 # Transport (ZMTP) heartbeats: every second, and a connection silent for 3 s is closed.
 # They are answered by the engine's I/O thread, busy loop or not, so only an unreachable
 # engine (host gone, network cut, process frozen) misses them.
@@ -87,8 +84,6 @@ class Health(enum.Enum):
 
 class EngineUnavailable(Exception):
     """The engine cannot be reached or went away; the request may be retried (HTTP 503)."""
-
-    retryable = True
 
 
 class EngineRequestError(Exception):
@@ -329,8 +324,12 @@ class EngineClient:
             logger.warning("engine error %s: %s", error.code, error.message)
 
     async def _heartbeat(self) -> None:
+        # Started once the first handshake has set `info`, which is never unset: the lease is
+        # always the one the engine granted (a new instance's reply replaces it), never a guess.
+        assert self.info is not None
         while True:
-            await asyncio.sleep((self.info.lease_s if self.info else ASSUMED_LEASE_S) / 4)
+            # Four per lease: one that comes late (a busy event loop) does not let the lease run out.
+            await asyncio.sleep(self.info.lease_s / 4)
             if self.health is not Health.READY:
                 continue
             # Renews our lease in the engine; its Pong is not awaited (a step may be long).
@@ -400,13 +399,6 @@ class EngineClient:
                 self._streams.pop(request_id, None)
                 with contextlib.suppress(EngineUnavailable):
                     self._send(Abort(request_ids=[request_id], reason="client stopped reading"))
-
-    async def abort(self, request_ids: list[str], reason: str = "aborted by the client") -> None:
-        for request_id in request_ids:
-            stream = self._streams.pop(request_id, None)
-            if stream is not None:
-                stream.queue.put_nowait(EngineUnavailable(f"request {request_id} was aborted"))
-        self._send(Abort(request_ids=list(request_ids), reason=reason))
 
     async def stats(self, timeout_s: float = 5.0) -> StatsReply:
         future: asyncio.Future[StatsReply] = asyncio.get_running_loop().create_future()

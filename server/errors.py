@@ -1,7 +1,7 @@
 """Every failure a client sees, in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
-Handlers raise `APIError`; the app turns it (and anything unexpected) into that JSON with
-the right status, so no response is ever a 422 or a plain-text 500.
+Handlers raise `APIError`; `http.py` turns it (and anything unexpected) into that JSON
+with the right status, so no response is ever a 422 or a plain-text 500.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from splitinfer.protocol import SamplingParams, TokenLogprobs
@@ -92,7 +92,7 @@ async def run_choice(
 
 async def merged_choices(
     client: EngineClient, tokenizer: ServerTokenizer, specs: list[ChoiceSpec], timing: Timing
-) -> AsyncIterator[ChoiceEvent]:
+) -> AsyncGenerator[ChoiceEvent, None]:
     """Every choice's events, interleaved as they come. An engine failure in any choice ends
     the whole stream with that exception; the other choices are aborted."""
     queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()

@@ -7,9 +7,16 @@ engine at each scrape, so they are fresh and cost nothing in between).
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from splitinfer.protocol import StatsReply
+
+if TYPE_CHECKING:
+    from splitinfer.server.generation import Timing
+    from splitinfer.server.responses import Usage
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -32,6 +39,16 @@ class ServerMetrics:
         self.running = Gauge("splitinfer_engine_running_requests", "Requests running in the engine", registry=r)
         self.kv_usage = Gauge("splitinfer_engine_kv_cache_usage", "Share of KV-cache blocks in use (0-1)", registry=r)
         self.engine_up = Gauge("splitinfer_engine_up", "1 while the engine answers, else 0", registry=r)
+
+    def observe_request(self, timing: Timing, usage: Usage) -> None:
+        """A request that completed: its latencies and token counts."""
+        if timing.first_token is not None:
+            self.ttft.observe(timing.first_token - timing.start)
+        for gap in timing.token_gaps:
+            self.inter_token.observe(gap)
+        self.e2e.observe(time.perf_counter() - timing.start)
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.generation_tokens.inc(usage.completion_tokens)
 
     def observe_engine(self, stats: StatsReply | None) -> None:
         self.engine_up.set(0 if stats is None else 1)

@@ -1,4 +1,5 @@
-"""OpenAI request bodies -> validated requests and per-choice `SamplingParams`.
+"""OpenAI request bodies -> validated requests, then one engine request per choice
+(`choice_specs`, each with its own `SamplingParams`).
 
 Every error is an `APIError` 400 naming the offending `param`. Unknown fields are ignored
 (clients send fields we have never heard of); a known feature we do not support (tools,
@@ -17,6 +18,8 @@ from splitinfer.protocol.errors import ProtocolError, show
 from splitinfer.protocol.fields import MAX_INT, MAX_TOKEN_ID, MIN_INT
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
+from splitinfer.server.generation import ChoiceSpec
+from splitinfer.server.responses import new_id
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16
@@ -210,3 +213,14 @@ def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams
     64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls."""
     seed = None if common.params.seed is None else (common.params.seed + index - MIN_INT) % 2**64 + MIN_INT
     return _build(lambda: msgspec.structs.replace(common.params, max_tokens=max_tokens, seed=seed))
+
+
+def choice_specs(common: Common, prompts: list[list[int]], max_tokens: int) -> list[ChoiceSpec]:
+    """The engine requests of one HTTP request: n choices per prompt, numbered across prompts
+    (choice i answers prompt i // n), under request ids that share one fresh base."""
+    base = new_id("req")
+    return [
+        ChoiceSpec(index=p * common.n + i, request_id=f"{base}-{p * common.n + i}", prompt_token_ids=ids,
+                   params=choice_params(common, max_tokens, p * common.n + i), stop=common.stop)
+        for p, ids in enumerate(prompts) for i in range(common.n)
+    ]

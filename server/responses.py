@@ -1,11 +1,21 @@
-"""OpenAI's response objects, built from choice events: `chat.completion`,
-`chat.completion.chunk`, `text_completion` (whole and streamed), usage and logprobs."""
+"""OpenAI's response objects, built from choice events.
+
+Each endpoint answers in a format of its own: `ChatFormat` for /v1/chat/completions
+(`chat.completion`, streamed as `chat.completion.chunk`) and `CompletionFormat` for
+/v1/completions (`text_completion`, whole and streamed). A format owns everything that
+differs between the two: the id prefix, the `object` names, the shape of a choice and of
+its logprobs, and which chunks a stream sends in which order. Usage is counted the same
+way for both (`Usage`), and both end a stream with the same usage chunk when asked to.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from splitinfer.protocol import TokenLogprobs
 from splitinfer.server.generation import ChoiceEvent
@@ -16,17 +26,24 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def now() -> int:
+    return int(time.time())
+
+
 @dataclass(slots=True)
 class Usage:
     """Token counts: the prompt once per distinct prompt, the completion over every choice."""
 
+    choices_per_prompt: int  # the request's n: choice i belongs to prompt i // n
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     _prompts_seen: set[int] = field(default_factory=set)
 
-    def add(self, event: ChoiceEvent, prompt_index: int) -> None:
+    def add(self, event: ChoiceEvent) -> None:
         self.completion_tokens += len(event.token_ids)
+        prompt_index = event.index // self.choices_per_prompt
+        # Each of a prompt's choices reports the prompt's counts on its last event: count one.
         if event.finish_reason is not None and prompt_index not in self._prompts_seen:
             self._prompts_seen.add(prompt_index)
             self.prompt_tokens += event.num_prompt_tokens
@@ -52,88 +69,152 @@ class ChoiceText:
         self.finish_reason = event.finish_reason or self.finish_reason
 
 
+async def collect(events: AsyncIterator[ChoiceEvent], count: int, usage: Usage) -> list[ChoiceText]:
+    """All `count` choices of a non-streamed request, counting their tokens into `usage`."""
+    choices = [ChoiceText() for _ in range(count)]
+    async for event in events:
+        choices[event.index].add(event)
+        usage.add(event)
+    return choices
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """What every object of one response repeats: its id, the model's name, its creation time."""
+
+    id: str
+    model: str
+    created: int
+
+    def fields(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def usage_chunk(head: ResponseHead, obj: str, usage: Usage) -> dict:
+    """The last chunk with stream_options.include_usage: no choices, the whole request's usage."""
+    return {**head.fields(obj), "system_fingerprint": None, "choices": [], "usage": usage.body()}
+
+
+@dataclass(frozen=True)
+class ResponseFormat(ABC):
+    """How one request's response looks: built once per request by its endpoint."""
+
+    tokenizer: ServerTokenizer  # to spell out the tokens of logprobs
+    logprobs: int | None  # how many top logprobs per token; None: no logprobs asked for
+    include_usage: bool = False  # stream_options.include_usage
+
+    id_prefix: ClassVar[str]
+    response_object: ClassVar[str]  # the whole response's `object`
+    chunk_object: ClassVar[str]  # each streamed chunk's `object`
+
+    def head(self, model: str) -> ResponseHead:
+        return ResponseHead(new_id(self.id_prefix), model, now())
+
+    def body(self, head: ResponseHead, choices: list[ChoiceText], usage: Usage) -> dict:
+        """The non-streamed response."""
+        return {**head.fields(self.response_object), "choices": [self._choice(i, c) for i, c in enumerate(choices)],
+                "usage": usage.body(), "system_fingerprint": None}
+
+    async def chunks(self, head: ResponseHead, events: AsyncIterator[ChoiceEvent], usage: Usage) -> \
+            AsyncGenerator[dict, None]:
+        """A stream's chunks, in order: each event's as it arrives (`_event_chunks`), counted into
+        `usage`, then the usage chunk if the client asked for it."""
+        sent: dict[int, int] = {}  # characters streamed so far per choice; absent before its first event
+        async for event in events:
+            usage.add(event)
+            sent_before = sent.get(event.index)
+            sent[event.index] = (sent_before or 0) + len(event.text)
+            for chunk in self._event_chunks(head, event, sent_before):
+                yield chunk
+        if self.include_usage:
+            yield usage_chunk(head, self.chunk_object, usage)
+
+    def _chunk(self, head: ResponseHead, choice: dict) -> dict:
+        chunk = {**head.fields(self.chunk_object), "system_fingerprint": None, "choices": [choice]}
+        if self.include_usage:  # OpenAI sends "usage": null on every chunk but the last when usage is asked for
+            chunk["usage"] = None
+        return chunk
+
+    def _wants_logprobs(self, entries: list[TokenLogprobs]) -> bool:
+        return self.logprobs is not None and bool(entries)
+
+    @abstractmethod
+    def _choice(self, index: int, choice: ChoiceText) -> dict:
+        """One choice of the non-streamed response."""
+
+    @abstractmethod
+    def _event_chunks(self, head: ResponseHead, event: ChoiceEvent, sent_before: int | None) -> Iterator[dict]:
+        """The chunks one event becomes, in order; `sent_before` is how many characters of this
+        choice were streamed before it, None if this is the choice's first event."""
+
+
+class ChatFormat(ResponseFormat):
+    """/v1/chat/completions: a message per choice; a stream opens each choice with its role."""
+
+    id_prefix = "chatcmpl"
+    response_object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+
+    def _choice(self, index: int, choice: ChoiceText) -> dict:
+        logprobs = None if self.logprobs is None else self._logprobs(choice.logprobs)
+        return {"index": index, "message": {"role": "assistant", "content": choice.text},
+                "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+    def _event_chunks(self, head: ResponseHead, event: ChoiceEvent, sent_before: int | None) -> Iterator[dict]:
+        if sent_before is None:  # the role, once, on each choice's first chunk
+            yield self._delta(head, event.index, {"role": "assistant", "content": ""})
+        logprobs = self._logprobs(event.logprobs) if self._wants_logprobs(event.logprobs) else None
+        if event.text or logprobs:
+            yield self._delta(head, event.index, {"content": event.text}, logprobs)
+        if event.finish_reason is not None:  # its own chunk, with an empty delta, as OpenAI sends it
+            yield self._delta(head, event.index, {}, finish_reason=event.finish_reason)
+
+    def _delta(self, head: ResponseHead, index: int, delta: dict, logprobs: dict | None = None,
+               finish_reason: str | None = None) -> dict:
+        return self._chunk(head, {"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason})
+
+    def _logprobs(self, entries: list[TokenLogprobs]) -> dict:
+        def item(token_id: int, logprob: float) -> dict:
+            text = _token_text(self.tokenizer, token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(e.token_id, e.logprob),
+                             "top_logprobs": [item(t, lp) for t, lp in e.top[:self.logprobs]]} for e in entries]}
+
+
+class CompletionFormat(ResponseFormat):
+    """/v1/completions: text per choice; a stream sends one chunk per event, finish included."""
+
+    id_prefix = "cmpl"
+    response_object = "text_completion"
+    chunk_object = "text_completion"
+
+    def _choice(self, index: int, choice: ChoiceText) -> dict:
+        logprobs = None if self.logprobs is None else self._logprobs(choice.logprobs, 0)
+        return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+    def _event_chunks(self, head: ResponseHead, event: ChoiceEvent, sent_before: int | None) -> Iterator[dict]:
+        # text_offset counts from the start of the choice's text, across chunks.
+        logprobs = self._logprobs(event.logprobs, sent_before or 0) if self._wants_logprobs(event.logprobs) else None
+        if event.text or logprobs or event.finish_reason:
+            yield self._chunk(head, {"index": event.index, "text": event.text, "logprobs": logprobs,
+                                     "finish_reason": event.finish_reason})
+
+    def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
+        tokens = [_token_text(self.tokenizer, e.token_id) for e in entries]
+        offsets, position = [], text_start
+        for token in tokens:
+            offsets.append(position)
+            position += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            # Every alternative the engine sent: completions' `logprobs` is itself the count asked for.
+            "top_logprobs": [{_token_text(self.tokenizer, t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+
 def _token_text(tokenizer: ServerTokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def chat_logprobs(tokenizer: ServerTokenizer, entries: list[TokenLogprobs], top: int) -> dict:
-    def item(token_id: int, logprob: float) -> dict:
-        text = _token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    return {"content": [{**item(e.token_id, e.logprob),
-                         "top_logprobs": [item(t, lp) for t, lp in e.top[:top]]} for e in entries]}
-
-
-def completion_logprobs(tokenizer: ServerTokenizer, entries: list[TokenLogprobs], text_start: int) -> dict:
-    tokens = [_token_text(tokenizer, e.token_id) for e in entries]
-    offsets, position = [], text_start
-    for token in tokens:
-        offsets.append(position)
-        position += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
-        "text_offset": offsets,
-    }
-
-
-def chat_completion(response_id: str, model: str, created: int, choices: list[ChoiceText], usage: Usage,
-                    tokenizer: ServerTokenizer, top_logprobs: int | None) -> dict:
-    return {
-        "id": response_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{
-            "index": i,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": None if top_logprobs is None else chat_logprobs(tokenizer, c.logprobs, top_logprobs),
-            "finish_reason": c.finish_reason,
-        } for i, c in enumerate(choices)],
-        "usage": usage.body(),
-        "system_fingerprint": None,
-    }
-
-
-def text_completion(response_id: str, model: str, created: int, choices: list[ChoiceText], usage: Usage,
-                    tokenizer: ServerTokenizer, logprobs: int | None) -> dict:
-    return {
-        "id": response_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{
-            "index": i, "text": c.text,
-            "logprobs": None if logprobs is None else completion_logprobs(tokenizer, c.logprobs, 0),
-            "finish_reason": c.finish_reason,
-        } for i, c in enumerate(choices)],
-        "usage": usage.body(),
-        "system_fingerprint": None,
-    }
-
-
-def chat_chunk(response_id: str, model: str, created: int, index: int, delta: dict,
-               logprobs: dict | None = None, finish_reason: str | None = None, include_usage: bool = False) -> dict:
-    chunk = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "system_fingerprint": None,
-             "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if include_usage:  # OpenAI sends "usage": null on every chunk but the last when usage is asked for
-        chunk["usage"] = None
-    return chunk
-
-
-def completion_chunk(response_id: str, model: str, created: int, index: int, text: str,
-                     logprobs: dict | None = None, finish_reason: str | None = None,
-                     include_usage: bool = False) -> dict:
-    chunk = {"id": response_id, "object": "text_completion", "created": created, "model": model,
-             "system_fingerprint": None,
-             "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def usage_chunk(response_id: str, model: str, created: int, obj: str, usage: Usage) -> dict:
-    """The last chunk with stream_options.include_usage: no choices, the whole request's usage."""
-    return {"id": response_id, "object": obj, "created": created, "model": model, "system_fingerprint": None,
-            "choices": [], "usage": usage.body()}
-
-
-def now() -> int:
-    return int(time.time())

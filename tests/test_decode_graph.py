@@ -51,7 +51,7 @@ def decode_plan(core: EngineCore, batch: int) -> SchedulerOutput:
 def eager_logits(core: EngineCore, plan: SchedulerOutput) -> torch.Tensor:
     """The plain packed-forward path, no static buffers."""
     ids, positions, batch = core.runner.prepare(plan)
-    return core.model.compute_logits(core.model(ids, positions, batch, core.kv_cache), batch.logits_indices)
+    return core.model.compute_logits(core.model(ids, positions, batch), batch.logits_indices)
 
 
 def written_slots(before: torch.Tensor, after: torch.Tensor) -> set[int]:

@@ -1,7 +1,8 @@
 """The pure-torch kernel references against naive math written out in the test.
 
-These references are the CPU path and the oracle of the Triton kernels, so their own
-semantics (GQA mapping, causal alignment, padding slots, rope layout) are pinned here.
+These references are the CPU path (the torch backend) and the oracle of the Triton kernels,
+so their own semantics (GQA mapping, causal alignment, padding slots, rope layout) are
+pinned here.
 """
 
 from __future__ import annotations
@@ -10,7 +11,16 @@ import pytest
 import torch
 
 from splitinfer import kernels
-from splitinfer.kernels import RopeScaling
+from splitinfer.kernels import AttentionMetadata, RopeScaling
+
+TORCH = kernels.TorchBackend()
+
+
+def paged_metadata(tables: torch.Tensor, seq_lens: torch.Tensor, cu: torch.Tensor, **fields: object) -> AttentionMetadata:
+    """A step's metadata for paged attention over a cached prefix (no K/V written)."""
+    max_q = int((cu[1:] - cu[:-1]).max())
+    return AttentionMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=max_q, block_tables=tables,
+                             has_cached_prefix=True, **fields)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -27,7 +37,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 def test_rms_norm_with_residual_equals_add_then_norm() -> None:
     x, residual, weight = torch.randn(5, 64), torch.randn(5, 64), torch.randn(64)
-    out, residual_out = kernels.rms_norm(x, weight, 1e-5, residual)
+    out, residual_out = TORCH.rms_norm(x, weight, 1e-5, residual)
     assert torch.equal(residual_out, x + residual)
     expected = weight * (x + residual) / ((x + residual).pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
     torch.testing.assert_close(out, expected)
@@ -35,7 +45,7 @@ def test_rms_norm_with_residual_equals_add_then_norm() -> None:
 
 def test_silu_and_mul_uses_the_first_half_as_gate() -> None:
     gate_up = torch.randn(3, 10)
-    torch.testing.assert_close(kernels.silu_and_mul(gate_up), torch.nn.functional.silu(gate_up[:, :5]) * gate_up[:, 5:])
+    torch.testing.assert_close(TORCH.silu_and_mul(gate_up), torch.nn.functional.silu(gate_up[:, :5]) * gate_up[:, 5:])
 
 
 @pytest.mark.parametrize(
@@ -61,7 +71,7 @@ def test_rope_matches_transformers(rope_scaling: dict | None, scaling: RopeScali
     q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
     cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])
     q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-    kernels.apply_rope_(q, k, positions, cache)
+    TORCH.apply_rope_(q, k, positions, cache)
     torch.testing.assert_close(q, q_ref[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(k, k_ref[0].transpose(0, 1), rtol=1e-6, atol=1e-6)
 
@@ -70,7 +80,10 @@ def test_store_kv_writes_slots_and_skips_padding() -> None:
     k_cache = torch.zeros(4, 2, 1, 3)
     v_cache = torch.zeros(4, 2, 1, 3)
     k, v = torch.randn(3, 1, 3), torch.randn(3, 1, 3)
-    kernels.store_kv(k, v, k_cache, v_cache, torch.tensor([5, -1, 0]))
+    slots = torch.tensor([5, -1, 0])
+    step = AttentionMetadata(cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32),
+                             seq_lens=torch.tensor([3], dtype=torch.int32), max_seqlen_q=3, slot_mapping=slots)
+    TORCH.store_kv(k, v, k_cache, v_cache, step)
     assert torch.equal(k_cache[2, 1], k[0]) and torch.equal(v_cache[0, 0], v[2])
     assert k_cache.count_nonzero() == 2 * 3  # the padding row wrote nothing
 
@@ -81,7 +94,8 @@ def test_flash_attention_varlen_is_causal_per_sequence(group: int) -> None:
     q = torch.randn(sum(lengths), 2 * group, 32)
     k, v = torch.randn(sum(lengths), 2, 32), torch.randn(sum(lengths), 2, 32)
     cu = torch.tensor([0, 1, 7, 20], dtype=torch.int32)
-    out = kernels.flash_attention_varlen(q, k, v, cu, max(lengths), scale=0.3)
+    step = AttentionMetadata(cu_seqlens_q=cu, seq_lens=torch.tensor(lengths, dtype=torch.int32), max_seqlen_q=max(lengths))
+    out = TORCH.flash_attention_varlen(q, k, v, step, scale=0.3)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         torch.testing.assert_close(out[start:end], naive_attention(q[start:end], k[start:end], v[start:end], 0.3))
 
@@ -98,7 +112,7 @@ def test_paged_attention_reads_context_through_shuffled_block_tables(group: int)
     tables = torch.tensor([[7, 2, 12, -1], [0, 15, 5, 9], [3, -1, -1, -1]], dtype=torch.int32)
     cu = torch.tensor([0, 1, 5, 8], dtype=torch.int32)
     q = torch.randn(8, kv_heads * group, dim)
-    out = kernels.paged_attention(q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32), cu)
+    out = TORCH.paged_attention(q, k_cache, v_cache, paged_metadata(tables, torch.tensor(seq_lens, dtype=torch.int32), cu))
     for b, (length, n_q) in enumerate(zip(seq_lens, query_lens)):
         blocks = tables[b][tables[b] >= 0].long()
         k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
@@ -135,7 +149,7 @@ def test_cpu_paged_attention_batches_decodes_with_the_reference_result(group: in
     q = torch.randn(int(cu[-1]), kv_heads * group, dim)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 40)  # several decode groups
-    out = attention.paged_attention_torch(q, k_cache, v_cache, tables, lens, cu, scale=0.25)
+    out = attention.paged_attention_cpu(q, k_cache, v_cache, tables, lens, cu, scale=0.25)
     assert not out.isnan().any()
     for b, (length, n_q) in enumerate(zip(seq_lens, query_lens)):
         start = int(cu[b])
@@ -148,7 +162,7 @@ def test_cpu_paged_attention_batches_decodes_with_the_reference_result(group: in
         torch.testing.assert_close(out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, 0.25),
                                    atol=1e-5, rtol=1e-5)
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 1 << 16)
-    whole = attention.paged_attention_torch(q[:4], k_cache, v_cache, tables[:4], lens[:4], cu[:5], scale=0.25)
+    whole = attention.paged_attention_cpu(q[:4], k_cache, v_cache, tables[:4], lens[:4], cu[:5], scale=0.25)
     torch.testing.assert_close(whole, out[:4])  # a batch of decodes only, in one group
 
 
@@ -174,11 +188,13 @@ def test_a_plan_made_once_serves_every_layer_of_the_batch() -> None:
     tables = torch.randperm(16)[:12].view(3, 4).int()
     lens = torch.tensor([13, 6, 9], dtype=torch.int32)
     cu = torch.tensor([0, 1, 4, 5], dtype=torch.int32)
-    plan = kernels.plan_paged_attention(tables, lens, cu, block_size=4)
+    step = paged_metadata(tables, lens, cu)
+    plan = step.cpu_plan(block_size=4)
     for _ in range(2):  # two "layers": other queries, the same plan
         q = torch.randn(5, 4, 8)
-        torch.testing.assert_close(kernels.paged_attention(q, k_cache, v_cache, tables, lens, cu, plan=plan),
+        torch.testing.assert_close(TORCH.paged_attention(q, k_cache, v_cache, step),
                                    attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu))
+    assert step.cpu_plan(block_size=4) is plan, "the step's plan was made again"
 
 
 def test_references_take_q_k_v_as_strided_views_of_one_qkv_projection() -> None:
@@ -213,5 +229,5 @@ def test_references_take_q_k_v_as_strided_views_of_one_qkv_projection() -> None:
     lens = torch.tensor([4, 4, 5, 2], dtype=torch.int32)
     for n in (4, 2):  # the whole step; its two leading decodes alone (a slice of q, viewed per KV group)
         args = (caches[0], caches[1], tables[:n], lens[:n], cu[: n + 1])
-        assert torch.equal(attention.paged_attention_torch(q[: cu[n]], *args),
-                           attention.paged_attention_torch(dense[0][: cu[n]], *args))
+        assert torch.equal(attention.paged_attention_cpu(q[: cu[n]], *args),
+                           attention.paged_attention_cpu(dense[0][: cu[n]], *args))

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from splitinfer.kernels import attention, norm, rope
+from splitinfer.kernels import AttentionMetadata, attention, norm, rope
 from splitinfer.kernels.activation import silu_and_mul_reference
 from splitinfer.kernels.activation_triton import silu_and_mul_triton
 from splitinfer.kernels.attention_triton import flash_attention_varlen_triton, paged_prefill_attention_triton
@@ -223,13 +223,13 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
         llm = LLM(tiny_checkpoint, device=DEVICE, dtype="float32", num_kv_blocks=64, enforce_eager=True)
         seqs = [Sequence(str(i), p, params, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
         runner = ModelRunner(llm.engine.model, llm.engine.kv_cache, None, 4, 64, use_cuda_graphs=False)
-        model, cache = llm.engine.model, llm.engine.kv_cache
+        model = llm.engine.model
 
         def forward(new_tokens: list[int]) -> torch.Tensor:
             ids, positions, batch = runner.prepare(SchedulerOutput([ScheduledSeq(s, n) for s, n in zip(seqs, new_tokens)], []))
             for seq, n in zip(seqs, new_tokens):
                 seq.num_computed_tokens += n
-            return model.compute_logits(model(ids, positions, batch, cache), batch.logits_indices)
+            return model.compute_logits(model(ids, positions, batch), batch.logits_indices)
 
         with torch.inference_mode():
             prefill = forward([len(p) for p in prompts])
@@ -353,9 +353,10 @@ def test_per_step_values_do_not_compile_new_kernel_variants(monkeypatch: pytest.
     prefill kernel metadata slices at any offset: neither may be part of the key the kernels are
     compiled under, or each new value compiles (0.5-2 s) mid-serving."""
     from launch_spy import LaunchSpy
-    from splitinfer.kernels import attention_triton, dispatch, paged_decode_triton
+    from splitinfer.kernels import attention_triton, paged_decode_triton, select_backend
 
     monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
+    backend = select_backend(DEVICE)
     prefill_kernel, decode_kernel = attention_triton._attention_kernel, paged_decode_triton._decode_split_kernel
     # Only the launch arguments matter here: the kernels need not run.
     prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel", run=False)
@@ -367,10 +368,12 @@ def test_per_step_values_do_not_compile_new_kernel_variants(monkeypatch: pytest.
             k_cache, v_cache, tables, seq_lens, cu = paged_case([1] * decodes + [3] * (5 - decodes), [3] * 5, 2, 16,
                                                                 torch.float32)
             tables = torch.cat([tables, tables.new_zeros(5, width - tables.shape[1])], 1) if width > 1 else tables
-            dispatch.paged_attention(q[: cu[-1]], k_cache, v_cache, tables, seq_lens, cu, 0.25, max_seqlen_q=3,
-                                     num_decode_seqs=decodes)
-            dispatch.paged_attention(q[:5], k_cache, v_cache, tables, seq_lens, cu_seqlens([1] * 5), 0.25,
-                                     max_seqlen_q=1)
+            mixed = AttentionMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=3, block_tables=tables,
+                                      has_cached_prefix=True, num_decode_seqs=decodes)
+            backend.paged_attention(q[: cu[-1]], k_cache, v_cache, mixed, 0.25)
+            decode_only = AttentionMetadata(cu_seqlens_q=cu_seqlens([1] * 5), seq_lens=seq_lens, max_seqlen_q=1,
+                                            block_tables=tables, has_cached_prefix=True)
+            backend.paged_attention(q[:5], k_cache, v_cache, decode_only, 0.25)
     assert len(prefill.launches) == 24 and len(decode.launches) == 24 + 18
     assert len(specialization_keys(prefill, prefill_kernel)) == 1
     assert len(specialization_keys(decode, decode_kernel)) == 1
@@ -380,15 +383,18 @@ def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(monkeypatch: py
     """Decodes packed first, then prefill chunks: the decode kernel takes the first rows, the
     prefill kernel the rest (absolute token offsets), both into one output equal to the reference."""
     from launch_spy import LaunchSpy
-    from splitinfer.kernels import attention_triton, dispatch, paged_decode_triton
+    from splitinfer.kernels import attention_triton, paged_decode_triton, select_backend
 
     monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
+    backend = select_backend(DEVICE)
     prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel")
     decode = LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_split_kernel")
     lengths_q, context = [1, 1, 1, 6, 9], [70, 1, 17, 30, 9]
     k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths_q, context, 2, 32, torch.float32, seed=3)
     _, q, _, _ = fused_qkv(sum(lengths_q), 8, 2, 32, torch.float32)
-    out = dispatch.paged_attention(q, k_cache, v_cache, tables, seq_lens, cu, 0.2, max_seqlen_q=9, num_decode_seqs=3)
+    metadata = AttentionMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=9, block_tables=tables,
+                                 has_cached_prefix=True, num_decode_seqs=3)
+    out = backend.paged_attention(q, k_cache, v_cache, metadata, 0.2)
     expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, 0.2)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
     assert [grid[0] for grid, _, _ in decode.launches] == [3]

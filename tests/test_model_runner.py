@@ -66,7 +66,7 @@ def mixed_step_logits(model: LlamaForCausalLM) -> tuple[torch.Tensor, list[Seque
 
     def run(items: list[ScheduledSeq]) -> tuple[torch.Tensor, ForwardBatch]:
         ids, positions, batch = runner.prepare(SchedulerOutput(items, []))
-        logits = model.compute_logits(model(ids, positions, batch, runner.kv_cache), batch.logits_indices)
+        logits = model.compute_logits(model(ids, positions, batch), batch.logits_indices)
         for item in items:
             item.seq.num_computed_tokens += item.num_new_tokens
         return logits, batch
@@ -96,12 +96,14 @@ def test_mixed_step_packs_decodes_first_and_keeps_logits_in_step_order(tiny_chec
 def test_mixed_step_through_triton_sends_decodes_to_the_decode_kernel(tiny_checkpoint: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Under the interpreter: the mixed step's logits equal the torch path's, the decode kernel
-    runs the two decode rows and the prefill kernel only the two longer ones."""
+    runs the two decode rows and the prefill kernel only the two longer ones. The backend is
+    picked when a model is built, so each backend gets its own model."""
     pytest.importorskip("triton")
-    model = load(tiny_checkpoint)
     monkeypatch.setenv("SPLITINFER_KERNELS", "torch")
-    expected, _, _ = mixed_step_logits(model)
+    expected, _, _ = mixed_step_logits(load(tiny_checkpoint))
     monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
+    model = load(tiny_checkpoint)
+    assert model.backend.uses_triton
     from splitinfer.kernels import attention_triton, paged_decode_triton
 
     prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel")
@@ -119,12 +121,10 @@ def test_mixed_step_through_triton_sends_decodes_to_the_decode_kernel(tiny_check
 def test_attention_hands_the_kernels_views_of_the_qkv_projection(tiny_checkpoint: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """No copies of q, k, v: RoPE, the KV store and attention get strided views of one tensor."""
-    from splitinfer import kernels
-
     model = load(tiny_checkpoint)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    rope = kernels.apply_rope_
-    monkeypatch.setattr(kernels, "apply_rope_", lambda q, k, *a: seen.append((q, k)) or rope(q, k, *a))
+    rope = model.backend.apply_rope_
+    monkeypatch.setattr(model.backend, "apply_rope_", lambda q, k, *a: seen.append((q, k)) or rope(q, k, *a))
     fresh_prefill_logits(model, [1, 2, 3, 4, 5])
     assert len(seen) == model.config.num_layers
     for q, k in seen:

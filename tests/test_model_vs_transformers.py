@@ -93,7 +93,7 @@ def test_prefill_then_decode_through_paged_cache_matches_transformers(variant_ch
         ids, positions, batch = runner.prepare(step)
         for seq, n in zip(seqs, new_tokens):
             seq.num_computed_tokens += n
-        return model.compute_logits(model(ids, positions, batch, cache), batch.logits_indices)
+        return model.compute_logits(model(ids, positions, batch), batch.logits_indices)
 
     with torch.inference_mode():
         step_logits = [forward([len(p) for p in prompts])]

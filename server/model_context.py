@@ -1,0 +1,78 @@
+"""The model as the connected engine describes it, and what it asks of a request.
+
+The server holds no checkpoint: the model's name, context length, vocabulary, tokenizer
+files and chat template all arrive in the engine's `HelloReply`. A `ModelContext` is built
+from one reply (once per engine instance) and turns a request's messages or prompts into
+token ids, checking them against the model: its name (404), its vocabulary and its
+context length (400).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitinfer.protocol import HelloReply
+from splitinfer.server.chat_template import ChatTemplate, ChatTemplateError
+from splitinfer.server.errors import APIError, bad_request
+from splitinfer.server.tokenizer import ServerTokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class ModelContext:
+    """What one engine instance told us: built once per engine id."""
+
+    info: HelloReply
+    name: str  # the name clients must send: --served-model-name, else the engine's
+    tokenizer: ServerTokenizer
+    template: ChatTemplate
+
+    @classmethod
+    def from_hello(cls, info: HelloReply, served_model_name: str | None) -> ModelContext:
+        tokenizer = ServerTokenizer.from_files(info.tokenizer_files)
+        template = ChatTemplate(info.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+        return cls(info=info, name=served_model_name or info.model_name, tokenizer=tokenizer, template=template)
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.name}'",
+                           param="model", code="model_not_found")
+
+    def card(self) -> dict:
+        """The model's entry in /v1/models."""
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "splitinfer",
+                "max_model_len": self.info.max_model_len}
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The messages rendered with the chat template, as token ids."""
+        try:
+            prompt = self.template.render(messages, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            if exc.param is None:  # the checkpoint's template itself is broken: our fault, not the client's
+                raise APIError(500, f"the model's chat template failed: {exc}", code="chat_template_error") from None
+            raise bad_request(str(exc), param=exc.param) from None
+        return self.tokenizer.encode_chat_prompt(prompt)
+
+    def completion_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Each prompt as token ids: text is encoded, ids must be in the vocabulary."""
+        out = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+            if not ids:
+                raise bad_request(f"prompt {i} is empty", param="prompt")
+            if any(not 0 <= t < self.info.vocab_size for t in ids):
+                raise bad_request(f"prompt {i} has a token id outside [0, {self.info.vocab_size})", param="prompt")
+            out.append(ids)
+        return out
+
+    def max_tokens(self, prompt_len: int, requested: int | None, what: str) -> int:
+        """The tokens a choice may generate: `requested`, else whatever the context leaves; a
+        400 naming `what` (the prompt's field) when prompt and completion do not fit."""
+        limit = self.info.max_model_len
+        wanted = requested if requested is not None else max(limit - prompt_len, 0)
+        if prompt_len + max(wanted, 1) > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the {what}, {max(wanted, 1)} in the "
+                f"completion). Please reduce the length of the {what} or completion.",
+                param=what, code="context_length_exceeded")
+        return wanted
