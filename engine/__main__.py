@@ -23,18 +23,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_arguments(p)  # --model and every EngineConfig setting, with their help and defaults
     service = p.add_argument_group("serving")
-    service.add_argument("--served-model-name", default=None,
-                         help="Model name reported to clients (default: the checkpoint directory's name).")
-    service.add_argument("--address", default=default_engine_address(),
-                         help="Socket to bind: ipc:///path (file mode 0600) or tcp://host:port. (default: %(default)s)")
-    service.add_argument("--lease", type=float, default=DEFAULT_LEASE_S, dest="lease_s",
-                         help="Seconds a client may stay silent before its requests are aborted and its KV blocks "
-                         "freed. (default: %(default)s)")
-    service.add_argument("--max-frame-bytes", type=int, default=DEFAULT_LIMITS.max_frame_bytes,
-                         help="Largest message accepted from a client; bigger ones get an error reply. "
-                         "(default: %(default)s)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="Logging verbosity. (default: %(default)s)")
+    service.add_argument(
+        "--served-model-name",
+        default=None,
+        help="Model name reported to clients (default: the checkpoint directory's name).",
+    )
+    service.add_argument(
+        "--address",
+        default=default_engine_address(),
+        help="Socket to bind: ipc:///path (file mode 0600) or tcp://host:port. (default: %(default)s)",
+    )
+    service.add_argument(
+        "--lease",
+        type=float,
+        default=DEFAULT_LEASE_S,
+        dest="lease_s",
+        help="Seconds a client may stay silent before its requests are aborted and its KV blocks "
+        "freed. (default: %(default)s)",
+    )
+    service.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=DEFAULT_LIMITS.max_frame_bytes,
+        help="Largest message accepted from a client; bigger ones get an error reply. (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="Logging verbosity. (default: %(default)s)",
+    )
     return p
 
 
@@ -46,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         build_parser().error(str(exc))
     try:
-        service = EngineService.start(config, args.address, lease_s=args.lease_s,
-                                      served_model_name=args.served_model_name, max_frame_bytes=args.max_frame_bytes)
+        service = EngineService.start(
+            config,
+            args.address,
+            lease_s=args.lease_s,
+            served_model_name=args.served_model_name,
+            max_frame_bytes=args.max_frame_bytes,
+        )
     except (ValueError, OSError) as exc:  # bad checkpoint or flags, address in use: one clear line
         logger.error("cannot start: %s", exc)
         return 2

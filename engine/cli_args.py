@@ -42,8 +42,9 @@ def _add_flag(target: Any, field: mi.Field, kind: mi.Type, help_text: str, flag:
     name = field.name
     if isinstance(kind, mi.BoolType):
         if field.default is True:  # a feature on by default: its flag turns it off
-            target.add_argument(flag or f"--no-{name.replace('_', '-')}", action="store_false", dest=name,
-                                help=help_text)
+            target.add_argument(
+                flag or f"--no-{name.replace('_', '-')}", action="store_false", dest=name, help=help_text
+            )
         else:
             target.add_argument(flag or f"--{name.replace('_', '-')}", action="store_true", dest=name, help=help_text)
         return
@@ -73,4 +74,3 @@ def _value_type(node: mi.Type) -> mi.Type:
     if isinstance(node, mi.Metadata):
         node = node.type
     return node
-

@@ -40,42 +40,86 @@ class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True):
 
     NAMED_IN_ERRORS: ClassVar[bool] = False  # "max_num_seqs must be ...": the flag's own words
 
-    model: Annotated[str, Meta(min_length=1, description="Hugging Face Llama checkpoint directory (safetensors, "
-                                                          "sharded or not).")]
-    device: Annotated[str, Meta(min_length=1, description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'.",
-                                extra={"group": "model and memory"})] = "auto"
-    dtype: Annotated[Literal["auto", "float32", "float16", "bfloat16"], Meta(
-        description="Weights and KV cache dtype; 'auto' is bfloat16 on CUDA, float32 on CPU.",
-        extra={"group": "model and memory"})] = "auto"
-    max_model_len: Annotated[PositiveInt | None, Meta(
-        description="Longest prompt plus output (default: the checkpoint's max_position_embeddings).",
-        extra={"group": "model and memory"})] = None
-    block_size: Annotated[PositiveInt, Meta(description="Tokens per KV-cache block.",
-                                            extra={"group": "model and memory"})] = 16
-    num_kv_blocks: Annotated[PositiveInt | None, Meta(
-        description="KV pool size in blocks; overrides --gpu-memory-utilization and --kv-cache-gb.",
-        extra={"group": "model and memory"})] = None
-    kv_cache_gb: Annotated[float, Meta(gt=0.0, le=2.0**40, description="CPU: size of the KV pool in GB.",
-                                       extra={"group": "model and memory"})] = 1.0
-    gpu_memory_utilization: Annotated[float, Meta(
-        gt=0.0, le=1.0, description="CUDA: share of the GPU's memory for weights, activations and the KV cache.",
-        extra={"group": "model and memory"})] = 0.90
-    max_num_seqs: Annotated[PositiveInt, Meta(
-        description="Most requests running at once (also the largest CUDA-graph batch).",
-        extra={"group": "batching"})] = 256
-    max_num_batched_tokens: Annotated[PositiveInt, Meta(
-        description="Tokens per engine step: decodes plus chunks of prompts.", extra={"group": "batching"})] = 8192
-    enable_prefix_caching: Annotated[bool, Meta(
-        description="Do not reuse the KV blocks of cached prompt prefixes.",
-        extra={"group": "batching", "flag": "--no-prefix-caching"})] = True
-    enforce_eager: Annotated[bool, Meta(description="Do not capture CUDA graphs for decode.",
-                                        extra={"group": "batching"})] = False
-    cpu_weight_prepack: Annotated[bool, Meta(
-        description="CPU: do not keep a oneDNN-prepacked copy of the matmul weights (it doubles their memory "
-                    "and speeds up batched decode 1.3-1.7x).",
-        extra={"group": "model and memory", "flag": "--no-cpu-weight-prepack"})] = True
-    seed: Annotated[Int64, Meta(description="Seed of the sampling stream of unseeded requests.",
-                                extra={"group": "batching"})] = 0
+    model: Annotated[
+        str, Meta(min_length=1, description="Hugging Face Llama checkpoint directory (safetensors, sharded or not).")
+    ]
+    device: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:N'.",
+            extra={"group": "model and memory"},
+        ),
+    ] = "auto"
+    dtype: Annotated[
+        Literal["auto", "float32", "float16", "bfloat16"],
+        Meta(
+            description="Weights and KV cache dtype; 'auto' is bfloat16 on CUDA, float32 on CPU.",
+            extra={"group": "model and memory"},
+        ),
+    ] = "auto"
+    max_model_len: Annotated[
+        PositiveInt | None,
+        Meta(
+            description="Longest prompt plus output (default: the checkpoint's max_position_embeddings).",
+            extra={"group": "model and memory"},
+        ),
+    ] = None
+    block_size: Annotated[
+        PositiveInt, Meta(description="Tokens per KV-cache block.", extra={"group": "model and memory"})
+    ] = 16
+    num_kv_blocks: Annotated[
+        PositiveInt | None,
+        Meta(
+            description="KV pool size in blocks; overrides --gpu-memory-utilization and --kv-cache-gb.",
+            extra={"group": "model and memory"},
+        ),
+    ] = None
+    kv_cache_gb: Annotated[
+        float,
+        Meta(gt=0.0, le=2.0**40, description="CPU: size of the KV pool in GB.", extra={"group": "model and memory"}),
+    ] = 1.0
+    gpu_memory_utilization: Annotated[
+        float,
+        Meta(
+            gt=0.0,
+            le=1.0,
+            description="CUDA: share of the GPU's memory for weights, activations and the KV cache.",
+            extra={"group": "model and memory"},
+        ),
+    ] = 0.90
+    max_num_seqs: Annotated[
+        PositiveInt,
+        Meta(
+            description="Most requests running at once (also the largest CUDA-graph batch).",
+            extra={"group": "batching"},
+        ),
+    ] = 256
+    max_num_batched_tokens: Annotated[
+        PositiveInt,
+        Meta(description="Tokens per engine step: decodes plus chunks of prompts.", extra={"group": "batching"}),
+    ] = 8192
+    enable_prefix_caching: Annotated[
+        bool,
+        Meta(
+            description="Do not reuse the KV blocks of cached prompt prefixes.",
+            extra={"group": "batching", "flag": "--no-prefix-caching"},
+        ),
+    ] = True
+    enforce_eager: Annotated[
+        bool, Meta(description="Do not capture CUDA graphs for decode.", extra={"group": "batching"})
+    ] = False
+    cpu_weight_prepack: Annotated[
+        bool,
+        Meta(
+            description="CPU: do not keep a oneDNN-prepacked copy of the matmul weights (it doubles their memory "
+            "and speeds up batched decode 1.3-1.7x).",
+            extra={"group": "model and memory", "flag": "--no-cpu-weight-prepack"},
+        ),
+    ] = True
+    seed: Annotated[
+        Int64, Meta(description="Seed of the sampling stream of unseeded requests.", extra={"group": "batching"})
+    ] = 0
 
     def __post_init__(self) -> None:
         try:

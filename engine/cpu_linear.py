@@ -78,7 +78,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+) -> torch.Tensor:
     """`x W^T + b`, through the packed weight when there is one for x's row count."""
     if packed is not None and x.dim() == 2 and x.shape[0] in packed.row_counts:
         return packed_linear(x, packed.tensor, bias)
@@ -107,4 +109,3 @@ def enough_memory_for(extra_bytes: int) -> bool:
     """Whether a copy of `extra_bytes` leaves at least as much again free (unknown: assume so)."""
     available = available_memory_bytes()
     return available is None or available > 2 * extra_bytes
-

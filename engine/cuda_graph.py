@@ -88,8 +88,13 @@ class DecodeInputs:
 
     @classmethod
     def allocate(cls, max_bs: int, max_writes: int, device: torch.device, pin: bool = False) -> DecodeInputs:
-        fields = (("input_ids", torch.int64), ("positions", torch.int64), ("slot_mapping", torch.int64),
-                  ("table_slots", torch.int64), ("seq_lens", torch.int32))
+        fields = (
+            ("input_ids", torch.int64),
+            ("positions", torch.int64),
+            ("slot_mapping", torch.int64),
+            ("table_slots", torch.int64),
+            ("seq_lens", torch.int32),
+        )
         header_bytes = sum(_aligned(max_bs * dtype.itemsize) for _, dtype in fields)
         # Sized for the worst step; only the header needs initialising (on the host, pages of the
         # write region that are never written are never resident).
@@ -169,8 +174,9 @@ class TableSlots:
             self._claim(tables, slots, misses, index, values)
         return slots, index, values
 
-    def _claim(self, tables: list[list[int]], slots: list[int], misses: list[int], index: list[int],
-               values: list[int]) -> None:
+    def _claim(
+        self, tables: list[list[int]], slots: list[int], misses: list[int], index: list[int], values: list[int]
+    ) -> None:
         """Give each missed table a slot, the least recently used first (none this step uses),
         and write it whole."""
         step, owner, slot_of, used = self._step, self._owner, self._slot_of, self._used
@@ -225,8 +231,9 @@ class DecodeGraphRunner:
             self.inputs = DecodeInputs.allocate(max_bs, max_writes, self.device)
             # On CPU the staging buffer is the inputs themselves; on CUDA pinned host memory,
             # so that the copy is truly asynchronous.
-            self.staging = DecodeInputs.allocate(max_bs, max_writes, torch.device("cpu"), pin=True) \
-                if on_cuda else self.inputs
+            self.staging = (
+                DecodeInputs.allocate(max_bs, max_writes, torch.device("cpu"), pin=True) if on_cuda else self.inputs
+            )
             # Each running sequence's block table, kept on the device across steps (see
             # TableSlots); a step gathers its rows into `block_tables` in batch order.
             self.slot_tables = torch.zeros(max_bs, max_blocks_per_seq, dtype=torch.int32, device=self.device)
@@ -235,13 +242,22 @@ class DecodeGraphRunner:
             self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
             self.decode_workspace = torch.empty(
                 kernels.decode_workspace_numel(max_bs, config.num_heads, config.head_dim),
-                dtype=torch.float32, device=self.device,
+                dtype=torch.float32,
+                device=self.device,
             )
         self.table_slots = TableSlots(max_bs, max_blocks_per_seq)
         # Host views of the staging header, written every step.
         s = self.staging
-        self._host_rows = [(buffer.numpy(), pad) for buffer, pad in (
-            (s.input_ids, 0), (s.positions, 0), (s.slot_mapping, -1), (s.seq_lens, 0), (s.table_slots, 0))]
+        self._host_rows = [
+            (buffer.numpy(), pad)
+            for buffer, pad in (
+                (s.input_ids, 0),
+                (s.positions, 0),
+                (s.slot_mapping, -1),
+                (s.seq_lens, 0),
+                (s.table_slots, 0),
+            )
+        ]
         # Marks when the last step's host-to-device copy was done, before staging is rewritten.
         self._staged = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -309,8 +325,12 @@ class DecodeGraphRunner:
         finally:
             gc.unfreeze()
         torch.cuda.synchronize()
-        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
-                    len(self.graphs), self.buckets, time.perf_counter() - start)
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
+            len(self.graphs),
+            self.buckets,
+            time.perf_counter() - start,
+        )
 
     def _stage(self, step: DecodeStep, bs: int) -> tuple[int, int]:
         """Write one step's inputs (padded to `bs` rows) and its block-table writes into the
@@ -321,8 +341,9 @@ class DecodeGraphRunner:
         if self._staged is not None and not self._staged.query():
             self._staged.synchronize()
         n = step.num_seqs
-        for (array, pad), values_of_rows in zip(self._host_rows, (step.input_ids, step.positions, step.slot_mapping,
-                                                                 step.seq_lens, slots)):
+        for (array, pad), values_of_rows in zip(
+            self._host_rows, (step.input_ids, step.positions, step.slot_mapping, step.seq_lens, slots)
+        ):
             array[:n] = values_of_rows
             array[n:bs] = pad
         if index:
@@ -343,8 +364,9 @@ class DecodeGraphRunner:
         if num_writes:
             self.slot_tables.view(-1).index_copy_(0, *self.inputs.table_writes(num_writes))
         if n:
-            torch.index_select(self.slot_tables[:, :width], 0, self.inputs.table_slots[:n],
-                               out=self.block_tables[:n, :width])
+            torch.index_select(
+                self.slot_tables[:, :width], 0, self.inputs.table_slots[:n], out=self.block_tables[:n, :width]
+            )
 
     @torch.inference_mode()
     def load_step(self, step: DecodeStep) -> int:
@@ -387,4 +409,4 @@ class DecodeGraphRunner:
         rows = self.block_tables[: len(block_tables)].tolist()
         for i, (row, table) in enumerate(zip(rows, block_tables)):
             if row[: len(table)] != list(table):
-                raise RuntimeError(f"row {i} of the device block tables is {row[:len(table)]}, expected {list(table)}")
+                raise RuntimeError(f"row {i} of the device block tables is {row[: len(table)]}, expected {list(table)}")

@@ -57,7 +57,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" is CUDA when available, else CPU. A CUDA device always comes back with its index
+    """ "auto" is CUDA when available, else CPU. A CUDA device always comes back with its index
     ("cuda" is the current device), since the engine makes it the current device."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,8 +65,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type != "cuda":
         return device
     if not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
-                         f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+        raise ValueError(
+            f"device {str(device)!r}: CUDA is not available on this machine (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'})"
+        )
     count = torch.cuda.device_count()
     index = torch.cuda.current_device() if device.index is None else device.index
     if index >= count:
@@ -88,7 +90,7 @@ def graphs_off_reason(device: torch.device, enforce_eager: bool, triton_kernels:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow); any other
+    """ "auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow); any other
     name is one `EngineConfig` accepted."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -150,25 +152,39 @@ class EngineCore:
         self.sampler = Sampler(c.vocab_size, self.stop_ids, generator)
 
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache.allocate(c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim,
-                                         self.dtype, self.device)
+        self.kv_cache = KVCache.allocate(
+            c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device
+        )
         self._new_scheduler(num_blocks)
         self.runner = ModelRunner(
-            self.model, self.kv_cache, self.sampler, config.max_num_seqs, self.max_model_len,
+            self.model,
+            self.kv_cache,
+            self.sampler,
+            config.max_num_seqs,
+            self.max_model_len,
             use_cuda_graphs=self.graphs_off is None,
         )
         self.runner.warm_up()
         self.executor = IsolatingExecutor(self.runner)
         self.requests: dict[str, Sequence] = {}
-        self._reported_next: list[RequestOutput] = []  # ended between steps (aborts, a reset): the next step reports them
+        self._reported_next: list[
+            RequestOutput
+        ] = []  # ended between steps (aborts, a reset): the next step reports them
         self.counters = Counters()
         per_block = self._bytes_per_block()
         logger.info(
             "engine ready in %.1f s: %s on %s in %s; KV cache %d blocks x %d tokens = %d tokens (%.2f GB); "
             "max_model_len %d, prefix caching %s, CUDA graphs %s",
-            time.perf_counter() - start, c.path.name, self.device, str(self.dtype).removeprefix("torch."),
-            num_blocks, config.block_size, num_blocks * config.block_size, num_blocks * per_block / 1e9,
-            self.max_model_len, "on" if config.enable_prefix_caching else "off",
+            time.perf_counter() - start,
+            c.path.name,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            num_blocks * per_block / 1e9,
+            self.max_model_len,
+            "on" if config.enable_prefix_caching else "off",
             "on" if self.runner.graph_runner.graphs else f"off ({self.graphs_off})",
         )
 
@@ -176,8 +192,13 @@ class EngineCore:
         """A fresh block pool (empty prefix cache), allocator bookkeeping and scheduler."""
         self.pool = BlockPool(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool)
-        self.scheduler = Scheduler(self.kv, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   stop_ids=self.stop_ids, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(
+            self.kv,
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+            stop_ids=self.stop_ids,
+            max_model_len=self.max_model_len,
+        )
 
     def _prepack_cpu_weights(self) -> None:
         extra = self.model.matmul_weight_bytes()
@@ -185,7 +206,9 @@ class EngineCore:
         # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
         rows = cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs))
         if problem is None and not rows:
-            problem = f"max_num_seqs={self.config.max_num_seqs} gives no decode batch of {cpu_linear.MIN_PACKED_ROWS}+ rows"
+            problem = (
+                f"max_num_seqs={self.config.max_num_seqs} gives no decode batch of {cpu_linear.MIN_PACKED_ROWS}+ rows"
+            )
         if problem is None and not cpu_linear.enough_memory_for(extra):
             problem = f"not enough free memory for a {extra / 1e9:.2f} GB copy"
         if problem is not None:
@@ -193,9 +216,13 @@ class EngineCore:
             return
         start = time.perf_counter()
         self.model.prepack_cpu_weights(rows)
-        logger.info("matmul weights also prepacked for oneDNN in %.1f s (+%.2f GB; for decode batches of %s rows; "
-                    "cpu_weight_prepack=False turns this off)", time.perf_counter() - start, extra / 1e9,
-                    ", ".join(map(str, sorted(rows))))
+        logger.info(
+            "matmul weights also prepacked for oneDNN in %.1f s (+%.2f GB; for decode batches of %s rows; "
+            "cpu_weight_prepack=False turns this off)",
+            time.perf_counter() - start,
+            extra / 1e9,
+            ", ".join(map(str, sorted(rows))),
+        )
 
     def _bytes_per_block(self) -> int:
         c = self.model_config
@@ -241,9 +268,18 @@ class EngineCore:
     def _profile_sampler(self, logits: torch.Tensor) -> None:
         """Sample `logits` as the most demanding requests would (top-k, top-p, min-p, penalties,
         logit bias, min_tokens, top logprobs), leaving the default generator as it was."""
-        params = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1,
-                                frequency_penalty=0.5, presence_penalty=0.5, logit_bias={0: 1.0}, min_tokens=2,
-                                logprobs=MAX_LOGPROBS)
+        params = SamplingParams(
+            temperature=0.8,
+            top_k=50,
+            top_p=0.9,
+            min_p=0.05,
+            repetition_penalty=1.1,
+            frequency_penalty=0.5,
+            presence_penalty=0.5,
+            logit_bias={0: 1.0},
+            min_tokens=2,
+            logprobs=MAX_LOGPROBS,
+        )
         prompt = list(range(min(64, self.model_config.vocab_size)))
         seqs = [Sequence(f"profile-{i}", prompt, params) for i in range(logits.shape[0])]
         state = self.sampler.default_generator.get_state()
@@ -292,8 +328,10 @@ class EngineCore:
         if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
             raise RequestError(f"the prompt has a token id outside [0, {vocab})", field="prompt")
         if params.max_token_id() >= vocab:
-            raise RequestError(f"a token id in logit_bias or stop_token_ids is outside [0, {vocab})",
-                               field="logit_bias" if any(t >= vocab for t in params.logit_bias) else "stop_token_ids")
+            raise RequestError(
+                f"a token id in logit_bias or stop_token_ids is outside [0, {vocab})",
+                field="logit_bias" if any(t >= vocab for t in params.logit_bias) else "stop_token_ids",
+            )
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(
@@ -304,7 +342,8 @@ class EngineCore:
         if self.kv.blocks_for(total) > self.pool.num_blocks:
             raise RequestError(
                 f"the request needs {self.kv.blocks_for(total)} KV blocks at full length; the cache has "
-                f"{self.pool.num_blocks}", field="max_tokens",
+                f"{self.pool.num_blocks}",
+                field="max_tokens",
             )
 
     def abort(self, request_id: str) -> bool:
@@ -380,8 +419,11 @@ class EngineCore:
     def _reset_after(self, exc: Exception) -> list[RequestOutput]:
         """The scheduler or the block pool failed, so neither can be trusted: fail every request
         and start both afresh (the prefix cache is dropped; the KV cache memory stays)."""
-        logger.error("the scheduler or the KV block pool failed; ending all %d request(s) and rebuilding both",
-                     len(self.requests), exc_info=exc)
+        logger.error(
+            "the scheduler or the KV block pool failed; ending all %d request(s) and rebuilding both",
+            len(self.requests),
+            exc_info=exc,
+        )
         outputs = []
         for seq in self.requests.values():
             # Ended by hand, not through Scheduler.abort: the scheduler's state is what failed.
@@ -404,15 +446,29 @@ class EngineCore:
         )
 
 
-def _output(seq: Sequence, new_token_ids: tuple[int, ...], logprobs: tuple[TokenLogprobs, ...] | None = None,
-            error: str | None = None) -> RequestOutput:
+def _output(
+    seq: Sequence,
+    new_token_ids: tuple[int, ...],
+    logprobs: tuple[TokenLogprobs, ...] | None = None,
+    error: str | None = None,
+) -> RequestOutput:
     """What a step produced for one request: its new tokens, why it ended if it did, and its
     token counts so far; a request the engine failed on ends with finish reason "error"."""
-    return RequestOutput(seq.request_id, new_token_ids, seq.finish_reason, logprobs, seq.num_prompt_tokens,
-                         seq.num_output_tokens, seq.num_cached_tokens, error)
+    return RequestOutput(
+        seq.request_id,
+        new_token_ids,
+        seq.finish_reason,
+        logprobs,
+        seq.num_prompt_tokens,
+        seq.num_output_tokens,
+        seq.num_cached_tokens,
+        error,
+    )
 
 
 def _failure_message(exc: Exception) -> str:
     # The exception's type only: its text may hold paths or internals; the engine's log has it all.
-    return (f"the engine failed while computing this request ({type(exc).__name__}); it was ended and its "
-            "memory freed, other requests were not affected; the engine's log has the details")
+    return (
+        f"the engine failed while computing this request ({type(exc).__name__}); it was ended and its "
+        "memory freed, other requests were not affected; the engine's log has the details"
+    )

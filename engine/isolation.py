@@ -60,8 +60,9 @@ class IsolatingExecutor:
             self._bisect(items, saved, result)
         return result
 
-    def _attempt(self, items: list[ScheduledSeq], saved: dict[str, torch.Tensor],
-                 first: bool = False) -> dict[str, Sample] | Exception:
+    def _attempt(
+        self, items: list[ScheduledSeq], saved: dict[str, torch.Tensor], first: bool = False
+    ) -> dict[str, Sample] | Exception:
         """Run `items`: their samples, or the exception they raised, with their generators
         restored. The exception comes back without its traceback, whose frames hold the failed
         forward's activations: on a GPU that memory must be free for the probe and the retries
@@ -71,8 +72,9 @@ class IsolatingExecutor:
         except Exception as exc:
             failure = exc
         if first:
-            logger.error("a step of %d request(s) failed; running them apart to find which fail", len(items),
-                         exc_info=failure)
+            logger.error(
+                "a step of %d request(s) failed; running them apart to find which fail", len(items), exc_info=failure
+            )
         _restore(saved, items)
         return failure.with_traceback(None)
 
@@ -80,8 +82,10 @@ class IsolatingExecutor:
         try:
             self.runner.probe()
         except Exception as exc:
-            raise EngineDeadError(f"a forward with no request in it fails too ({type(exc).__name__}: {exc}); "
-                                  "the device or the model is broken") from exc
+            raise EngineDeadError(
+                f"a forward with no request in it fails too ({type(exc).__name__}: {exc}); "
+                "the device or the model is broken"
+            ) from exc
 
     def _run(self, items: list[ScheduledSeq]) -> dict[str, Sample]:
         sampled = self.runner.execute(SchedulerOutput(items, []))
@@ -104,8 +108,11 @@ class IsolatingExecutor:
 
 def _generator_states(items: list[ScheduledSeq]) -> dict[str, torch.Tensor]:
     """The state of every seeded generator that this step may advance."""
-    return {item.seq.request_id: item.seq.generator.get_state()
-            for item in items if item.samples and item.seq.generator is not None}
+    return {
+        item.seq.request_id: item.seq.generator.get_state()
+        for item in items
+        if item.samples and item.seq.generator is not None
+    }
 
 
 def _restore(saved: dict[str, torch.Tensor], items: list[ScheduledSeq]) -> None:

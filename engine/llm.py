@@ -69,7 +69,7 @@ class LLM:
         token_lists = [self._tokens(i, prompt) for i, prompt in enumerate(prompts)]
         ids = [f"offline-{self._next_id + i}" for i in range(len(prompts))]
         self._next_id += len(prompts)
-        for i, (rid, tokens, p) in enumerate(zip(ids, token_lists, params)):
+        for i, (tokens, p) in enumerate(zip(token_lists, params)):
             try:
                 self.engine.validate_request(tokens, p)
             except ValueError as exc:
@@ -91,8 +91,14 @@ class LLM:
                 if out.error is not None:
                     errors[out.request_id] = out.error
         return [
-            Generation(tokens, generated[rid], self._detokenize(generated[rid]), reasons[rid],
-                          logprobs[rid] if p.logprobs is not None else None, errors.get(rid))
+            Generation(
+                tokens,
+                generated[rid],
+                self._detokenize(generated[rid]),
+                reasons[rid],
+                logprobs[rid] if p.logprobs is not None else None,
+                errors.get(rid),
+            )
             for rid, tokens, p in zip(ids, token_lists, params)
         ]
 

@@ -62,9 +62,9 @@ def find_weight_files(path: Path) -> WeightFiles:
     single = path / SINGLE_FILE
     if single.is_file():
         return WeightFiles(single, {name: single for name in _open(single).keys()})
-    hint = " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" if any(
-        path.glob("*.bin")
-    ) else ""
+    hint = (
+        " (PyTorch .bin checkpoints are not supported; convert them to safetensors)" if any(path.glob("*.bin")) else ""
+    )
     raise CheckpointError(path, f"no {SINGLE_FILE} or {INDEX_FILE} found{hint}")
 
 
@@ -124,8 +124,13 @@ def load_weights(model: LlamaForCausalLM, path: str | Path) -> LoadReport:
             if show_progress:
                 logger.info(
                     "loaded shard %d/%d %s: %.2f GB in %.1f s (%.0f%% of %.2f GB)",
-                    i, len(plan), file.name, shard_bytes / 1e9, time.perf_counter() - shard_start,
-                    100 * copied / total_bytes, total_bytes / 1e9,
+                    i,
+                    len(plan),
+                    file.name,
+                    shard_bytes / 1e9,
+                    time.perf_counter() - shard_start,
+                    100 * copied / total_bytes,
+                    total_bytes / 1e9,
                 )
     if model.rope_cache.is_cuda:
         torch.cuda.synchronize()
@@ -137,7 +142,11 @@ def load_weights(model: LlamaForCausalLM, path: str | Path) -> LoadReport:
     )
     logger.info(
         "loaded %d tensors, %.2f GB from %d file(s) in %.2f s (%s)",
-        report.num_tensors, report.num_bytes / 1e9, report.num_shards, report.seconds, path,
+        report.num_tensors,
+        report.num_bytes / 1e9,
+        report.num_shards,
+        report.seconds,
+        path,
     )
     return report
 
@@ -175,5 +184,7 @@ def _warn_unexpected(files: dict[str, Path], expected: set[str], tied: bool) -> 
     if unexpected:
         logger.warning(
             "checkpoint has %d tensor(s) the model does not use, ignored: %s%s",
-            len(unexpected), ", ".join(unexpected[:5]), " ..." if len(unexpected) > 5 else "",
+            len(unexpected),
+            ", ".join(unexpected[:5]),
+            " ..." if len(unexpected) > 5 else "",
         )

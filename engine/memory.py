@@ -15,8 +15,9 @@ def blocks_from_budget(budget_bytes: float, bytes_per_block: int) -> int:
     return max(int(budget_bytes // bytes_per_block), 0)
 
 
-def kv_budget(total: int, free: int, torch_reserved: int, torch_peak: int, utilization: float,
-              reserve: int = 0) -> float:
+def kv_budget(
+    total: int, free: int, torch_reserved: int, torch_peak: int, utilization: float, reserve: int = 0
+) -> float:
     """Bytes left for the KV cache, vLLM's accounting: the engine may use `utilization` of the
     device's `total` memory; from that subtract the torch peak of the profiling run (weights
     plus the largest activations and the sampler's temporaries), what lives outside torch's
@@ -45,7 +46,11 @@ def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[
     logger.info(
         "GPU memory: %.2f GiB total, x %.2f utilization; profiling peak %.2f GiB, outside torch %.2f GiB, "
         "CUDA graphs %.2f GiB; %.2f GiB left for the KV cache",
-        total / 2**30, utilization, peak / 2**30, max((total - free) - reserved, 0) / 2**30, reserve / 2**30,
+        total / 2**30,
+        utilization,
+        peak / 2**30,
+        max((total - free) - reserved, 0) / 2**30,
+        reserve / 2**30,
         budget / 2**30,
     )
     return budget

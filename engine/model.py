@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitinfer import kernels
 from splitinfer.engine import cpu_linear
 from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
-from splitinfer import kernels
 from splitinfer.kernels import AttentionMetadata, Backend
 
 
@@ -164,9 +164,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, backend, rope_cache) for i in range(config.num_layers)
-        )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, backend, rope_cache) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
 
@@ -257,7 +255,11 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             prefix = f"model.layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
-            qkv_rows = {"q_proj": (0, c.q_size), "k_proj": (c.q_size, c.kv_size), "v_proj": (c.q_size + c.kv_size, c.kv_size)}
+            qkv_rows = {
+                "q_proj": (0, c.q_size),
+                "k_proj": (c.q_size, c.kv_size),
+                "v_proj": (c.q_size + c.kv_size, c.kv_size),
+            }
             for name, (start, size) in qkv_rows.items():
                 yield f"{prefix}.self_attn.{name}.weight", attn.qkv_proj.weight.narrow(0, start, size)
                 if attn.qkv_proj.bias is not None:

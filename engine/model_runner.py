@@ -100,13 +100,15 @@ class ModelRunner:
         """Hidden states of a decode step's whole bucket [bucket, hidden]: its rows first, then padding."""
         seqs = [item.seq for item in step.scheduled]
         positions = [seq.num_computed_tokens for seq in seqs]
-        return self.graph_runner.run(DecodeStep(
-            input_ids=[seq.token_ids[p] for seq, p in zip(seqs, positions)],
-            positions=positions,
-            slot_mapping=[self._slots(seq.block_table, p, p + 1)[0] for seq, p in zip(seqs, positions)],
-            seq_lens=[seq.num_tokens for seq in seqs],
-            block_tables=[seq.block_table for seq in seqs],
-        ))
+        return self.graph_runner.run(
+            DecodeStep(
+                input_ids=[seq.token_ids[p] for seq, p in zip(seqs, positions)],
+                positions=positions,
+                slot_mapping=[self._slots(seq.block_table, p, p + 1)[0] for seq, p in zip(seqs, positions)],
+                seq_lens=[seq.num_tokens for seq in seqs],
+                block_tables=[seq.block_table for seq in seqs],
+            )
+        )
 
     @torch.inference_mode()
     def compute_logits(self, step: SchedulerOutput) -> torch.Tensor:
@@ -146,8 +148,11 @@ class ModelRunner:
         self._harmless_forward(0, [2, 1], cached_prefix=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        logger.info("warmed up the eager kernels in %.1f s (decode split counts %s)",
-                    time.perf_counter() - start, sorted(splits))
+        logger.info(
+            "warmed up the eager kernels in %.1f s (decode split counts %s)",
+            time.perf_counter() - start,
+            sorted(splits),
+        )
         return sorted(splits)
 
     def _harmless_forward(self, decodes: int, chunks: list[int], cached_prefix: bool) -> None:

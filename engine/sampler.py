@@ -134,8 +134,9 @@ class Sampler:
             inputs.add("bias", torch.float32, list(values), (len(bias),))
         stops = [(row, token) for row, seq in enumerate(seqs) for token in self._suppressed_tokens(seq)]
         if stops:
-            inputs.add("stop_index", torch.int64, [row for row, _ in stops] + [token for _, token in stops],
-                       (2, len(stops)))
+            inputs.add(
+                "stop_index", torch.int64, [row for row, _ in stops] + [token for _, token in stops], (2, len(stops))
+            )
         self._add_penalties(inputs, seqs)
         if any(kind != _GREEDY for kind in inputs.kinds):
             self._add_sampling(inputs, seqs, vocab)
@@ -154,9 +155,12 @@ class Sampler:
             return
         params = [seqs[row].params for row in rows]
         inputs.add("penalty_rows", torch.int64, rows, (len(rows),))
-        inputs.add("penalties", torch.float32,
-                   [x for p in params for x in (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)],
-                   (len(rows), 3))
+        inputs.add(
+            "penalties",
+            torch.float32,
+            [x for p in params for x in (p.repetition_penalty, p.frequency_penalty, p.presence_penalty)],
+            (len(rows), 3),
+        )
         self._add_token_lists(inputs, "output_tokens", [seqs[row].output_token_ids for row in rows])
         if any(p.repetition_penalty != 1 for p in params):
             self._add_token_lists(inputs, "prompt_tokens", [seqs[row].prompt_token_ids for row in rows])
@@ -171,17 +175,27 @@ class Sampler:
     def _add_sampling(inputs: _StepInputs, seqs: list[Sequence], vocab: int) -> None:
         params = [seq.params for seq in seqs]
         inputs.add("kind", torch.int64, inputs.kinds, (len(seqs),))
-        inputs.add("temperature", torch.float32,
-                   [max(p.temperature, MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params], (len(seqs),))
+        inputs.add(
+            "temperature",
+            torch.float32,
+            [max(p.temperature, MIN_TEMPERATURE) if not p.greedy else 1.0 for p in params],
+            (len(seqs),),
+        )
         truncated = [row for row, kind in enumerate(inputs.kinds) if kind == _TRUNCATED]
         if truncated:
             inputs.add("truncated_rows", torch.int64, truncated, (len(truncated),))
-            inputs.add("top_k", torch.int64,
-                       [min(params[row].top_k, vocab) if params[row].top_k > 0 else vocab for row in truncated],
-                       (len(truncated),))
-            inputs.add("top_p_min_p", torch.float32, [x for row in truncated for x in (params[row].top_p,
-                                                                                         params[row].min_p)],
-                       (len(truncated), 2))
+            inputs.add(
+                "top_k",
+                torch.int64,
+                [min(params[row].top_k, vocab) if params[row].top_k > 0 else vocab for row in truncated],
+                (len(truncated),),
+            )
+            inputs.add(
+                "top_p_min_p",
+                torch.float32,
+                [x for row in truncated for x in (params[row].top_p, params[row].min_p)],
+                (len(truncated), 2),
+            )
         unseeded = [row for row, seq in enumerate(seqs) if seq.generator is None]
         if 0 < len(unseeded) < len(seqs):
             # For each row, its row in the block of unseeded noise (seeded rows draw their own).
@@ -198,8 +212,9 @@ class Sampler:
             index = inputs["bias_index"].unbind()
             logits.index_put_(index, logits[index] + inputs["bias"])
 
-    def _suppress_stop_tokens(self, logits: torch.Tensor, seqs: list[Sequence],
-                              inputs: _StepInputs | None = None) -> None:
+    def _suppress_stop_tokens(
+        self, logits: torch.Tensor, seqs: list[Sequence], inputs: _StepInputs | None = None
+    ) -> None:
         inputs = self._inputs(seqs, logits) if inputs is None else inputs
         if "stop_index" in inputs:
             # A device-side -inf: a Python float would be copied from the host at the write.
@@ -257,7 +272,8 @@ class Sampler:
             noise = torch.empty_like(logits)
         else:
             noise = torch.empty(unseeded, logits.shape[-1], device=logits.device).exponential_(
-                generator=self.default_generator)
+                generator=self.default_generator
+            )
             if unseeded < len(seqs):
                 noise = noise.index_select(0, inputs["unseeded_slots"])
         for row, seq in enumerate(seqs):
@@ -266,8 +282,9 @@ class Sampler:
         return noise.clamp_min_(1e-10)
 
     @staticmethod
-    def _truncated_race(scaled: torch.Tensor, noise: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                        min_p: torch.Tensor) -> torch.Tensor:
+    def _truncated_race(
+        scaled: torch.Tensor, noise: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+    ) -> torch.Tensor:
         """Top-k, then top-p and min-p on the sorted scaled logits, then the race, each row's
         noise matched to sorted position."""
         vocab = scaled.shape[-1]

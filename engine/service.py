@@ -88,8 +88,10 @@ class LoopTimes:
 
     def report(self) -> str:
         per = lambda total: 1e3 * total / max(self.steps, 1)  # noqa: E731
-        return (f"{self.steps} steps: {per(self.step_s):.2f} ms/step in the engine, {per(self.receive_s):.3f} ms "
-                f"receiving, {per(self.send_s):.3f} ms encoding and sending")
+        return (
+            f"{self.steps} steps: {per(self.step_s):.2f} ms/step in the engine, {per(self.receive_s):.3f} ms "
+            f"receiving, {per(self.send_s):.3f} ms encoding and sending"
+        )
 
 
 class TokenRates:
@@ -127,7 +129,9 @@ def claim_ipc_path(path: Path) -> None:
         logger.info("removed the stale socket file %s", path)
         return
     except OSError as exc:
-        raise OSError(f"{path} exists and is not a socket we can probe ({exc}); remove it or pick another --address")
+        raise OSError(
+            f"{path} exists and is not a socket we can probe ({exc}); remove it or pick another --address"
+        ) from exc
     finally:
         probe.close()
     raise OSError(f"another engine is already serving on ipc://{path}; stop it or pick another --address")
@@ -181,19 +185,30 @@ class EngineService:
         """Check the address, load the model, bind, and log `ready`."""
         started = time.perf_counter()
         parsed = parse_address(address)
-        limits = DEFAULT_LIMITS if max_frame_bytes is None else Limits(
-            max_frame_bytes=max_frame_bytes, max_prompt_tokens=DEFAULT_LIMITS.max_prompt_tokens)
+        limits = (
+            DEFAULT_LIMITS
+            if max_frame_bytes is None
+            else Limits(max_frame_bytes=max_frame_bytes, max_prompt_tokens=DEFAULT_LIMITS.max_prompt_tokens)
+        )
         ipc_path = Path(parsed.path) if parsed.path is not None else None
         if ipc_path is not None:
             claim_ipc_path(ipc_path)  # before the (slow) model load: fail fast on a busy address
         core = EngineCore(config)
         sock = cls._bind(address, ipc_path, limits)
-        service = cls(core, sock, address, ipc_path, lease_s,
-                      served_model_name or Path(config.model).resolve().name, limits)
+        service = cls(
+            core, sock, address, ipc_path, lease_s, served_model_name or Path(config.model).resolve().name, limits
+        )
         kv = core.stats().kv
-        logger.info("ready on %s in %.1f s (pid %d): model %s, KV cache %d blocks = %d tokens, max_model_len %d",
-                    address, time.perf_counter() - started, os.getpid(), service.hello_reply.model_name,
-                    kv.total_blocks, kv.total_blocks * core.config.block_size, core.max_model_len)
+        logger.info(
+            "ready on %s in %.1f s (pid %d): model %s, KV cache %d blocks = %d tokens, max_model_len %d",
+            address,
+            time.perf_counter() - started,
+            os.getpid(),
+            service.hello_reply.model_name,
+            kv.total_blocks,
+            kv.total_blocks * core.config.block_size,
+            core.max_model_len,
+        )
         return service
 
     @staticmethod
@@ -255,8 +270,7 @@ class EngineService:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        logger.info("%s received: finishing in-flight requests with 'abort' and stopping",
-                    signal.Signals(signum).name)
+        logger.info("%s received: finishing in-flight requests with 'abort' and stopping", signal.Signals(signum).name)
         self.request_stop()
 
     def request_stop(self) -> None:
@@ -288,8 +302,13 @@ class EngineService:
         self._receive(timeout_ms=0 if busy else int(1000 * self.clients.lease_s / 4))
         now = time.monotonic()
         for session in self.clients.expired(now):
-            logger.warning("client %s (pid %d) silent for over %.1f s: aborting its %d request(s)",
-                           session.client_id, session.pid, self.clients.lease_s, len(session.requests))
+            logger.warning(
+                "client %s (pid %d) silent for over %.1f s: aborting its %d request(s)",
+                session.client_id,
+                session.pid,
+                self.clients.lease_s,
+                len(session.requests),
+            )
             self._abort_session(session)
         received = time.perf_counter()
         if not self.core.has_unfinished():
@@ -323,8 +342,12 @@ class EngineService:
                 return
             if len(frames) != 2:
                 identity = frames[0] if frames else b""
-                self._reply_error(identity, None, ErrorCode.BAD_MESSAGE,
-                                  f"expected one message frame after the routing id, got {len(frames) - 1}")
+                self._reply_error(
+                    identity,
+                    None,
+                    ErrorCode.BAD_MESSAGE,
+                    f"expected one message frame after the routing id, got {len(frames) - 1}",
+                )
                 continue
             self._handle(frames[0], frames[1])
 
@@ -338,9 +361,13 @@ class EngineService:
             self._dispatch(identity, message)
         except Exception as exc:  # a bug of ours; the sender learns of it and everyone else is served
             logger.error("handling %s from %s failed", type(message).__name__, identity.hex(), exc_info=exc)
-            self._reply_error(identity, getattr(message, "request_id", None), ErrorCode.INTERNAL,
-                              f"the engine failed to handle this {type(message).__name__} ({type(exc).__name__}); "
-                              "the engine's log has the details")
+            self._reply_error(
+                identity,
+                getattr(message, "request_id", None),
+                ErrorCode.INTERNAL,
+                f"the engine failed to handle this {type(message).__name__} ({type(exc).__name__}); "
+                "the engine's log has the details",
+            )
 
     def _dispatch(self, identity: bytes, message: object) -> None:
         now = time.monotonic()
@@ -349,8 +376,12 @@ class EngineService:
             return
         session = self.clients.touch(identity, now)
         if session is None:
-            self._reply_error(identity, getattr(message, "request_id", None), ErrorCode.NO_SESSION,
-                              "say Hello first (or again: the engine may have expired this client's lease)")
+            self._reply_error(
+                identity,
+                getattr(message, "request_id", None),
+                ErrorCode.NO_SESSION,
+                "say Hello first (or again: the engine may have expired this client's lease)",
+            )
             return
         if isinstance(message, Generate):
             self._generate(session, message)
@@ -365,26 +396,35 @@ class EngineService:
             self.clients.drop(session)
             self._abort_session(session)
         else:
-            self._reply_error(identity, None, ErrorCode.BAD_MESSAGE,
-                              f"{type(message).__name__} is not a message the engine accepts")
+            self._reply_error(
+                identity, None, ErrorCode.BAD_MESSAGE, f"{type(message).__name__} is not a message the engine accepts"
+            )
 
     def _hello(self, identity: bytes, hello: Hello, now: float) -> None:
         replaced = self.clients.hello(identity, hello.client_id, hello.nonce, hello.pid, now)
         if replaced is not None:
-            logger.warning("client %s restarted (new instance): aborting the %d request(s) of its old instance",
-                           hello.client_id, len(replaced.requests))
+            logger.warning(
+                "client %s restarted (new instance): aborting the %d request(s) of its old instance",
+                hello.client_id,
+                len(replaced.requests),
+            )
             self._abort_session(replaced)
         logger.info("client %s connected (pid %d, %d client(s))", hello.client_id, hello.pid, len(self.clients))
         self._send(identity, self.hello_reply)
 
     def _generate(self, session: ClientSession, msg: Generate) -> None:
         if self._stopping:
-            self._reply_error(session.identity, msg.request_id, ErrorCode.SHUTTING_DOWN,
-                              "the engine is shutting down", retryable=True)
+            self._reply_error(
+                session.identity, msg.request_id, ErrorCode.SHUTTING_DOWN, "the engine is shutting down", retryable=True
+            )
             return
         if msg.request_id in session.requests:
-            self._reply_error(session.identity, msg.request_id, ErrorCode.DUPLICATE_REQUEST_ID,
-                              f"request id {msg.request_id!r} is already in use by this client")
+            self._reply_error(
+                session.identity,
+                msg.request_id,
+                ErrorCode.DUPLICATE_REQUEST_ID,
+                f"request id {msg.request_id!r} is already in use by this client",
+            )
             return
         rid = str(next(self._next_id))
         try:
@@ -406,9 +446,13 @@ class EngineService:
         if unknown:
             # Usually a race (the request finished before the Abort arrived): the client may
             # ignore the reply, and the log mentions it at debug level only.
-            self._reply_error(session.identity, unknown[0] if len(unknown) == 1 else None, ErrorCode.UNKNOWN_REQUEST,
-                              f"no running request with id(s) {', '.join(map(repr, unknown[:5]))}",
-                              log_level=logging.DEBUG)
+            self._reply_error(
+                session.identity,
+                unknown[0] if len(unknown) == 1 else None,
+                ErrorCode.UNKNOWN_REQUEST,
+                f"no running request with id(s) {', '.join(map(repr, unknown[:5]))}",
+                log_level=logging.DEBUG,
+            )
 
     def _abort_session(self, session: ClientSession) -> None:
         """Abort every request a departed client owned; their blocks are freed now."""
@@ -418,15 +462,20 @@ class EngineService:
 
     def _stats_reply(self) -> StatsReply:
         stats = self.core.stats()
-        prompt_rate, generation_rate = self._rates.rates(time.monotonic(), stats.prompt_tokens,
-                                                         stats.generated_tokens)
+        prompt_rate, generation_rate = self._rates.rates(time.monotonic(), stats.prompt_tokens, stats.generated_tokens)
         kv = stats.kv
         return StatsReply(
-            waiting=stats.waiting, running=stats.running, kv_total_blocks=kv.total_blocks,
-            kv_used_blocks=kv.used_blocks, kv_cached_blocks=kv.cached_blocks,
-            kv_usage=kv.used_blocks / kv.total_blocks, prefix_hit_rate=kv.prefix_hit_rate,
-            prompt_tokens_per_s=prompt_rate, generation_tokens_per_s=generation_rate,
-            num_preemptions=stats.num_preemptions, num_clients=len(self.clients),
+            waiting=stats.waiting,
+            running=stats.running,
+            kv_total_blocks=kv.total_blocks,
+            kv_used_blocks=kv.used_blocks,
+            kv_cached_blocks=kv.cached_blocks,
+            kv_usage=kv.used_blocks / kv.total_blocks,
+            prefix_hit_rate=kv.prefix_hit_rate,
+            prompt_tokens_per_s=prompt_rate,
+            generation_tokens_per_s=generation_rate,
+            num_preemptions=stats.num_preemptions,
+            num_clients=len(self.clients),
         )
 
     # Sending -------------------------------------------------------------------------
@@ -459,21 +508,31 @@ class EngineService:
             session = self.clients.get(identity)
             if session is not None:
                 # EHOSTUNREACH: its socket is gone. EAGAIN: it stopped reading and its queue is full.
-                logger.warning("client %s is unreachable (%s): aborting its %d request(s)",
-                               session.client_id, exc.strerror, len(session.requests))
+                logger.warning(
+                    "client %s is unreachable (%s): aborting its %d request(s)",
+                    session.client_id,
+                    exc.strerror,
+                    len(session.requests),
+                )
                 self.clients.drop(session)
                 self._abort_session(session)
 
     def _reply_error(
-        self, identity: bytes, request_id: str | None, code: str, message: str,
-        retryable: bool = False, param: str | None = None, log_level: int = logging.WARNING,
+        self,
+        identity: bytes,
+        request_id: str | None,
+        code: str,
+        message: str,
+        retryable: bool = False,
+        param: str | None = None,
+        log_level: int = logging.WARNING,
     ) -> None:
         session = self.clients.get(identity)
         who = session.client_id if session is not None else identity.hex()
-        logger.log(log_level, "client %s: %s%s: %s", who, code, f" (request {request_id})" if request_id else "",
-                   message)
-        self._send(identity, Error(request_id=request_id, code=code, message=message, retryable=retryable,
-                                   param=param))
+        logger.log(
+            log_level, "client %s: %s%s: %s", who, code, f" (request {request_id})" if request_id else "", message
+        )
+        self._send(identity, Error(request_id=request_id, code=code, message=message, retryable=retryable, param=param))
 
     # Shutdown ------------------------------------------------------------------------
 

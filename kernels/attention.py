@@ -95,8 +95,15 @@ def paged_attention_reference(
 
 
 def _paged_sequence(
-    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    table: torch.Tensor, length: int, start: int, end: int, scale: float,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    table: torch.Tensor,
+    length: int,
+    start: int,
+    end: int,
+    scale: float,
 ) -> None:
     """out[start:end] = one sequence's queries q[start:end] over its first `length` cached tokens."""
     if end == start:
@@ -149,8 +156,10 @@ def plan_paged_attention_cpu(
     bounds, lengths = cu_seqlens_q.tolist(), seq_lens.tolist()
     decodes = [b for b in range(len(lengths)) if bounds[b + 1] - bounds[b] == 1]
     multi = [b for b in range(len(lengths)) if bounds[b + 1] - bounds[b] > 1]
-    groups = [_plan_decode_group(block_tables, seq_lens, bounds, lengths, group, block_size)
-              for group in decode_groups(lengths, decodes)]
+    groups = [
+        _plan_decode_group(block_tables, seq_lens, bounds, lengths, group, block_size)
+        for group in decode_groups(lengths, decodes)
+    ]
     return PagedAttentionPlan(bounds, lengths, multi, groups)
 
 
@@ -173,7 +182,11 @@ def decode_groups(lengths: list[int], seqs: list[int]) -> list[list[int]]:
 
 
 def _plan_decode_group(
-    block_tables: torch.Tensor, seq_lens: torch.Tensor, bounds: list[int], lengths: list[int], seqs: list[int],
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    bounds: list[int],
+    lengths: list[int],
+    seqs: list[int],
     block_size: int,
 ) -> DecodeGroup:
     device, n = seq_lens.device, len(seqs)
@@ -221,7 +234,11 @@ def paged_attention_cpu(
 
 
 def _attend_decode_group(
-    q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    group: DecodeGroup,
     scale: float,
 ) -> None:
     n, num_heads, dim, kv_heads = group.num_seqs, q.shape[1], q.shape[2], k_cache.shape[2]
@@ -235,8 +252,9 @@ def _attend_decode_group(
         return tokens.view(n, group.context, kv_heads, dim).transpose(1, 2).to(q.dtype)
 
     queries = q[group.rows].view(n, kv_heads, num_heads // kv_heads, dim)  # a KV head's query group on one axis
-    attended = F.scaled_dot_product_attention(queries, gather(k_cache), gather(v_cache), attn_mask=group.visible,
-                                              scale=scale)
+    attended = F.scaled_dot_product_attention(
+        queries, gather(k_cache), gather(v_cache), attn_mask=group.visible, scale=scale
+    )
     attended = attended.reshape(n, num_heads, dim)
     # A padding row (length 0) masks everything: zeros, as the reference gives.
     out[group.rows] = attended if group.live is None else torch.where(group.live, attended, 0)

@@ -23,14 +23,33 @@ LOG2E = 1.4426950408889634
     do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"],
 )
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,
-    cu_seqlens_q_ptr, seq_lens_ptr, block_tables_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kt, stride_kh, stride_vt, stride_vh,  # per token and head; for PAGED, per cache slot within a block
-    stride_kb, stride_vb, stride_bt,  # PAGED only: per cache block, per block-table row
-    block_size, qk_scale, group, head_dim,
-    PAGED: tl.constexpr, CAUSAL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,  # per token and head; for PAGED, per cache slot within a block
+    stride_kb,
+    stride_vb,
+    stride_bt,  # PAGED only: per cache block, per block-table row
+    block_size,
+    qk_scale,
+    group,
+    head_dim,
+    PAGED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     m_block = tl.program_id(0)
@@ -67,7 +86,9 @@ def _attention_kernel(
         cols = n_start + offs_n
         col_mask = cols < kv_len
         if PAGED:
-            block = tl.load(block_tables_ptr + seq * stride_bt + cols // block_size, mask=col_mask, other=0).to(tl.int64)
+            block = tl.load(block_tables_ptr + seq * stride_bt + cols // block_size, mask=col_mask, other=0).to(
+                tl.int64
+            )
             k_rows = block * stride_kb + (cols % block_size) * stride_kt + kv_head * stride_kh
             v_rows = block * stride_vb + (cols % block_size) * stride_vt + kv_head * stride_vh
         else:
@@ -138,7 +159,9 @@ def check_paged_inputs(
     """Shape and layout checks shared by the paged prefill and decode launchers."""
     _check_qkv(q, k_cache, "paged_attention")
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"paged_attention expects caches [N, block, Hkv, D]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"paged_attention expects caches [N, block, Hkv, D]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
     batch = seq_lens.shape[0]
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or block_tables.stride(1) != 1:
         raise ValueError(f"block_tables must be [{batch}, max_blocks] with dense rows, got {tuple(block_tables.shape)}")
@@ -168,16 +191,36 @@ def flash_attention_varlen_triton(
     block_m, block_n, warps, stages = _tiles(q.shape[-1], q.dtype)
     grid = (triton.cdiv(max_seqlen, block_m), q.shape[1], num_seqs)
     _attention_kernel[grid](
-        q, k, v, out,
-        cu_seqlens, cu_seqlens, cu_seqlens,  # seq_lens and block tables are unused without PAGED
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        0, 0, 0,
-        1, scale * LOG2E, q.shape[1] // k.shape[1], q.shape[-1],
-        PAGED=False, CAUSAL=causal,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(q.shape[-1]),
+        q,
+        k,
+        v,
+        out,
+        cu_seqlens,
+        cu_seqlens,
+        cu_seqlens,  # seq_lens and block tables are unused without PAGED
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        0,
+        0,
+        0,
+        1,
+        scale * LOG2E,
+        q.shape[1] // k.shape[1],
+        q.shape[-1],
+        PAGED=False,
+        CAUSAL=causal,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d(q.shape[-1]),
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out
 
@@ -198,15 +241,35 @@ def paged_prefill_attention_triton(
     block_m, block_n, warps, stages = _tiles(q.shape[-1], q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), q.shape[1], seq_lens.shape[0])
     _attention_kernel[grid](
-        q, k_cache, v_cache, out,
-        cu_seqlens_q, seq_lens, block_tables,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
-        k_cache.shape[1], scale * LOG2E, q.shape[1] // k_cache.shape[2], q.shape[-1],
-        PAGED=True, CAUSAL=True,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d(q.shape[-1]),
+        q,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens_q,
+        seq_lens,
+        block_tables,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        k_cache.stride(0),
+        v_cache.stride(0),
+        block_tables.stride(0),
+        k_cache.shape[1],
+        scale * LOG2E,
+        q.shape[1] // k_cache.shape[2],
+        q.shape[-1],
+        PAGED=True,
+        CAUSAL=True,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d(q.shape[-1]),
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        num_warps=warps,
+        num_stages=stages,
     )
     return out

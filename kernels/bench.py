@@ -100,16 +100,29 @@ class Builder:
         ours = lambda: self.triton("norm_triton").rms_norm_triton(x, w, 1e-5, r)
         ref = lambda: norm.rms_norm_reference(x, w, 1e-5, r)
         check = lambda: _close(ours()[0], ref()[0])()
-        return Case("rms_norm", f"{model.name} T={t} H={model.hidden} +residual", ours, ref, check,
-                    nbytes=4 * t * model.hidden * self.dtype.itemsize, compile_target=ref)
+        return Case(
+            "rms_norm",
+            f"{model.name} T={t} H={model.hidden} +residual",
+            ours,
+            ref,
+            check,
+            nbytes=4 * t * model.hidden * self.dtype.itemsize,
+            compile_target=ref,
+        )
 
     def silu_and_mul(self, model: ModelShape, t: int) -> Case:
         g = self.randn(t, 2 * model.intermediate)
         ours = lambda: self.triton("activation_triton").silu_and_mul_triton(g)
         ref = lambda: activation.silu_and_mul_reference(g)
-        return Case("silu_and_mul", f"{model.name} T={t} I={model.intermediate}", ours, ref,
-                    lambda: _close(ours(), ref())(), nbytes=3 * t * model.intermediate * self.dtype.itemsize,
-                    compile_target=ref)
+        return Case(
+            "silu_and_mul",
+            f"{model.name} T={t} I={model.intermediate}",
+            ours,
+            ref,
+            lambda: _close(ours(), ref())(),
+            nbytes=3 * t * model.intermediate * self.dtype.itemsize,
+            compile_target=ref,
+        )
 
     def rope(self, model: ModelShape, t: int) -> Case:
         cache = rope.rope_cos_sin_cache(model.head_dim, 8192, 500000.0).to(self.device)
@@ -126,8 +139,15 @@ class Builder:
             _close(k1, k2)()
 
         nbytes = 2 * t * (model.heads + model.kv_heads) * model.head_dim * self.dtype.itemsize
-        return Case("rope", f"{model.name} T={t} Hq={model.heads} Hkv={model.kv_heads} D={model.head_dim}",
-                    ours, ref, check, nbytes=nbytes, compile_target=ref)
+        return Case(
+            "rope",
+            f"{model.name} T={t} Hq={model.heads} Hkv={model.kv_heads} D={model.head_dim}",
+            ours,
+            ref,
+            check,
+            nbytes=nbytes,
+            compile_target=ref,
+        )
 
     def store_kv(self, model: ModelShape, t: int) -> Case:
         block = 16
@@ -145,8 +165,14 @@ class Builder:
             _close(kc, kc2)()
             _close(vc, vc2)()
 
-        return Case("store_kv", f"{model.name} T={t} Hkv={model.kv_heads} D={model.head_dim}", ours, ref, check,
-                    nbytes=4 * t * model.kv_heads * model.head_dim * self.dtype.itemsize)
+        return Case(
+            "store_kv",
+            f"{model.name} T={t} Hkv={model.kv_heads} D={model.head_dim}",
+            ours,
+            ref,
+            check,
+            nbytes=4 * t * model.kv_heads * model.head_dim * self.dtype.itemsize,
+        )
 
     def flash_sweep(self) -> list[list[int]]:
         if self.small:
@@ -165,16 +191,28 @@ class Builder:
             outs, start = [], 0
             for n in lengths:
                 s = slice(start, start + n)
-                outs.append(F.scaled_dot_product_attention(
-                    q[s].transpose(0, 1), k[s].transpose(0, 1), v[s].transpose(0, 1), is_causal=True, enable_gqa=True
-                ).transpose(0, 1))
+                outs.append(
+                    F.scaled_dot_product_attention(
+                        q[s].transpose(0, 1),
+                        k[s].transpose(0, 1),
+                        v[s].transpose(0, 1),
+                        is_causal=True,
+                        enable_gqa=True,
+                    ).transpose(0, 1)
+                )
                 start += n
             return torch.cat(outs)
 
         expected = lambda: attention.flash_attention_varlen_reference(q.float(), k.float(), v.float(), cu, max(lengths))
         flops = sum(2 * n * n * model.heads * model.head_dim for n in lengths)  # causal: half of 4*n^2*H*D
-        return Case("flash_attention_varlen", f"{model.name} seqs={lengths} causal", ours, sdpa,
-                    lambda: _close(ours(), expected())(), flops=flops)
+        return Case(
+            "flash_attention_varlen",
+            f"{model.name} seqs={lengths} causal",
+            ours,
+            sdpa,
+            lambda: _close(ours(), expected())(),
+            flops=flops,
+        )
 
     def paged_sweep(self, kernel: str) -> list[tuple[int, int]]:
         """(batch, context) pairs."""
@@ -200,9 +238,13 @@ class Builder:
         q = self.randn(batch * n_q, model.heads, model.head_dim)
         scale = model.head_dim**-0.5
         if decode:
-            ours = lambda: self.triton("paged_decode_triton").paged_decode_attention_triton(q, kc, vc, tables, seq_lens, cu, scale)
+            ours = lambda: self.triton("paged_decode_triton").paged_decode_attention_triton(
+                q, kc, vc, tables, seq_lens, cu, scale
+            )
         else:
-            ours = lambda: self.triton("attention_triton").paged_prefill_attention_triton(q, kc, vc, tables, seq_lens, cu, n_q, scale)
+            ours = lambda: self.triton("attention_triton").paged_prefill_attention_triton(
+                q, kc, vc, tables, seq_lens, cu, n_q, scale
+            )
 
         # The baseline: SDPA over K/V already dense per sequence, its best case (no block-table gather).
         def dense(cache: torch.Tensor) -> torch.Tensor:
@@ -211,14 +253,21 @@ class Builder:
 
         dense_k, dense_v = dense(kc), dense(vc)
         qb = q.view(batch, n_q, model.heads, model.head_dim).transpose(1, 2)
-        mask = torch.arange(ctx, device=self.device)[None, :] <= torch.arange(ctx - n_q, ctx, device=self.device)[:, None]
+        mask = (
+            torch.arange(ctx, device=self.device)[None, :] <= torch.arange(ctx - n_q, ctx, device=self.device)[:, None]
+        )
         eager = lambda: F.scaled_dot_product_attention(qb, dense_k, dense_v, attn_mask=mask, enable_gqa=True)
         expected = lambda: attention.paged_attention_reference(q.float(), kc.float(), vc.float(), tables, seq_lens, cu)
         kv_bytes = 2 * batch * ctx * model.kv_heads * model.head_dim * self.dtype.itemsize
-        return Case(kernel, f"{model.name} batch={batch} ctx={ctx} new={n_q}", ours, eager,
-                    lambda: _close(ours(), expected())(),
-                    nbytes=kv_bytes if decode else 0,
-                    flops=0 if decode else 4 * batch * n_q * ctx * model.heads * model.head_dim)
+        return Case(
+            kernel,
+            f"{model.name} batch={batch} ctx={ctx} new={n_q}",
+            ours,
+            eager,
+            lambda: _close(ours(), expected())(),
+            nbytes=kv_bytes if decode else 0,
+            flops=0 if decode else 4 * batch * n_q * ctx * model.heads * model.head_dim,
+        )
 
     def cases(self, kernel: str) -> list[Case]:
         out: list[Case] = []
@@ -232,15 +281,19 @@ class Builder:
         return out
 
 
+def _copy_bandwidth(do_bench: Callable[..., float]) -> float:
+    """GB/s of a 1 GiB device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
 def measure_peaks(quick: bool) -> tuple[float, float]:
     """(GB/s of a large device-to-device copy, TFLOP/s of a large bf16 matmul) on this GPU."""
     from triton.testing import do_bench
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
-    bandwidth = 2 * src.numel() / (ms * 1e-3) / 1e9
-    del src, dst
+    bandwidth = _copy_bandwidth(do_bench)  # its 2 GiB of buffers are freed on return
     n = 4096 if quick else 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -276,8 +329,14 @@ def run_gpu(cases: list[Case], quick: bool, torch_compile: bool = True) -> list[
         compiled = _compiled(case.compile_target) if case.compile_target and torch_compile else None
         compile_ms = do_bench(compiled) if compiled else None
         best_torch = min(t for t in (eager, compile_ms) if t is not None)
-        row.update(ours_us=p50 * 1e3, p20_us=p20 * 1e3, p80_us=p80 * 1e3, torch_us=eager * 1e3,
-                   compile_us=compile_ms * 1e3 if compile_ms else None, speedup=best_torch / p50)
+        row.update(
+            ours_us=p50 * 1e3,
+            p20_us=p20 * 1e3,
+            p80_us=p80 * 1e3,
+            torch_us=eager * 1e3,
+            compile_us=compile_ms * 1e3 if compile_ms else None,
+            speedup=best_torch / p50,
+        )
         if case.flops:
             achieved = case.flops / (p50 * 1e-3) / 1e12
             row.update(achieved=f"{achieved:.1f} TFLOP/s", pct_peak=100 * achieved / tflops)
@@ -302,7 +361,19 @@ def run_interpreter(cases: list[Case]) -> list[dict[str, object]]:
     return rows
 
 
-COLUMNS = ("kernel", "shape", "correct", "ours_us", "p20_us", "p80_us", "torch_us", "compile_us", "speedup", "achieved", "pct_peak")
+COLUMNS = (
+    "kernel",
+    "shape",
+    "correct",
+    "ours_us",
+    "p20_us",
+    "p80_us",
+    "torch_us",
+    "compile_us",
+    "speedup",
+    "achieved",
+    "pct_peak",
+)
 
 
 def _format_value(value: object) -> str:
@@ -331,11 +402,20 @@ def environment() -> dict[str, str]:
     import triton
 
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         sha = "unknown"
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    device = (
+        torch.cuda.get_device_name()
+        if CUDA
+        else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    )
     return {"device": device, "torch": torch.__version__, "triton": triton.__version__, "git_sha": sha}
 
 
@@ -354,14 +434,26 @@ def main(argv: list[str] | None = None) -> int:
         description="Check every Triton kernel against its torch reference, then time it against torch and the "
         "GPU's measured peaks. Without CUDA, runs the correctness sweep under the Triton interpreter only.",
     )
-    parser.add_argument("--kernel", choices=KERNELS, action="append",
-                        help="benchmark only this kernel (repeatable); default: all")
-    parser.add_argument("--quick", action="store_true", help="one shape per model and kernel, and a smaller matmul peak")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="skip the torch.compile baseline (its compiles take most of a quick run)")
-    parser.add_argument("--csv", type=Path, help="also write the rows, with GPU name, versions and git sha, to this CSV file")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                        help="activation dtype (default: bfloat16 on CUDA, float32 under the interpreter)")
+    parser.add_argument(
+        "--kernel", choices=KERNELS, action="append", help="benchmark only this kernel (repeatable); default: all"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one shape per model and kernel, and a smaller matmul peak"
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip the torch.compile baseline (its compiles take most of a quick run)",
+    )
+    parser.add_argument(
+        "--csv", type=Path, help="also write the rows, with GPU name, versions and git sha, to this CSV file"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default=None,
+        help="activation dtype (default: bfloat16 on CUDA, float32 under the interpreter)",
+    )
     args = parser.parse_args(argv)
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if CUDA else torch.float32)
@@ -373,8 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     if CUDA:
         rows = run_gpu(cases, args.quick, torch_compile=not args.no_compile)
     else:
-        print("No CUDA device: running the correctness sweep under the Triton interpreter at small sizes. "
-              "These runs say nothing about GPU speed, so no timings are shown.", file=sys.stderr)
+        print(
+            "No CUDA device: running the correctness sweep under the Triton interpreter at small sizes. "
+            "These runs say nothing about GPU speed, so no timings are shown.",
+            file=sys.stderr,
+        )
         rows = run_interpreter(cases)
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | git {env['git_sha']} | {dtype}")
     print_table(rows)

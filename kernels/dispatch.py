@@ -68,26 +68,45 @@ class Backend(abc.ABC):
         """SwiGLU: [T, 2*I] (gate first) -> silu(gate) * up [T, I]."""
 
     @abc.abstractmethod
-    def apply_rope_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                    cos_sin_cache: torch.Tensor) -> None:
+    def apply_rope_(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> None:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] in place (rotate-half layout) by positions [T]."""
 
     @abc.abstractmethod
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 metadata: AttentionMetadata) -> None:
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> None:
         """Write k, v [T, Hkv, D] into one layer's paged caches at `metadata.slot_mapping`;
         slot -1 writes nothing."""
 
     @abc.abstractmethod
-    def flash_attention_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               metadata: AttentionMetadata, scale: float | None = None,
-                               causal: bool = True) -> torch.Tensor:
+    def flash_attention_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
         """Attention within each packed sequence over its fresh K/V alone (a prefill with no
         cached prefix): q [T, Hq, D], k, v [T, Hkv, D], split by `metadata.cu_seqlens_q`."""
 
     @abc.abstractmethod
-    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """Packed queries q [T, Hq, D] over each sequence's paged context (one layer's caches,
         which already hold the new tokens); sequence b's queries are its last
         `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal, its keys
@@ -111,27 +130,48 @@ class TorchBackend(Backend):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return activation.silu_and_mul_reference(gate_up)
 
-    def apply_rope_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                    cos_sin_cache: torch.Tensor) -> None:
+    def apply_rope_(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> None:
         rope.apply_rope_reference_(q, k, positions, cos_sin_cache)
 
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 metadata: AttentionMetadata) -> None:
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> None:
         kv_store.store_kv_reference(k, v, k_cache, v_cache, metadata.slot_mapping)
 
-    def flash_attention_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               metadata: AttentionMetadata, scale: float | None = None,
-                               causal: bool = True) -> torch.Tensor:
-        return attention.flash_attention_varlen_reference(q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q,
-                                                          scale, causal)
+    def flash_attention_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
+        return attention.flash_attention_varlen_reference(
+            q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal
+        )
 
-    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """The decode rows of a step in a few SDPA calls (`paged_attention_cpu`), grouped by a
         plan made once per step (`metadata.cpu_plan`) and reused by every layer."""
         plan = metadata.cpu_plan(k_cache.shape[1])
-        return attention.paged_attention_cpu(q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
-                                             metadata.cu_seqlens_q, scale, plan=plan)
+        return attention.paged_attention_cpu(
+            q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.cu_seqlens_q, scale, plan=plan
+        )
 
 
 class TritonBackend(Backend):
@@ -149,23 +189,42 @@ class TritonBackend(Backend):
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return _triton("activation_triton").silu_and_mul_triton(gate_up)
 
-    def apply_rope_(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                    cos_sin_cache: torch.Tensor) -> None:
+    def apply_rope_(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+    ) -> None:
         _triton("rope_triton").apply_rope_triton_(q, k, positions, cos_sin_cache)
 
-    def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 metadata: AttentionMetadata) -> None:
+    def store_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> None:
         _triton("kv_store_triton").store_kv_triton(k, v, k_cache, v_cache, metadata.slot_mapping)
 
-    def flash_attention_varlen(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               metadata: AttentionMetadata, scale: float | None = None,
-                               causal: bool = True) -> torch.Tensor:
+    def flash_attention_varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+        causal: bool = True,
+    ) -> torch.Tensor:
         return _triton("attention_triton").flash_attention_varlen_triton(
             q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal
         )
 
-    def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        metadata: AttentionMetadata, scale: float | None = None) -> torch.Tensor:
+    def paged_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float | None = None,
+    ) -> torch.Tensor:
         """`max_seqlen_q` 1 selects the split-K decode kernel (in `decode_workspace` when given).
         Otherwise the first `num_decode_seqs` sequences (one query each, packed first in a mixed
         step) go through the decode kernel and the rest through the prefill kernel, into one
@@ -177,8 +236,9 @@ class TritonBackend(Backend):
         decode = _triton("paged_decode_triton").paged_decode_attention_triton
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if m.max_seqlen_q == 1:
-            return decode(q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, scale,
-                          workspace=m.decode_workspace)
+            return decode(
+                q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, scale, workspace=m.decode_workspace
+            )
         batch, n = m.seq_lens.shape[0], m.num_decode_seqs
         if not 0 < n < batch:
             return prefill.paged_prefill_attention_triton(
@@ -187,10 +247,26 @@ class TritonBackend(Backend):
         # Both kernels read and write their rows at cu_seqlens_q[seq] (absolute token offsets), so
         # each gets its slice of the metadata and they fill disjoint rows of one output.
         out = q.new_empty(q.shape)
-        decode(q, k_cache, v_cache, m.block_tables[:n], m.seq_lens[:n], m.cu_seqlens_q[: n + 1], scale, out=out,
-               workspace=m.decode_workspace)
+        decode(
+            q,
+            k_cache,
+            v_cache,
+            m.block_tables[:n],
+            m.seq_lens[:n],
+            m.cu_seqlens_q[: n + 1],
+            scale,
+            out=out,
+            workspace=m.decode_workspace,
+        )
         prefill.paged_prefill_attention_triton(
-            q, k_cache, v_cache, m.block_tables[n:], m.seq_lens[n:], m.cu_seqlens_q[n:], m.max_seqlen_q, scale,
+            q,
+            k_cache,
+            v_cache,
+            m.block_tables[n:],
+            m.seq_lens[n:],
+            m.cu_seqlens_q[n:],
+            m.max_seqlen_q,
+            scale,
             out=out,
         )
         return out

@@ -9,9 +9,17 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
-    stride_x, stride_r, stride_o, stride_ro,
-    hidden, eps,
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    out_ptr,
+    residual_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    hidden,
+    eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -44,7 +52,9 @@ def rms_norm_triton(
     `out` and `residual_out` may be preallocated (dense, like x), e.g. static CUDA-graph buffers.
     """
     if x.dim() != 2 or x.stride(-1) != 1 or weight.shape != (x.shape[1],) or not weight.is_contiguous():
-        raise ValueError(f"rms_norm expects x [T, H] with dense rows and weight [H]; got {tuple(x.shape)}, {tuple(weight.shape)}")
+        raise ValueError(
+            f"rms_norm expects x [T, H] with dense rows and weight [H]; got {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
     if residual is not None and (residual.shape != x.shape or residual.stride(-1) != 1):
         raise ValueError(f"residual must match x {tuple(x.shape)}, got {tuple(residual.shape)}")
     tokens, hidden = x.shape
@@ -56,9 +66,17 @@ def rms_norm_triton(
     if tokens:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(tokens,)](
-            x, residual if residual is not None else x, weight, out, residual_out,
-            x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), residual_out.stride(0),
-            hidden, eps,
+            x,
+            residual if residual is not None else x,
+            weight,
+            out,
+            residual_out,
+            x.stride(0),
+            (residual if residual is not None else x).stride(0),
+            out.stride(0),
+            residual_out.stride(0),
+            hidden,
+            eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
             num_warps=min(max(block // 256, 1), 16),

@@ -34,12 +34,34 @@ def _split_bounds(kv_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr
 # The block-table width changes from step to step outside CUDA graphs: not a specialisation key.
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr,
-    o_ptr, part_o_ptr, part_lse_ptr,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-    block_size, qk_scale, group, head_dim,
-    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    cu_seqlens_q_ptr,
+    o_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    block_size,
+    qk_scale,
+    group,
+    head_dim,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -55,7 +77,9 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d[None, :] < head_dim
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask, other=0.0)
+    q = tl.load(
+        q_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=h_mask & d_mask, other=0.0
+    )
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -68,7 +92,8 @@ def _decode_split_kernel(
         kv_mask = col_mask[:, None] & d_mask
         k = tl.load(
             k_cache_ptr + (block * stride_kb + in_block * stride_ks + kv_head * stride_kh)[:, None] + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         )
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(col_mask[None, :], qk, float("-inf"))
@@ -78,7 +103,8 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_cache_ptr + (block * stride_vb + in_block * stride_vs + kv_head * stride_vh)[:, None] + offs_d[None, :],
-            mask=kv_mask, other=0.0,
+            mask=kv_mask,
+            other=0.0,
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
@@ -98,9 +124,17 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_o_ptr, part_lse_ptr, seq_lens_ptr, cu_seqlens_q_ptr, o_ptr,
-    stride_ot, stride_oh, head_dim,
-    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_o_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    cu_seqlens_q_ptr,
+    o_ptr,
+    stride_ot,
+    stride_oh,
+    head_dim,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -186,21 +220,51 @@ def paged_decode_attention_triton(
     else:
         part_o = part_lse = out  # unused
     _decode_split_kernel[(batch, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-        out, part_o, part_lse,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        k_cache.shape[1], scale * LOG2E, group, head_dim,
-        NUM_SPLITS=splits, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d(head_dim),
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        cu_seqlens_q,
+        out,
+        part_o,
+        part_lse,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_tables.stride(0),
+        k_cache.shape[1],
+        scale * LOG2E,
+        group,
+        head_dim,
+        NUM_SPLITS=splits,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d(head_dim),
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=4,
+        num_stages=2,
     )
     if splits > 1:
         _decode_merge_kernel[(batch, q.shape[1])](
-            part_o, part_lse, seq_lens, cu_seqlens_q, out,
-            out.stride(0), out.stride(1), head_dim,
-            NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=block_d(head_dim),
+            part_o,
+            part_lse,
+            seq_lens,
+            cu_seqlens_q,
+            out,
+            out.stride(0),
+            out.stride(1),
+            head_dim,
+            NUM_SPLITS=splits,
+            BLOCK_N=BLOCK_N,
+            BLOCK_D=block_d(head_dim),
             num_warps=4,
         )
     return out

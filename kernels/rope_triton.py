@@ -8,8 +8,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(ptr, stride_t, stride_h, token, heads, cos, sin, half,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    ptr, stride_t, stride_h, token, heads, cos, sin, half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr
+):
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (h < heads) & (d < half)
@@ -22,10 +23,21 @@ def _rotate_heads(ptr, stride_t, stride_h, token, heads, cos, sin, half,
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, positions_ptr, cache_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_cache,
-    q_heads, k_heads, half,
-    BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    positions_ptr,
+    cache_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cache,
+    q_heads,
+    k_heads,
+    half,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
@@ -48,9 +60,18 @@ def apply_rope_triton_(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     if tokens:
         half = head_dim // 2
         _rope_kernel[(tokens,)](
-            q, k, positions, cos_sin_cache,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-            q_heads, k.shape[1], half,
+            q,
+            k,
+            positions,
+            cos_sin_cache,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos_sin_cache.stride(0),
+            q_heads,
+            k.shape[1],
+            half,
             BLOCK_QH=triton.next_power_of_2(q_heads),
             BLOCK_KH=triton.next_power_of_2(k.shape[1]),
             BLOCK_HALF=triton.next_power_of_2(half),

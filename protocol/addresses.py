@@ -81,8 +81,9 @@ def _parse_ipc(address: str, path: str) -> Address:
         raise ValueError(f"engine address {address!r}: the ipc path names a directory, not a socket file")
     size = len(path.encode("utf-8", "surrogateescape"))
     if size > MAX_IPC_PATH_BYTES:
-        raise ValueError(f"engine address {address!r}: the ipc path is {size} bytes; Unix sockets allow "
-                         f"at most {MAX_IPC_PATH_BYTES}")
+        raise ValueError(
+            f"engine address {address!r}: the ipc path is {size} bytes; Unix sockets allow at most {MAX_IPC_PATH_BYTES}"
+        )
     return Address("ipc", path=path)
 
 

@@ -80,8 +80,9 @@ def decode(data: bytes | bytearray | memoryview, limits: Limits = DEFAULT_LIMITS
         raise TypeError(f"decode takes the bytes of one frame, got {type(data).__name__}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
     if size > limits.max_frame_bytes:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"a frame of {size} bytes is over the limit of "
-                                                 f"{limits.max_frame_bytes}")
+        raise ProtocolError(
+            ErrorCode.TOO_LARGE, f"a frame of {size} bytes is over the limit of {limits.max_frame_bytes}"
+        )
     try:
         with trusted():
             message = _DECODER.decode(data)
@@ -106,8 +107,12 @@ def _check_generate(message: Generate, data: bytes | bytearray | memoryview, lim
     missing = _SAMPLING_FIELDS.difference(_PARAMS_KEYS.decode(data).params)
     if missing:
         name = min(missing)
-        raise ProtocolError(ErrorCode.BAD_MESSAGE, f"Generate.params.{name} is missing", field=f"params.{name}",
-                            request_id=message.request_id)
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            f"Generate.params.{name} is missing",
+            field=f"params.{name}",
+            request_id=message.request_id,
+        )
 
 
 class _ParamsKeys(msgspec.Struct):
@@ -133,8 +138,7 @@ def _refused(data: bytes | bytearray | memoryview, exc: msgspec.ValidationError,
         return _bad_version(version)
     tag = raw.get("type")
     if type(tag) is not str:
-        return ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no string 'type' (got {show(tag)})",
-                             field="type")
+        return ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no string 'type' (got {show(tag)})", field="type")
     cls = MESSAGE_TYPES.get(tag)
     if cls is None:
         return ProtocolError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {show(tag)}", field="type")
@@ -178,16 +182,23 @@ def _is_id(value: object) -> bool:
 
 
 def _no_version(version: object) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_MESSAGE, f"the message has no integer protocol version 'v' "
-                                                f"(got {show(version)})", field="v")
+    return ProtocolError(
+        ErrorCode.BAD_MESSAGE, f"the message has no integer protocol version 'v' (got {show(version)})", field="v"
+    )
 
 
 def _bad_version(version: int) -> ProtocolError:
-    return ProtocolError(ErrorCode.BAD_VERSION, f"the peer speaks protocol version {version}, this side "
-                                                f"speaks {PROTOCOL_VERSION}", field="v")
+    return ProtocolError(
+        ErrorCode.BAD_VERSION,
+        f"the peer speaks protocol version {version}, this side speaks {PROTOCOL_VERSION}",
+        field="v",
+    )
 
 
 def _prompt_too_long(request_id: str | None, length: int, limits: Limits) -> ProtocolError:
-    return ProtocolError(ErrorCode.TOO_LARGE, f"Generate.prompt_token_ids has {length} tokens, over the limit of "
-                                              f"{limits.max_prompt_tokens}", field="prompt_token_ids",
-                         request_id=request_id)
+    return ProtocolError(
+        ErrorCode.TOO_LARGE,
+        f"Generate.prompt_token_ids has {length} tokens, over the limit of {limits.max_prompt_tokens}",
+        field="prompt_token_ids",
+        request_id=request_id,
+    )

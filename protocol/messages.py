@@ -70,7 +70,6 @@ class Generate(Message, tag="generate"):
     params: SamplingParams
 
 
-
 class Abort(Message, tag="abort"):
     """Stop requests of this client; each ends with finish reason "abort"."""
 
@@ -168,16 +167,20 @@ class RequestOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def _check(self) -> None:
         if self.finish_reason is not None and self.finish_reason not in FINISH_REASONS:
-            raise FieldError("RequestOutput", "finish_reason",
-                             f"must be None or one of {sorted(FINISH_REASONS)}, got {self.finish_reason!r}")
+            raise FieldError(
+                "RequestOutput",
+                "finish_reason",
+                f"must be None or one of {sorted(FINISH_REASONS)}, got {self.finish_reason!r}",
+            )
         logprobs = self.logprobs
         if logprobs is not None:
             if type(logprobs) is not tuple:
                 logprobs = tuple(logprobs)
                 _set(self, "logprobs", logprobs)
             if len(logprobs) != len(self.new_token_ids):
-                raise FieldError("RequestOutput", "logprobs",
-                                 f"has {len(logprobs)} entries for {len(self.new_token_ids)} new tokens")
+                raise FieldError(
+                    "RequestOutput", "logprobs", f"has {len(logprobs)} entries for {len(self.new_token_ids)} new tokens"
+                )
             if not all(type(entry) is TokenLogprobs for entry in logprobs):
                 raise FieldError("RequestOutput", "logprobs", "must hold TokenLogprobs")
         if self.error is not None and self.finish_reason != "error":

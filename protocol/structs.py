@@ -93,8 +93,11 @@ def _validate(obj: Struct) -> None:
         value = getattr(checked, name)
         if isinstance(value, msgspec.Struct) and type(getattr(obj, name)) is not type(value):
             # convert() builds a nested struct from a map; a caller passing a map has a bug.
-            raise ProtocolError(ErrorCode.BAD_MESSAGE, f"{cls.__name__}.{name} must be a {type(value).__name__}, "
-                                                       f"got {type(getattr(obj, name)).__name__}", field=name)
+            raise ProtocolError(
+                ErrorCode.BAD_MESSAGE,
+                f"{cls.__name__}.{name} must be a {type(value).__name__}, got {type(getattr(obj, name)).__name__}",
+                field=name,
+            )
         force_setattr(obj, name, value)
 
 
@@ -103,16 +106,25 @@ def _validate(obj: Struct) -> None:
 _LOCATION = re.compile(r"^(?P<what>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 _FIELD_NAMED = re.compile(r"^Object (?P<kind>missing required|contains unknown) field `(?P<name>[^`]*)`$")
 _TYPE_NAME = re.compile(r"`([^`]*)`")
-_NOUNS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean", "array": "a list",
-          "object": "a map", "bytes": "bytes", "null": "nil"}
+_NOUNS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "a boolean",
+    "array": "a list",
+    "object": "a map",
+    "bytes": "bytes",
+    "null": "nil",
+}
 _NOT_FOUND = object()
 
 
 Classify = Callable[[str | None, str], ErrorCode]  # (field, kind) -> the error's code
 
 
-def from_validation_error(exc: msgspec.ValidationError, cls: type[Struct], root: object,
-                          classify: Classify) -> ProtocolError:
+def from_validation_error(
+    exc: msgspec.ValidationError, cls: type[Struct], root: object, classify: Classify
+) -> ProtocolError:
     """One `ProtocolError` naming the field (`params.top_p`, `prompt_token_ids`) for a
     msgspec validation error about `root` (a `cls` or its raw map). `classify` picks the
     code from the field and the kind of failure: "shape" (a field missing or unknown),
@@ -136,8 +148,11 @@ def from_validation_error(exc: msgspec.ValidationError, cls: type[Struct], root:
     else:
         kind = "type" if ", got " in what or what.startswith("Invalid") else "value"
         value = _lookup(root, path) if not match.group("key") else _NOT_FOUND
-        expected = _expected(_leaf(cls, path, key=bool(match.group("key")))) if kind != "type" or \
-            what.startswith("Invalid") else None
+        expected = (
+            _expected(_leaf(cls, path, key=bool(match.group("key"))))
+            if kind != "type" or what.startswith("Invalid")
+            else None
+        )
         problem = _problem(what, value, expected)
     field = ".".join(steps) or None
     where = cls.__name__ if cls.NAMED_IN_ERRORS else ""
@@ -153,9 +168,10 @@ def _problem(what: str, value: object, expected: str | None) -> str:
     if expected is not None:
         return f"must be {expected}" + (f", got {show(value)}" if value is not _NOT_FOUND else "")
     if what.startswith("Expected "):
-        expected, _, got = what[len("Expected "):].partition(", got ")
-        text = "must be " + _TYPE_NAME.sub(lambda m: " or ".join(_NOUNS.get(t, t) for t in m.group(1).split(" | ")),
-                                            expected)
+        expected, _, got = what[len("Expected ") :].partition(", got ")
+        text = "must be " + _TYPE_NAME.sub(
+            lambda m: " or ".join(_NOUNS.get(t, t) for t in m.group(1).split(" | ")), expected
+        )
         if value is not _NOT_FOUND:
             return f"{text}, got {show(value)}"
         return f"{text}, got {_TYPE_NAME.sub(lambda m: _NOUNS.get(m.group(1), m.group(1)), got)}" if got else text

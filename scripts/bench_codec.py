@@ -59,11 +59,20 @@ def step_values(requests: int, logprobs: int | None) -> list[tuple]:
 
 def build_outputs(rows: list[tuple]) -> Outputs:
     """The protocol's part of an engine step: one entry per request, one message."""
-    return Outputs(outputs=[
-        RequestOutput(request_id, tokens, None,
-                      None if top is None else (TokenLogprobs(tokens[0], -0.5, top),), prompt, output, 0)
-        for request_id, tokens, top, prompt, output in rows
-    ])
+    return Outputs(
+        outputs=[
+            RequestOutput(
+                request_id,
+                tokens,
+                None,
+                None if top is None else (TokenLogprobs(tokens[0], -0.5, top),),
+                prompt,
+                output,
+                0,
+            )
+            for request_id, tokens, top, prompt, output in rows
+        ]
+    )
 
 
 def measure(requests: int, prompt_tokens: int, repeats: int = 7) -> dict[str, float]:
@@ -85,8 +94,9 @@ def measure(requests: int, prompt_tokens: int, repeats: int = 7) -> dict[str, fl
     results[f"Generate ({prompt_tokens} tokens): build"] = best_of(build)
     results[f"Generate ({prompt_tokens} tokens): encode"] = best_of(lambda: encode(generate))
     results[f"Generate ({prompt_tokens} tokens): decode"] = best_of(lambda: decode(frame, LIMITS))
-    results["SamplingParams: build"] = best_of(lambda: SamplingParams(max_tokens=256, temperature=0.7, top_p=0.9,
-                                                                      seed=1))
+    results["SamplingParams: build"] = best_of(
+        lambda: SamplingParams(max_tokens=256, temperature=0.7, top_p=0.9, seed=1)
+    )
     return {name: seconds * 1e6 for name, seconds in results.items()}
 
 
@@ -99,10 +109,12 @@ def print_table(results: dict[str, float]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=256, help="Requests in the step's Outputs (default: %(default)s).")
-    p.add_argument("--prompt-tokens", type=int, default=512,
-                   help="Prompt length of the Generate (default: %(default)s).")
-    p.add_argument("--repeats", type=int, default=7, help="Timed loops per operation; the best counts "
-                   "(default: %(default)s).")
+    p.add_argument(
+        "--prompt-tokens", type=int, default=512, help="Prompt length of the Generate (default: %(default)s)."
+    )
+    p.add_argument(
+        "--repeats", type=int, default=7, help="Timed loops per operation; the best counts (default: %(default)s)."
+    )
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     args = p.parse_args()
     results = measure(args.requests, args.prompt_tokens, args.repeats)

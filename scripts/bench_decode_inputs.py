@@ -46,8 +46,9 @@ def time_steps(n: int, blocks: int, steps: int, device: torch.device) -> list[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1x16,64x256,256x256,256x2048",
-                        help="comma-separated SEQSxBLOCKS (default: %(default)s)")
+    parser.add_argument(
+        "--sizes", default="1x16,64x256,256x256,256x2048", help="comma-separated SEQSxBLOCKS (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()

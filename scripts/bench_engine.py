@@ -30,10 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_serving import span  # beside this script: one parser of 'N' and 'MIN-MAX' lengths
 
 from splitinfer.engine import EngineConfig, EngineCore, SamplingParams, cpu_linear
-
-from bench_serving import span  # beside this script: one parser of 'N' and 'MIN-MAX' lengths
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_BATCHED_TOKENS = 4096
@@ -93,12 +92,14 @@ def progress(what: str) -> None:
     print(f"measuring {what} ...", file=sys.stderr, flush=True)
 
 
-def mixed_workload(count: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (32, 512),
-                   output: tuple[int, int] = (16, 256)) -> list[Request]:
+def mixed_workload(
+    count: int, vocab: int, seed: int = 0, prompt: tuple[int, int] = (32, 512), output: tuple[int, int] = (16, 256)
+) -> list[Request]:
     """`count` requests, prompt and output lengths uniform in the given ranges."""
     rng = random.Random(seed)
-    return [Request([rng.randrange(vocab) for _ in range(rng.randint(*prompt))], rng.randint(*output))
-            for _ in range(count)]
+    return [
+        Request([rng.randrange(vocab) for _ in range(rng.randint(*prompt))], rng.randint(*output)) for _ in range(count)
+    ]
 
 
 PREPACK_POLICIES = {
@@ -109,14 +110,33 @@ PREPACK_POLICIES = {
 
 
 class Ours:
-    def __init__(self, model: str, device: str, dtype: str, enforce_eager: bool, max_num_seqs: int,
-                 prepack: str = "decode", gpu_memory_utilization: float = 0.9, num_kv_blocks: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str,
+        dtype: str,
+        enforce_eager: bool,
+        max_num_seqs: int,
+        prepack: str = "decode",
+        gpu_memory_utilization: float = 0.9,
+        num_kv_blocks: int | None = None,
+    ) -> None:
         # No prefix caching: repeated runs of one workload would be served from the cache.
-        self.core = EngineCore(EngineConfig(model=model, device=device, dtype=dtype, enforce_eager=enforce_eager,
-                                            max_num_seqs=max_num_seqs, kv_cache_gb=2.0, num_kv_blocks=num_kv_blocks,
-                                            gpu_memory_utilization=gpu_memory_utilization,
-                                            max_num_batched_tokens=MAX_BATCHED_TOKENS, enable_prefix_caching=False,
-                                            cpu_weight_prepack=prepack != "off"))
+        self.core = EngineCore(
+            EngineConfig(
+                model=model,
+                device=device,
+                dtype=dtype,
+                enforce_eager=enforce_eager,
+                max_num_seqs=max_num_seqs,
+                kv_cache_gb=2.0,
+                num_kv_blocks=num_kv_blocks,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_num_batched_tokens=MAX_BATCHED_TOKENS,
+                enable_prefix_caching=False,
+                cpu_weight_prepack=prepack != "off",
+            )
+        )
         if prepack == "every" and self.core.model.packed_lm_head is not None:
             self.core.model.prepack_cpu_weights(frozenset(range(cpu_linear.MIN_PACKED_ROWS, MAX_BATCHED_TOKENS + 1)))
         self._next = 0
@@ -124,8 +144,9 @@ class Ours:
     def run(self, requests: list[Request]) -> float:
         """Seconds to finish every request, all submitted at once."""
         for r in requests:
-            self.core.add_request(f"b{self._next}", r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0,
-                                                                            ignore_eos=True))
+            self.core.add_request(
+                f"b{self._next}", r.prompt, SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
+            )
             self._next += 1
         sync(self.core.device)
         start = time.perf_counter()
@@ -136,8 +157,9 @@ class Ours:
 
     def decode_rate(self, tokens: int) -> float:
         """Batch-1 decode tokens/s (the prefill step excluded)."""
-        self.core.add_request(f"d{self._next}", list(range(1, 17)),
-                              SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True))
+        self.core.add_request(
+            f"d{self._next}", list(range(1, 17)), SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        )
         self._next += 1
         self.core.step()  # prefill and first token
         sync(self.core.device)
@@ -163,8 +185,14 @@ class Transformers:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        self.model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                            do_sample=False, pad_token_id=0)
+        self.model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
 
     def timed(self, prompts: list[list[int]], max_new_tokens: int) -> float:
         sync(self.device)
@@ -193,8 +221,11 @@ def build_bench_checkpoint() -> str:
     path = REPO / ".cache" / "bench-model"
     if not (path / "config.json").is_file():
         print(f"building the ~100M-parameter bench checkpoint in {path}", file=sys.stderr)
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(path), "--preset", "bench"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(path), "--preset", "bench"],
+            check=True,
+            capture_output=True,
+        )
     return str(path)
 
 
@@ -202,32 +233,60 @@ def add_checkpoint_arguments(p: argparse.ArgumentParser, whose_dtype: str) -> No
     """--model, --device and --dtype, as every engine bench takes them."""
     p.add_argument("--model", help="Checkpoint directory (default: the 'bench' preset of make_tiny_model.py).")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s).")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help=f"{whose_dtype} dtype (default: %(default)s).")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help=f"{whose_dtype} dtype (default: %(default)s).",
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p, "Both engines'")
-    p.add_argument("--decode-tokens", type=int, default=128, help="Tokens of the batch-1 decode run (default: %(default)s).")
+    p.add_argument(
+        "--decode-tokens", type=int, default=128, help="Tokens of the batch-1 decode run (default: %(default)s)."
+    )
     p.add_argument("--prefill", default="128,512,2048", help="Prompt lengths for prefill (default: %(default)s).")
     p.add_argument("--concurrency", default="1,8,32", help="Concurrent request counts (default: %(default)s).")
-    p.add_argument("--prompt-tokens", type=span, default="32-512",
-                   help="Prompt lengths of the concurrent requests: N or MIN-MAX (default: %(default)s).")
-    p.add_argument("--output-tokens", type=span, default="16-256",
-                   help="Output lengths of the concurrent requests: N or MIN-MAX (default: %(default)s).")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="Runs of each measure, ours and transformers' taking turns; the best counts (default: %(default)s).")
-    p.add_argument("--skip-sequential", action="store_true",
-                   help="Skip transformers one-request-at-a-time for the largest concurrency (slow on CPU).")
+    p.add_argument(
+        "--prompt-tokens",
+        type=span,
+        default="32-512",
+        help="Prompt lengths of the concurrent requests: N or MIN-MAX (default: %(default)s).",
+    )
+    p.add_argument(
+        "--output-tokens",
+        type=span,
+        default="16-256",
+        help="Output lengths of the concurrent requests: N or MIN-MAX (default: %(default)s).",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="Runs of each measure, ours and transformers' taking turns; the best counts (default: %(default)s).",
+    )
+    p.add_argument(
+        "--skip-sequential",
+        action="store_true",
+        help="Skip transformers one-request-at-a-time for the largest concurrency (slow on CPU).",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.4,
-                   help="CUDA: the share of the GPU our engine sizes its KV cache to; the rest holds transformers' "
-                   "model and, with graphs off, a second engine of the same size (default: %(default)s).")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.4,
+        help="CUDA: the share of the GPU our engine sizes its KV cache to; the rest holds transformers' "
+        "model and, with graphs off, a second engine of the same size (default: %(default)s).",
+    )
     p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")
-    p.add_argument("--cpu-prepack-ab", action="store_true",
-                   help="CPU: instead of the comparison with transformers, run the concurrent workloads with each "
-                   "prepacking policy in turn: " + "; ".join(f"'{k}', {v}" for k, v in PREPACK_POLICIES.items()) + ".")
+    p.add_argument(
+        "--cpu-prepack-ab",
+        action="store_true",
+        help="CPU: instead of the comparison with transformers, run the concurrent workloads with each "
+        "prepacking policy in turn: " + "; ".join(f"'{k}', {v}" for k, v in PREPACK_POLICIES.items()) + ".",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,11 +299,19 @@ def main() -> None:
 
     bandwidth, matmul = measure_peaks(device, dtype)
     results |= {"copy_gbps": bandwidth, "matmul_gflops": matmul}
-    print(f"device {device} ({torch.get_num_threads()} threads), {args.dtype}: copy {bandwidth:.1f} GB/s, "
-          f"matmul {matmul:.1f} GFLOP/s")
+    print(
+        f"device {device} ({torch.get_num_threads()} threads), {args.dtype}: copy {bandwidth:.1f} GB/s, "
+        f"matmul {matmul:.1f} GFLOP/s"
+    )
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    ours = Ours(model, args.device, args.dtype, enforce_eager=False, max_num_seqs=max(concurrency),
-                gpu_memory_utilization=args.gpu_memory_utilization)
+    ours = Ours(
+        model,
+        args.device,
+        args.dtype,
+        enforce_eager=False,
+        max_num_seqs=max(concurrency),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
     params = sum(t.numel() for t in ours.core.model.parameters())
     weight_bytes = sum(t.numel() * t.element_size() for t in ours.core.model.parameters())
     vocab = ours.core.model_config.vocab_size
@@ -254,17 +321,30 @@ def main() -> None:
     rows = []
     progress("batch-1 decode")
     ours.decode_rate(8)  # warm-up
-    ours_decode, hf_decode = interleaved(args.repeats, lambda: ours.decode_rate(args.decode_tokens),
-                                         lambda: hf.decode_rate(args.decode_tokens))
+    ours_decode, hf_decode = interleaved(
+        args.repeats, lambda: ours.decode_rate(args.decode_tokens), lambda: hf.decode_rate(args.decode_tokens)
+    )
     gbps = lambda rate: weight_bytes * rate / 1e9  # noqa: E731
     roofline = lambda rate: f"{gbps(rate):.1f} GB/s ({100 * gbps(rate) / bandwidth:.0f}%)"  # noqa: E731
-    rows.append(("batch-1 decode tok/s", ours_decode, hf_decode,
-                 f"weights read: {roofline(ours_decode)} vs {roofline(hf_decode)} of a {bandwidth:.1f} GB/s copy"))
+    rows.append(
+        (
+            "batch-1 decode tok/s",
+            ours_decode,
+            hf_decode,
+            f"weights read: {roofline(ours_decode)} vs {roofline(hf_decode)} of a {bandwidth:.1f} GB/s copy",
+        )
+    )
     if device.type == "cuda":
-        eager = Ours(model, args.device, args.dtype, enforce_eager=True, max_num_seqs=max(concurrency),
-                     num_kv_blocks=ours.core.pool.num_blocks)
+        eager = Ours(
+            model,
+            args.device,
+            args.dtype,
+            enforce_eager=True,
+            max_num_seqs=max(concurrency),
+            num_kv_blocks=ours.core.pool.num_blocks,
+        )
         eager.decode_rate(8)
-        eager_decode, = interleaved(args.repeats, lambda: eager.decode_rate(args.decode_tokens))
+        (eager_decode,) = interleaved(args.repeats, lambda: eager.decode_rate(args.decode_tokens))
         rows.append(("batch-1 decode, graphs off", eager_decode, hf_decode, ""))
         del eager
 
@@ -272,8 +352,9 @@ def main() -> None:
         progress(f"prefill of {length} tokens")
         rng = random.Random(length)
         fresh = lambda: Request([rng.randrange(vocab) for _ in range(length)], 1)  # noqa: E731
-        rates = interleaved(args.repeats, lambda: length / ours.run([fresh()]),
-                            lambda: length / hf.prefill_seconds(length, vocab))
+        rates = interleaved(
+            args.repeats, lambda: length / ours.run([fresh()]), lambda: length / hf.prefill_seconds(length, vocab)
+        )
         rows.append((f"prefill {length} tok/s", *rates, ""))
 
     for count in concurrency:
@@ -282,8 +363,9 @@ def main() -> None:
         useful = sum(r.max_tokens for r in work)
         computed = sum(len(r.prompt) + r.max_tokens for r in work)
         longest = max(r.max_tokens for r in work)
-        ours_rate, batched = interleaved(args.repeats, lambda: useful / ours.run(work),
-                                         lambda: useful / hf.timed([r.prompt for r in work], longest))
+        ours_rate, batched = interleaved(
+            args.repeats, lambda: useful / ours.run(work), lambda: useful / hf.timed([r.prompt for r in work], longest)
+        )
         note = f"ours {2 * params * computed * ours_rate / useful / 1e9:.1f} GFLOP/s of {matmul:.1f}"
         rows.append((f"{count} concurrent, output tok/s (HF padded batch)", ours_rate, batched, note))
         if count > 1 and not (args.skip_sequential and count == max(concurrency)):
@@ -298,8 +380,10 @@ def main() -> None:
     # Batch-1 decode reads every weight once per token: its share of the copy bandwidth.
     roofline_pct = lambda name, rate: 100 * gbps(rate) / bandwidth if name.startswith("batch-1") else None  # noqa: E731
     results["weight_bytes"] = weight_bytes
-    results["rows"] = [{"measure": n, "ours": a, "transformers": b, "ratio": a / b, "notes": note,
-                        "roofline_pct": roofline_pct(n, a)} for n, a, b, note in rows]
+    results["rows"] = [
+        {"measure": n, "ours": a, "transformers": b, "ratio": a / b, "notes": note, "roofline_pct": roofline_pct(n, a)}
+        for n, a, b, note in rows
+    ]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
@@ -307,8 +391,10 @@ def main() -> None:
 def prepack_ab(model: str, args: argparse.Namespace) -> None:
     """Output tok/s of the concurrent workloads under each CPU prepacking policy, interleaved."""
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    engines = {name: Ours(model, "cpu", args.dtype, enforce_eager=True, max_num_seqs=max(concurrency), prepack=name)
-               for name in PREPACK_POLICIES}
+    engines = {
+        name: Ours(model, "cpu", args.dtype, enforce_eager=True, max_num_seqs=max(concurrency), prepack=name)
+        for name in PREPACK_POLICIES
+    }
     vocab = engines["decode"].core.model_config.vocab_size
     print(f"\n{'workload':<40} " + " ".join(f"{name:>10}" for name in engines))
     for count in concurrency:

@@ -49,8 +49,15 @@ async def http_run(base_url: str, work: list, warmup: list) -> tuple[float, list
     await bench.resolve_model()
 
     def body(r) -> dict:
-        return {"model": bench.model, "prompt": r.prompt, "max_tokens": r.max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        return {
+            "model": bench.model,
+            "prompt": r.prompt,
+            "max_tokens": r.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
 
     await asyncio.gather(*(bench.one("/completions", body(r)) for r in warmup))
     start = time.perf_counter()
@@ -60,8 +67,9 @@ async def http_run(base_url: str, work: list, warmup: list) -> tuple[float, list
     return seconds, results
 
 
-def through_http(model: str, device: str, dtype: str, work: list, warmup: list, concurrency: int,
-                 tmp: Path) -> tuple[float, list[Result]]:
+def through_http(
+    model: str, device: str, dtype: str, work: list, warmup: list, concurrency: int, tmp: Path
+) -> tuple[float, list[Result]]:
     address, engine_log, server_log = f"ipc://{tmp}/engine.sock", tmp / "engine.log", tmp / "server.log"
     engine = subprocess_engine(model, address, device, dtype, concurrency, engine_log)
     server = None
@@ -82,19 +90,41 @@ def through_http(model: str, device: str, dtype: str, work: list, warmup: list, 
     return sum(r.output_tokens for r in results) / seconds, results
 
 
-def subprocess_engine(model: str, address: str, device: str, dtype: str, concurrency: int,
-                      log: Path) -> subprocess.Popen:
+def subprocess_engine(
+    model: str, address: str, device: str, dtype: str, concurrency: int, log: Path
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "splitinfer.engine", "--model", model, "--address", address, "--device", device,
-         "--dtype", dtype, "--max-num-seqs", str(concurrency), "--kv-cache-gb", str(ENGINE_KV_CACHE_GB),
-         "--max-num-batched-tokens", str(ENGINE_MAX_BATCHED_TOKENS), "--no-prefix-caching"],
-        stdout=log.open("w"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "splitinfer.engine",
+            "--model",
+            model,
+            "--address",
+            address,
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--max-num-seqs",
+            str(concurrency),
+            "--kv-cache-gb",
+            str(ENGINE_KV_CACHE_GB),
+            "--max-num-batched-tokens",
+            str(ENGINE_MAX_BATCHED_TOKENS),
+            "--no-prefix-caching",
+        ],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(p, "The engine's")
-    p.add_argument("--concurrency", type=int, default=32, help="Requests, all in flight at once (default: %(default)s).")
+    p.add_argument(
+        "--concurrency", type=int, default=32, help="Requests, all in flight at once (default: %(default)s)."
+    )
     p.add_argument("--seed", type=int, default=32, help="Seed of the workload's draws (default: %(default)s).")
     p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")
     args = p.parse_args()
@@ -118,9 +148,19 @@ def main() -> None:
     trio = lambda d: f"{d['p50']:.0f} / {d['p90']:.0f} / {d['p99']:.0f} ms"  # noqa: E731
     print(f"HTTP latency p50 / p90 / p99: TTFT {trio(ttft)}, inter-token {trio(itl)}, end-to-end {trio(e2e)}")
     if args.json:
-        args.json.write_text(json.dumps({"in_process_tok_s": in_process, "http_tok_s": http,
-                                         "ratio": http / in_process, "ttft_ms": ttft, "itl_ms": itl,
-                                         "e2e_ms": e2e}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "in_process_tok_s": in_process,
+                    "http_tok_s": http,
+                    "ratio": http / in_process,
+                    "ttft_ms": ttft,
+                    "itl_ms": itl,
+                    "e2e_ms": e2e,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,15 @@ def bare_dealer(address: str, pings: int, generates: int) -> dict[str, dict[str,
             if done(reply):
                 return time.perf_counter() - start
 
-    round_trip(Hello(client_id=f"bench-{uuid.uuid4().hex[:6]}", nonce=uuid.uuid4().hex, pid=os.getpid()),
-               lambda r: True)
+    round_trip(
+        Hello(client_id=f"bench-{uuid.uuid4().hex[:6]}", nonce=uuid.uuid4().hex, pid=os.getpid()), lambda r: True
+    )
     ping = [round_trip(Ping(nonce=i, sent_at=0.0), lambda r: isinstance(r, Pong)) for i in range(pings + 100)][100:]
     params = SamplingParams(max_tokens=1, temperature=0.0)
-    first = [round_trip(Generate(request_id=f"g{i}", prompt_token_ids=[1], params=params),
-                        lambda r: isinstance(r, Outputs)) for i in range(generates + 20)][20:]
+    first = [
+        round_trip(Generate(request_id=f"g{i}", prompt_token_ids=[1], params=params), lambda r: isinstance(r, Outputs))
+        for i in range(generates + 20)
+    ][20:]
     sock.close()
     return {"ping (bare DEALER)": percentiles(ping), "generate to first output (bare DEALER)": percentiles(first)}
 
@@ -83,18 +86,36 @@ async def asyncio_client(address: str, pings: int, generates: int) -> dict[str, 
             first.append(time.perf_counter() - start)
             break
     await client.close()
-    return {"ping (EngineClient)": percentiles(ping[100:]),
-            "generate to first output (EngineClient)": percentiles(first[20:])}
+    return {
+        "ping (EngineClient)": percentiles(ping[100:]),
+        "generate to first output (EngineClient)": percentiles(first[20:]),
+    }
 
 
 def start_engine(workdir: Path) -> tuple[subprocess.Popen, str]:
     checkpoint = workdir / "tiny"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(checkpoint)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(checkpoint)], check=True, capture_output=True
+    )
     address = f"ipc://{workdir}/engine.sock"
     log = (workdir / "engine.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "splitinfer.engine", "--model", str(checkpoint), "--address", address,
-                             "--device", "cpu", "--kv-cache-gb", "0.05"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitinfer.engine",
+            "--model",
+            str(checkpoint),
+            "--address",
+            address,
+            "--device",
+            "cpu",
+            "--kv-cache-gb",
+            "0.05",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while "ready on" not in (workdir / "engine.log").read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -137,10 +158,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="A running engine to measure (default: start one on a tiny checkpoint).")
     p.add_argument("--pings", type=int, default=5000, help="Ping round trips per client (default: %(default)s).")
-    p.add_argument("--generates", type=int, default=500,
-                   help="Generate round trips per client (default: %(default)s).")
-    p.add_argument("--codec-requests", type=int, default=256,
-                   help="Requests in the step whose Outputs the codec benchmark builds (default: %(default)s).")
+    p.add_argument("--generates", type=int, default=500, help="Generate round trips per client (default: %(default)s).")
+    p.add_argument(
+        "--codec-requests",
+        type=int,
+        default=256,
+        help="Requests in the step whose Outputs the codec benchmark builds (default: %(default)s).",
+    )
     p.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

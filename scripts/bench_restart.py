@@ -42,8 +42,11 @@ def wait_for(text: str, log: Path, proc: subprocess.Popen, timeout_s: float = 60
 
 
 def start_server(address: str, port: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "splitinfer.server", "--engine", address, "--port", str(port)],
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "splitinfer.server", "--engine", address, "--port", str(port)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def first_200(url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
@@ -71,13 +74,25 @@ def main() -> None:
         model = args.model
         if model is None:
             model = str(tmp / "tiny")
-            subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), model], check=True,
-                           capture_output=True)
+            subprocess.run(
+                [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), model], check=True, capture_output=True
+            )
         address, engine_log = f"ipc://{tmp}/engine.sock", tmp / "engine.log"
         spawned = time.perf_counter()
-        engine = subprocess.Popen([sys.executable, "-m", "splitinfer.engine", "--model", model, "--address", address,
-                                   *(args.engine_args or ["--device", "cpu", "--kv-cache-gb", "0.05"])],
-                                  stdout=engine_log.open("w"), stderr=subprocess.STDOUT)
+        engine = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "splitinfer.engine",
+                "--model",
+                model,
+                "--address",
+                address,
+                *(args.engine_args or ["--device", "cpu", "--kv-cache-gb", "0.05"]),
+            ],
+            stdout=engine_log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
         server = None
         try:
             wait_for("ready on", engine_log, engine)
@@ -88,14 +103,15 @@ def main() -> None:
             first_200(f"http://127.0.0.1:{port}/health", server)
             model_name = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
             body = {"model": model_name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
-            print(f"engine (pid {engine.pid}): process start to ready {spawn_to_ready_s:.2f} s, "
-                  f"of which loading the model and KV cache {load_s:.2f} s")
+            print(
+                f"engine (pid {engine.pid}): process start to ready {spawn_to_ready_s:.2f} s, "
+                f"of which loading the model and KV cache {load_s:.2f} s"
+            )
             print("server restarts after kill -9 mid-stream, from the new process's start:")
             print(f"{'restart':>8} {'to /health 200':>15} {'to first chat 200':>18}")
             for round_ in range(1, args.restarts + 1):
                 stream = {**body, "max_tokens": 1000, "stream": True, "ignore_eos": True}
-                with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=stream,
-                                  timeout=60) as r:
+                with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=stream, timeout=60) as r:
                     next(line for line in r.iter_lines() if line.startswith("data: "))
                     server.send_signal(signal.SIGKILL)  # mid-stream
                     server.wait()

@@ -86,8 +86,12 @@ class Progress:
         self.done += 1
         if self.enabled:
             filled = int(30 * self.done / self.total)
-            print(f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{self.label}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def close(self) -> None:
         if self.enabled:
@@ -99,9 +103,15 @@ class Bench:
         self.args = args
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         urls = [args.base_url] if isinstance(args.base_url, str) else args.base_url
-        self.clients = [httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(args.timeout),
-                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
-                        for url in urls]
+        self.clients = [
+            httpx.AsyncClient(
+                base_url=url.rstrip("/"),
+                headers=headers,
+                timeout=httpx.Timeout(args.timeout),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            )
+            for url in urls
+        ]
         self.client = self.clients[0]
         self._sent = 0
         self.model = args.model
@@ -116,8 +126,14 @@ class Bench:
     def body(self, prompt_tokens: int, output_tokens: int) -> tuple[str, dict]:
         a = self.args
         extra = {"ignore_eos": True, "min_tokens": output_tokens} if a.ignore_eos else {}
-        common = {"model": self.model, "max_tokens": output_tokens, "temperature": a.temperature, "stream": True,
-                  "stream_options": {"include_usage": True}, **extra}
+        common = {
+            "model": self.model,
+            "max_tokens": output_tokens,
+            "temperature": a.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
         if a.prompt_mode == "ids":
             prompt = [self.rng.randrange(100, a.vocab_limit) for _ in range(prompt_tokens)]
             return "/completions", {**common, "prompt": prompt}
@@ -180,6 +196,7 @@ class Bench:
 
         start = time.perf_counter()
         if duration:  # `concurrency` workers, each starting requests until the time is up
+
             async def worker() -> None:
                 while time.perf_counter() - start < duration:
                     await run(*self.workload(1)[0])
@@ -207,20 +224,27 @@ class Bench:
                 print(f"  failed: {r.error}", file=sys.stderr)
         output = sum(r.output_tokens for r in ok)
         return Summary(
-            label=label, requests=len(results), failed=len(results) - len(ok), duration_s=duration,
-            requests_per_s=len(ok) / duration, output_tokens_per_s=output / duration,
+            label=label,
+            requests=len(results),
+            failed=len(results) - len(ok),
+            duration_s=duration,
+            requests_per_s=len(ok) / duration,
+            output_tokens_per_s=output / duration,
             total_tokens_per_s=(output + sum(r.prompt_tokens for r in ok)) / duration,
             ttft_ms=percentiles([r.ttft for r in ok if r.ttft is not None]),
-            itl_ms=percentiles([g for r in ok for g in r.itl]), e2e_ms=percentiles([r.e2e for r in ok]),
+            itl_ms=percentiles([g for r in ok for g in r.itl]),
+            e2e_ms=percentiles([r.e2e for r in ok]),
         )
 
     async def main(self) -> list[Summary]:
         await self.resolve_model()
         if self.args.warmup:
             await asyncio.gather(*(self.one(p, b) for p, b in self.workload(self.args.warmup)))
-        levels = ([(f"rate {r}/s", None, float(r)) for r in self.args.request_rate.split(",")]
-                  if self.args.request_rate else
-                  [(f"concurrency {c}", int(c), None) for c in self.args.concurrency.split(",")])
+        levels = (
+            [(f"rate {r}/s", None, float(r)) for r in self.args.request_rate.split(",")]
+            if self.args.request_rate
+            else [(f"concurrency {c}", int(c), None) for c in self.args.concurrency.split(",")]
+        )
         summaries = [await self.run_level(*level) for level in levels]
         for client in self.clients:
             await client.aclose()
@@ -228,14 +252,18 @@ class Bench:
 
 
 def print_table(summaries: list[Summary]) -> None:
-    head = (f"{'level':<16} {'req/s':>7} {'out tok/s':>10} {'fail':>5} | {'TTFT ms p50/p90/p99':>22} | "
-            f"{'ITL ms p50/p90/p99':>20} | {'E2E ms p50/p90/p99':>24}")
+    head = (
+        f"{'level':<16} {'req/s':>7} {'out tok/s':>10} {'fail':>5} | {'TTFT ms p50/p90/p99':>22} | "
+        f"{'ITL ms p50/p90/p99':>20} | {'E2E ms p50/p90/p99':>24}"
+    )
     print(head)
     print("-" * len(head))
     trio = lambda d: f"{d['p50']:.0f}/{d['p90']:.0f}/{d['p99']:.0f}"  # noqa: E731
     for s in summaries:
-        print(f"{s.label:<16} {s.requests_per_s:>7.2f} {s.output_tokens_per_s:>10.1f} {s.failed:>5} | "
-              f"{trio(s.ttft_ms):>22} | {trio(s.itl_ms):>20} | {trio(s.e2e_ms):>24}")
+        print(
+            f"{s.label:<16} {s.requests_per_s:>7.2f} {s.output_tokens_per_s:>10.1f} {s.failed:>5} | "
+            f"{trio(s.ttft_ms):>22} | {trio(s.itl_ms):>20} | {trio(s.e2e_ms):>24}"
+        )
 
 
 def plot(summaries: list[Summary], path: Path) -> None:
@@ -263,35 +291,64 @@ def plot(summaries: list[Summary], path: Path) -> None:
     print(f"wrote {path}")
 
 
-WORDS = ("the of and to in is was for on that with as by at from his her an which or are be this had not but "
-         "what all were when we there can one have more said so some time very may first new people").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an which or are be this had not but "
+    "what all were when we there can one have more said so some time very may first new people"
+).split()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", action="append", default=None,
-                   help="The API's base URL; repeat it to send requests to several servers in turn "
-                   "(default: http://127.0.0.1:8000/v1).")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        help="The API's base URL; repeat it to send requests to several servers in turn "
+        "(default: http://127.0.0.1:8000/v1).",
+    )
     p.add_argument("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
     p.add_argument("--model", default=None, help="Model name (default: the first of GET /models).")
-    p.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
-                   help="Which API to load with text prompts (default: %(default)s; ids always use completions).")
-    p.add_argument("--prompt-mode", choices=["ids", "text"], default="ids",
-                   help="Token-id prompts of exact length, or random words (default: %(default)s).")
-    p.add_argument("--vocab-limit", type=int, default=500,
-                   help="Token ids for id prompts are drawn below this (default: %(default)s).")
+    p.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="Which API to load with text prompts (default: %(default)s; ids always use completions).",
+    )
+    p.add_argument(
+        "--prompt-mode",
+        choices=["ids", "text"],
+        default="ids",
+        help="Token-id prompts of exact length, or random words (default: %(default)s).",
+    )
+    p.add_argument(
+        "--vocab-limit",
+        type=int,
+        default=500,
+        help="Token ids for id prompts are drawn below this (default: %(default)s).",
+    )
     p.add_argument("--num-requests", type=int, default=64, help="Requests per level (default: %(default)s).")
-    p.add_argument("--duration", type=float, default=None,
-                   help="Seconds each concurrency level runs, starting new requests as others finish (instead of "
-                   "--num-requests; requests in flight at the end are waited for and counted).")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="Seconds each concurrency level runs, starting new requests as others finish (instead of "
+        "--num-requests; requests in flight at the end are waited for and counted).",
+    )
     p.add_argument("--concurrency", default="1,8,32", help="Comma-separated concurrency levels (default: %(default)s).")
-    p.add_argument("--request-rate", default=None,
-                   help="Comma-separated Poisson request rates (req/s) instead of concurrency levels.")
+    p.add_argument(
+        "--request-rate",
+        default=None,
+        help="Comma-separated Poisson request rates (req/s) instead of concurrency levels.",
+    )
     p.add_argument("--prompt-tokens", default="128", help="Prompt length: N or MIN-MAX (default: %(default)s).")
     p.add_argument("--output-tokens", default="128", help="Output length: N or MIN-MAX (default: %(default)s).")
     p.add_argument("--temperature", type=float, default=0.0, help="Sampling temperature (default: %(default)s).")
-    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
-                   help="Let requests stop at eos instead of forcing the output length.")
+    p.add_argument(
+        "--no-ignore-eos",
+        dest="ignore_eos",
+        action="store_false",
+        help="Let requests stop at eos instead of forcing the output length.",
+    )
     p.add_argument("--warmup", type=int, default=4, help="Warm-up requests before measuring (default: %(default)s).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the prompt and length draws (default: %(default)s).")
     p.add_argument("--timeout", type=float, default=600, help="Per-request timeout in seconds (default: %(default)s).")

@@ -43,7 +43,6 @@ def command_output(*argv: str) -> str:
 def describe_device() -> dict[str, object]:
     """What the machine is and what it can do: versions, GPU, measured copy bandwidth and matmul peak."""
     import torch
-
     from bench_engine import measure_peaks
 
     cuda = torch.cuda.is_available()
@@ -87,8 +86,11 @@ def pytest_counts(log: Path) -> str:
     """The closing line of every pytest run in the log ("12 passed, 3 skipped in 40.1s")."""
     if not log.is_file():
         return "no log"
-    finals = re.findall(r"^=* ?(\d+ (?:passed|failed|skipped|deselected|error).*? in [\d.]+s\b.*?) ?=*$",
-                        log.read_text(errors="replace"), re.MULTILINE)
+    finals = re.findall(
+        r"^=* ?(\d+ (?:passed|failed|skipped|deselected|error).*? in [\d.]+s\b.*?) ?=*$",
+        log.read_text(errors="replace"),
+        re.MULTILINE,
+    )
     return "; ".join(finals) or "no result line (see pytest.log)"
 
 
@@ -97,8 +99,11 @@ def kernel_table(path: Path) -> list[str]:
         return ["(no kernels.csv)"]
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    columns = [c for c in ("kernel", "shape", "correct", "ours_us", "torch_us", "speedup", "achieved", "pct_peak")
-               if rows and c in rows[0]]
+    columns = [
+        c
+        for c in ("kernel", "shape", "correct", "ours_us", "torch_us", "speedup", "achieved", "pct_peak")
+        if rows and c in rows[0]
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     return lines
@@ -108,26 +113,35 @@ def engine_table(path: Path) -> list[str]:
     if not path.is_file():
         return ["(no engine.json)"]
     result = json.loads(path.read_text())
-    lines = [f"Model {result['model']} ({result.get('weight_bytes', 0) / 1e9:.2f} GB of weights), "
-             f"{result['device']}, {result['dtype']}; copy {result['copy_gbps']:.0f} GB/s.", "",
-             "| measure | ours | transformers | ratio | % of bandwidth roofline (ours) | notes |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Model {result['model']} ({result.get('weight_bytes', 0) / 1e9:.2f} GB of weights), "
+        f"{result['device']}, {result['dtype']}; copy {result['copy_gbps']:.0f} GB/s.",
+        "",
+        "| measure | ours | transformers | ratio | % of bandwidth roofline (ours) | notes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     for row in result["rows"]:
         roofline = row.get("roofline_pct")
-        lines.append(f"| {row['measure']} | {row['ours']:.1f} | {row['transformers']:.1f} | {row['ratio']:.2f}x | "
-                     f"{'' if roofline is None else f'{roofline:.0f}%'} | {row['notes']} |")
+        lines.append(
+            f"| {row['measure']} | {row['ours']:.1f} | {row['transformers']:.1f} | {row['ratio']:.2f}x | "
+            f"{'' if roofline is None else f'{roofline:.0f}%'} | {row['notes']} |"
+        )
     return lines
 
 
 def http_table(path: Path) -> list[str]:
     if not path.is_file():
         return ["(no http.json)"]
-    lines = ["| level | requests | failed | seconds | output tok/s | TTFT p50/p99 ms | ITL p50/p99 ms |",
-             "|---|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| level | requests | failed | seconds | output tok/s | TTFT p50/p99 ms | ITL p50/p99 ms |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
     for s in json.loads(path.read_text()):
-        lines.append(f"| {s['label']} | {s['requests']} | {s['failed']} | {s['duration_s']:.1f} | "
-                     f"{s['output_tokens_per_s']:.1f} | {s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} | "
-                     f"{s['itl_ms']['p50']:.1f}/{s['itl_ms']['p99']:.1f} |")
+        lines.append(
+            f"| {s['label']} | {s['requests']} | {s['failed']} | {s['duration_s']:.1f} | "
+            f"{s['output_tokens_per_s']:.1f} | {s['ttft_ms']['p50']:.0f}/{s['ttft_ms']['p99']:.0f} | "
+            f"{s['itl_ms']['p50']:.1f}/{s['itl_ms']['p99']:.1f} |"
+        )
     return lines
 
 
@@ -136,25 +150,49 @@ def summarize(out: Path, dry_run: bool, command: str) -> str:
     steps = read_steps(out)
     lines = ["# splitinfer GPU check", ""]
     if dry_run:
-        lines += ["**DRY RUN on CPU at toy sizes: every step's plumbing ran, but no GPU numbers were taken. "
-                  "Nothing below measures a GPU.**", ""]
+        lines += [
+            "**DRY RUN on CPU at toy sizes: every step's plumbing ran, but no GPU numbers were taken. "
+            "Nothing below measures a GPU.**",
+            "",
+        ]
     lines += [f"`{command}`", ""]
     if device:
-        lines += [f"- device: {device.get('gpu') or 'no GPU (' + str(device.get('host')) + ')'}"
-                  + (f", {device['sms']} SMs, {device['memory_gib']} GiB, driver {device['driver']}"
-                     if device.get("gpu") else ""),
-                  f"- python {device['python']}, torch {device['torch']} (CUDA {device['cuda']}), "
-                  f"triton {device['triton']}, transformers {device['transformers']}",
-                  f"- measured: copy {device['copy_gbps']} GB/s (read + write), {device['dtype']} matmul "
-                  f"{device['matmul_tflops']} TFLOP/s", ""]
+        lines += [
+            f"- device: {device.get('gpu') or 'no GPU (' + str(device.get('host')) + ')'}"
+            + (
+                f", {device['sms']} SMs, {device['memory_gib']} GiB, driver {device['driver']}"
+                if device.get("gpu")
+                else ""
+            ),
+            f"- python {device['python']}, torch {device['torch']} (CUDA {device['cuda']}), "
+            f"triton {device['triton']}, transformers {device['transformers']}",
+            f"- measured: copy {device['copy_gbps']} GB/s (read + write), {device['dtype']} matmul "
+            f"{device['matmul_tflops']} TFLOP/s",
+            "",
+        ]
     lines += ["## Steps", "", "| step | status | seconds | box (s) |", "|---|---|---:|---:|"]
-    lines += [f"| {STEP_TITLES.get(s['step'], s['step'])} | {s['status']} | {s['seconds']} | {s['box']} |"
-              for s in steps]
-    lines += ["", "## GPU tests", "", pytest_counts(out / "pytest.log"), "",
-              "## Kernels (`python -m splitinfer.kernels.bench --quick`)", "", *kernel_table(out / "kernels.csv"), "",
-              "## Engine (`scripts/bench_engine.py`)", "", *engine_table(out / "engine.json"), "",
-              "## Engine + 2 servers, 32 concurrent streams (`scripts/bench_serving.py --duration`)", "",
-              *http_table(out / "http.json"), ""]
+    lines += [
+        f"| {STEP_TITLES.get(s['step'], s['step'])} | {s['status']} | {s['seconds']} | {s['box']} |" for s in steps
+    ]
+    lines += [
+        "",
+        "## GPU tests",
+        "",
+        pytest_counts(out / "pytest.log"),
+        "",
+        "## Kernels (`python -m splitinfer.kernels.bench --quick`)",
+        "",
+        *kernel_table(out / "kernels.csv"),
+        "",
+        "## Engine (`scripts/bench_engine.py`)",
+        "",
+        *engine_table(out / "engine.json"),
+        "",
+        "## Engine + 2 servers, 32 concurrent streams (`scripts/bench_serving.py --duration`)",
+        "",
+        *http_table(out / "http.json"),
+        "",
+    ]
     failed = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]
     lines += [f"**Result: {'FAILED: ' + ', '.join(failed) if failed else 'every step passed'}.**", ""]
     return "\n".join(lines)
@@ -171,9 +209,11 @@ def main() -> int:
         info = describe_device()
         (args.out / "device.json").write_text(json.dumps(info, indent=2))
         print(info["nvidia_smi"])
-        print(f"torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}, "
-              f"transformers {info['transformers']}; copy {info['copy_gbps']} GB/s, {info['dtype']} matmul "
-              f"{info['matmul_tflops']} TFLOP/s")
+        print(
+            f"torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}, "
+            f"transformers {info['transformers']}; copy {info['copy_gbps']} GB/s, {info['dtype']} matmul "
+            f"{info['matmul_tflops']} TFLOP/s"
+        )
         return 0
     summary = summarize(args.out, args.dry_run, args.command)
     (args.out / "summary.md").write_text(summary)

@@ -28,8 +28,9 @@ PRESETS: dict[str, dict[str, int]] = {
     "bench": dict(layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048, vocab=32000, max_position=4096),
     # Llama-3.2-1B's shapes (1.24B parameters, 2.5 GB in bf16) with random weights: what the GPU
     # check measures, without a download.
-    "llama-3.2-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
-                         max_position=131072),
+    "llama-3.2-1b": dict(
+        layers=16, hidden=2048, heads=32, kv_heads=8, intermediate=8192, vocab=128256, max_position=131072
+    ),
 }
 # The other defaults a preset sets (explicit flags override them too).
 PRESET_OPTIONS: dict[str, dict[str, str]] = {
@@ -95,11 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=int, help=f"{text} ({presets}).")
 
     p.add_argument("out", type=Path, help="Directory to write the checkpoint into (created if missing).")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
-                   help="Base sizes: 'tiny' (~0.4M parameters), 'bench' (~100M) or 'llama-3.2-1b' (Llama-3.2-1B's "
-                        "shapes, 1.24B, bf16, llama3 rope scaling); explicit flags override them (default: %(default)s).")
-    p.add_argument("--seed", type=int, default=0,
-                   help="Seed for the weights and the synthetic tokenizer text (default: %(default)s).")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="tiny",
+        help="Base sizes: 'tiny' (~0.4M parameters), 'bench' (~100M) or 'llama-3.2-1b' (Llama-3.2-1B's "
+        "shapes, 1.24B, bf16, llama3 rope scaling); explicit flags override them (default: %(default)s).",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed for the weights and the synthetic tokenizer text (default: %(default)s).",
+    )
     size("--layers", "Number of decoder layers")
     size("--hidden", "Hidden (model) dimension")
     size("--heads", "Number of query attention heads")
@@ -108,19 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     size("--intermediate", "Hidden dimension of the SwiGLU MLP")
     size("--vocab", "Vocabulary size including the 5 special tokens, at least 300")
     size("--max-position", "max_position_embeddings in config.json and the tokenizer's model_max_length")
-    p.add_argument("--shards", type=int, default=1,
-                   help="Number of safetensors files; more than one also writes model.safetensors.index.json "
-                        "(default: %(default)s).")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="Dtype the weights are saved in (default: the preset's, float32 but for llama-3.2-1b).")
-    p.add_argument("--no-tie", action="store_true",
-                   help="Write a separate lm_head.weight instead of tying it to the input embeddings.")
-    p.add_argument("--rope-scaling", choices=["none", "llama3", "linear"],
-                   help="RoPE scaling in config.json: Llama 3.1 style (factor 8, original context a quarter of "
-                        "--max-position), linear (factor 2), or none (default: the preset's, none but for "
-                        "llama-3.2-1b).")
-    p.add_argument("--rope-theta", type=float, default=500000.0,
-                   help="RoPE base frequency (default: %(default)s).")
+    p.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="Number of safetensors files; more than one also writes model.safetensors.index.json "
+        "(default: %(default)s).",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="Dtype the weights are saved in (default: the preset's, float32 but for llama-3.2-1b).",
+    )
+    p.add_argument(
+        "--no-tie",
+        action="store_true",
+        help="Write a separate lm_head.weight instead of tying it to the input embeddings.",
+    )
+    p.add_argument(
+        "--rope-scaling",
+        choices=["none", "llama3", "linear"],
+        help="RoPE scaling in config.json: Llama 3.1 style (factor 8, original context a quarter of "
+        "--max-position), linear (factor 2), or none (default: the preset's, none but for "
+        "llama-3.2-1b).",
+    )
+    p.add_argument("--rope-theta", type=float, default=500000.0, help="RoPE base frequency (default: %(default)s).")
     p.add_argument("--attention-bias", action="store_true", help="Give the q/k/v/o projections bias vectors.")
     p.add_argument("--force", action="store_true", help="Write into OUT even if it already holds files.")
     return p
@@ -194,7 +215,7 @@ def make_weights(args: argparse.Namespace) -> dict[str, torch.Tensor]:
         elif name.endswith(".bias"):
             t = t * 0.02
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            t = t * EMBED_GAIN / args.hidden ** 0.5
+            t = t * EMBED_GAIN / args.hidden**0.5
         else:
             t = t * MATRIX_GAIN / shape[1] ** 0.5
         tensors[name] = t.to(DTYPES[args.dtype]).contiguous()
@@ -227,7 +248,7 @@ def save_weights(out: Path, tensors: dict[str, torch.Tensor], n_shards: int) -> 
     weight_map = {}
     for k in range(n_shards):
         file = f"model-{k + 1:05d}-of-{n_shards:05d}.safetensors"
-        group = names[cuts[k]:cuts[k + 1]]
+        group = names[cuts[k] : cuts[k + 1]]
         save_file({name: tensors[name] for name in group}, str(out / file), metadata=metadata)
         weight_map.update(dict.fromkeys(group, file))
     index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
@@ -248,12 +269,14 @@ def training_text(target: int, seed: int) -> list[str]:
     vowels = "a e i o u ai ea ou io".split()
     words: list[str] = []
     while BYTE_ALPHABET + len(seen) < target:
-        word = "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(["", "n", "r", "s", "t"])
-                       for _ in range(rng.randint(1, 4)))
+        word = "".join(
+            rng.choice(onsets) + rng.choice(vowels) + rng.choice(["", "n", "r", "s", "t"])
+            for _ in range(rng.randint(1, 4))
+        )
         if "Ġ" + word not in seen:  # Each word follows a space, hence the ByteLevel space marker.
             seen.add("Ġ" + word)
             words.append(word)
-    synthetic = [" " + " ".join(words[i:i + 16]) for i in range(0, len(words), 16)]
+    synthetic = [" " + " ".join(words[i : i + 16]) for i in range(0, len(words), 16)]
     return ENGLISH_TEXT.splitlines() * ENGLISH_REPEATS + synthetic
 
 
@@ -263,26 +286,36 @@ def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=target, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=target, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(training_text(target, seed), trainer)
     # Llama 3 style padding, so every id below vocab decodes even if training fell short.
     reserved = [f"<|reserved_special_token_{k}|>" for k in range(target - tok.get_vocab_size())]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reserved + SPECIAL_TOKENS])
     bos = "<|begin_of_text|>"
-    tok.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1",
-                                      special_tokens=[(bos, tok.token_to_id(bos))]),
-    ])
+    tok.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A:0 {bos}:1 $B:1", special_tokens=[(bos, tok.token_to_id(bos))]
+            ),
+        ]
+    )
     return tok
 
 
 def tokenizer_config(tok: Tokenizer, max_position: int) -> dict:
     """Return tokenizer_config.json as transformers writes it for a Llama 3 fast tokenizer."""
     added = {
-        str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
-                 "single_word": False, "special": True}
+        str(i): {
+            "content": t.content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
     return {
@@ -302,8 +335,13 @@ def model_config(args: argparse.Namespace, bos_id: int, eos_ids: list[int]) -> d
     rope_scaling = {
         "none": None,
         # original_max_position_embeddings below max_position, so the scaling really changes frequencies.
-        "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": args.max_position // 4},
+        "llama3": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": args.max_position // 4,
+        },
         "linear": {"rope_type": "linear", "factor": 2.0},
     }[args.rope_scaling]
     return {
@@ -352,8 +390,10 @@ def write_checkpoint(args: argparse.Namespace) -> tuple[int, int]:
     bos_id = tok.token_to_id("<|begin_of_text|>")
     eos_ids = [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")]
     write_json(out / "config.json", model_config(args, bos_id, eos_ids))
-    write_json(out / "generation_config.json", {"bos_token_id": bos_id, "eos_token_id": eos_ids,
-                                                "do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    write_json(
+        out / "generation_config.json",
+        {"bos_token_id": bos_id, "eos_token_id": eos_ids, "do_sample": True, "temperature": 0.6, "top_p": 0.9},
+    )
 
     tensors = make_weights(args)
     save_weights(out, tensors, args.shards)
@@ -372,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     n_params, n_bytes = write_checkpoint(args)
-    print(f"wrote {args.out}: {n_params:,} parameters, {n_bytes:,} bytes ({time.perf_counter() - start:.2f}s)",
-          file=sys.stderr)
+    print(
+        f"wrote {args.out}: {n_params:,} parameters, {n_bytes:,} bytes ({time.perf_counter() - start:.2f}s)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-
 from bench_restart import first_200, free_port, start_server, wait_for
+
 from splitinfer.server.engine_client import EngineClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +47,9 @@ def build_tiny_checkpoint() -> str:
     path = REPO / ".cache" / "tiny-model"
     if not (path / "config.json").is_file():
         print(f"building the tiny checkpoint in {path}", file=sys.stderr)
-        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(path)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(path)], check=True, capture_output=True
+        )
     return str(path)
 
 
@@ -84,11 +85,20 @@ class Workload:
         if kind < 0.4:
             body["temperature"] = 0
         elif kind < 0.7:
-            body |= {"temperature": rng.choice([0.5, 1.0, 1.3]), "top_p": rng.choice([0.8, 1.0]),
-                     "top_k": rng.choice([0, 20]), "seed": rng.randrange(2**31)}
+            body |= {
+                "temperature": rng.choice([0.5, 1.0, 1.3]),
+                "top_p": rng.choice([0.8, 1.0]),
+                "top_k": rng.choice([0, 20]),
+                "seed": rng.randrange(2**31),
+            }
         else:
-            body |= {"temperature": 0.8, "presence_penalty": 0.5, "frequency_penalty": 0.3,
-                     "repetition_penalty": 1.2, "logit_bias": {str(rng.randrange(self.vocab)): -5}}
+            body |= {
+                "temperature": 0.8,
+                "presence_penalty": 0.5,
+                "frequency_penalty": 0.3,
+                "repetition_penalty": 1.2,
+                "logit_bias": {str(rng.randrange(self.vocab)): -5},
+            }
         if rng.random() < 0.15:
             body["n"] = rng.randint(2, 3)
         if rng.random() < 0.5:
@@ -138,8 +148,11 @@ async def soak(args: argparse.Namespace, url: str, address: str, engine_pid: int
     history: list[tuple[float, float]] = []
     leaked_rounds = 0  # rounds after which the engine still held KV blocks with nothing in flight
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    print(f"{'round':>5} {'requests':>9} {'req/s':>6} {'cut':>5} {'errors':>7} {'engine MB':>10} {'server MB':>10} "
-          f"{'KV used':>8}", flush=True)
+    print(
+        f"{'round':>5} {'requests':>9} {'req/s':>6} {'cut':>5} {'errors':>7} {'engine MB':>10} {'server MB':>10} "
+        f"{'KV used':>8}",
+        flush=True,
+    )
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         for round_index in range(1, args.rounds + 1):
             queue: asyncio.Queue = asyncio.Queue()
@@ -160,9 +173,11 @@ async def soak(args: argparse.Namespace, url: str, address: str, engine_pid: int
             engine, server = rss_mb(engine_pid), rss_mb(server_pid)
             history.append((engine, server))
             total = round_index * args.requests_per_round
-            print(f"{round_index:>5} {total:>9} {args.requests_per_round / elapsed:>6.1f} {counts.cut:>5} "
-                  f"{sum(counts.errors.values()):>7} {engine:>10.1f} {server:>10.1f} {stats.kv_used_blocks:>8}",
-                  flush=True)
+            print(
+                f"{round_index:>5} {total:>9} {args.requests_per_round / elapsed:>6.1f} {counts.cut:>5} "
+                f"{sum(counts.errors.values()):>7} {engine:>10.1f} {server:>10.1f} {stats.kv_used_blocks:>8}",
+                flush=True,
+            )
     await stats_client.close()
     return verdict(args, history, counts, leaked_rounds)
 
@@ -176,15 +191,17 @@ def verdict(args: argparse.Namespace, history: list[tuple[float, float]], counts
         print("not enough rounds after the warm-up for a verdict")
         return False
     ok = True
-    measured = history[args.warmup_rounds:]
+    measured = history[args.warmup_rounds :]
     requests = len(measured) * args.requests_per_round
     for name, column in (("engine", 0), ("server", 1)):
         base = measured[0][column]
         peak = max(row[column] for row in measured)
         within = peak <= base * (1 + args.tolerance)
         ok &= within
-        print(f"{name}: {base:.1f} MB after warm-up, at most {peak:.1f} MB over the next {requests} requests "
-              f"({100 * (peak / base - 1):+.1f}%): {'within' if within else 'OVER'} {100 * args.tolerance:.0f}%")
+        print(
+            f"{name}: {base:.1f} MB after warm-up, at most {peak:.1f} MB over the next {requests} requests "
+            f"({100 * (peak / base - 1):+.1f}%): {'within' if within else 'OVER'} {100 * args.tolerance:.0f}%"
+        )
     return ok and not leaked_rounds and not any(status >= 500 for status in counts.errors)
 
 
@@ -193,11 +210,19 @@ def main() -> int:
     p.add_argument("--model", help="Checkpoint directory (default: the tiny demo checkpoint, built on first use).")
     p.add_argument("--rounds", type=int, default=12, help="Rounds of requests (default: %(default)s).")
     p.add_argument("--requests-per-round", type=int, default=1000, help="(default: %(default)s)")
-    p.add_argument("--warmup-rounds", type=int, default=2,
-                   help="Rounds before the memory baseline is taken (default: %(default)s).")
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=2,
+        help="Rounds before the memory baseline is taken (default: %(default)s).",
+    )
     p.add_argument("--concurrency", type=int, default=32, help="Requests in flight at once (default: %(default)s).")
-    p.add_argument("--tolerance", type=float, default=0.10,
-                   help="Allowed growth over the first post-warm-up round (default: %(default)s).")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.10,
+        help="Allowed growth over the first post-warm-up round (default: %(default)s).",
+    )
     p.add_argument("--seed", type=int, default=0, help="Workload seed (default: %(default)s).")
     p.add_argument("engine_args", nargs="*", help="After --: extra engine flags (default: CPU, float32, 0.2 GB KV).")
     args = p.parse_args()
@@ -207,9 +232,22 @@ def main() -> int:
     address, port = f"ipc://{tmp}/engine.sock", free_port()
     engine_log, server_log = tmp / "engine.log", tmp / "server.log"
     print(f"logs in {tmp}", file=sys.stderr)
-    engine = subprocess.Popen([sys.executable, "-m", "splitinfer.engine", "--model", model, "--address", address,
-                               "--served-model-name", "soak", *engine_args],
-                              stdout=engine_log.open("ab"), stderr=subprocess.STDOUT)
+    engine = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "splitinfer.engine",
+            "--model",
+            model,
+            "--address",
+            address,
+            "--served-model-name",
+            "soak",
+            *engine_args,
+        ],
+        stdout=engine_log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
     server = None
     try:
         wait_for("ready on", engine_log, engine)

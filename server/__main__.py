@@ -21,34 +21,58 @@ def build_parser() -> argparse.ArgumentParser:
         "/health, /metrics) in front of a splitinfer engine. It keeps no state: the model, tokenizer and chat "
         "template come from the engine, so any number of servers can share one engine and restart freely.",
     )
-    p.add_argument("--engine", default=default_engine_address(),
-                   help="Address of the engine's socket: ipc:///path or tcp://host:port (default: %(default)s).")
+    p.add_argument(
+        "--engine",
+        default=default_engine_address(),
+        help="Address of the engine's socket: ipc:///path or tcp://host:port (default: %(default)s).",
+    )
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (default: %(default)s).")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s).")
-    p.add_argument("--api-key", default=None,
-                   help="Require 'Authorization: Bearer KEY' on /v1 requests (default: no key).")
-    p.add_argument("--served-model-name", default=None,
-                   help="Model name clients must send and /v1/models reports (default: the engine's).")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help="Largest request body accepted; bigger ones get 413 (default: %(default)s).")
-    p.add_argument("--engine-stall-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
-                   help="Seconds the engine's loop may answer nothing (while its connection stays up) before "
-                   "in-flight requests fail with 503 and the server reconnects. One engine step can legitimately "
-                   "take long (a CPU prefill). A closed connection counts at once (default: %(default)s).")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="Logging verbosity (default: %(default)s).")
+    p.add_argument(
+        "--api-key", default=None, help="Require 'Authorization: Bearer KEY' on /v1 requests (default: no key)."
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="Model name clients must send and /v1/models reports (default: the engine's).",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="Largest request body accepted; bigger ones get 413 (default: %(default)s).",
+    )
+    p.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=DEFAULT_STALL_TIMEOUT_S,
+        help="Seconds the engine's loop may answer nothing (while its connection stays up) before "
+        "in-flight requests fail with 503 and the server reconnects. One engine step can legitimately "
+        "take long (a CPU prefill). A closed connection counts at once (default: %(default)s).",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="Logging verbosity (default: %(default)s).",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(engine_address=args.engine, api_key=args.api_key,
-                          served_model_name=args.served_model_name, max_request_bytes=args.max_request_bytes,
-                          engine_stall_timeout_s=args.engine_stall_timeout)
+    config = ServerConfig(
+        engine_address=args.engine,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_request_bytes=args.max_request_bytes,
+        engine_stall_timeout_s=args.engine_stall_timeout,
+    )
     server = OpenAIServer(config)
-    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        server.app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5
+    )
     return 0
 
 

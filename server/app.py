@@ -33,7 +33,14 @@ from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClien
 from splitinfer.server.errors import APIError, engine_unavailable, internal_error
 from splitinfer.server.generation import ChoiceEvent, ChoiceSpec, Timing, merged_choices
 from splitinfer.server.http import (
-    ENGINE_ERRORS, EXCEPTION_HANDLERS, APIKey, Handler, answer, engine_error, guarded, read_json,
+    ENGINE_ERRORS,
+    EXCEPTION_HANDLERS,
+    APIKey,
+    Handler,
+    answer,
+    engine_error,
+    guarded,
+    read_json,
     run_unless_disconnected,
 )
 from splitinfer.server.metrics import ServerMetrics
@@ -58,8 +65,9 @@ class ServerConfig:
 class OpenAIServer:
     def __init__(self, config: ServerConfig, client: EngineClient | None = None) -> None:
         self.config = config
-        self.client = client or EngineClient(config.engine_address, connect_timeout_s=2.0,
-                                             stall_timeout_s=config.engine_stall_timeout_s)
+        self.client = client or EngineClient(
+            config.engine_address, connect_timeout_s=2.0, stall_timeout_s=config.engine_stall_timeout_s
+        )
         self.metrics = ServerMetrics()
         self._api_key = APIKey(config.api_key)
         self._context: ModelContext | None = None
@@ -90,8 +98,9 @@ class OpenAIServer:
         while True:
             try:
                 info = await self.client.start()
-                logger.info("engine %s ready: model %s, max_model_len %d", info.engine_id, info.model_name,
-                            info.max_model_len)
+                logger.info(
+                    "engine %s ready: model %s, max_model_len %d", info.engine_id, info.model_name, info.max_model_len
+                )
                 return
             except EngineUnavailable as exc:
                 logger.warning("%s; retrying in %.1f s", exc, backoff)
@@ -166,8 +175,9 @@ class OpenAIServer:
 
     # Generation ----------------------------------------------------------------------
 
-    async def _respond(self, request: Request, ctx: ModelContext, common: Common, specs: list[ChoiceSpec],
-                       fmt: ResponseFormat) -> Response:
+    async def _respond(
+        self, request: Request, ctx: ModelContext, common: Common, specs: list[ChoiceSpec], fmt: ResponseFormat
+    ) -> Response:
         timing = Timing()
         events = merged_choices(self.client, ctx.tokenizer, specs, timing)
         head = fmt.head(ctx.name)
@@ -191,8 +201,13 @@ class OpenAIServer:
         chunks = fmt.chunks(head, _prepended(first, events), usage)
         return EventSourceResponse(self._sse(chunks, events, timing, usage), sep="\n")
 
-    async def _sse(self, chunks: AsyncGenerator[dict, None], events: AsyncGenerator[ChoiceEvent, None],
-                   timing: Timing, usage: Usage) -> AsyncIterator[dict]:
+    async def _sse(
+        self,
+        chunks: AsyncGenerator[dict, None],
+        events: AsyncGenerator[ChoiceEvent, None],
+        timing: Timing,
+        usage: Usage,
+    ) -> AsyncIterator[dict]:
         """SSE events: each chunk, then [DONE]. A failure mid-stream (the status is sent by now)
         becomes an error event before the [DONE]."""
         try:

@@ -160,8 +160,10 @@ def _text_part(part: Any, where: str) -> str:
     if kind != "text":
         if not isinstance(kind, str):
             _fail(f"{where}.type must be a string, got {_show(kind)}", f"{where}.type")
-        _fail(f"{where}.type: content parts of type {kind!r} are not supported; this model takes text only",
-              f"{where}.type")
+        _fail(
+            f"{where}.type: content parts of type {kind!r} are not supported; this model takes text only",
+            f"{where}.type",
+        )
     text = part.get("text")
     if not isinstance(text, str):
         _fail(f"{where}.text must be a string, got {_show(text)}", f"{where}.text")
@@ -191,8 +193,13 @@ def _raise_exception(message: str) -> NoReturn:
     raise jinja2.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML; a prompt wants the JSON as it is.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 

@@ -170,7 +170,7 @@ class IncrementalDetokenizer:
         del self._ids[: self._read]
         self._read = len(self._ids)
         self._prefix_text = None
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)

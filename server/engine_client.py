@@ -211,8 +211,9 @@ class EngineClient:
         try:
             self._send_now(encode(message))
         except zmq.Again:
-            raise EngineUnavailable(f"the engine at {self.address} is not reading: {SOCKET_QUEUE_MESSAGES} "
-                                    "messages are waiting for it") from None
+            raise EngineUnavailable(
+                f"the engine at {self.address} is not reading: {SOCKET_QUEUE_MESSAGES} messages are waiting for it"
+            ) from None
 
     def _send_now(self, data: bytes) -> None:
         """Send without waiting; raises zmq.Again if the send queue is full.
@@ -286,8 +287,15 @@ class EngineClient:
                 if stream is None:
                     continue  # aborted by us, or from an earlier connection
                 if out.finish_reason == "error":  # the engine failed while computing it (alone)
-                    stream.queue.put_nowait(EngineRequestError(Error(
-                        out.request_id, ErrorCode.INTERNAL, out.error or "the engine failed while computing this request")))
+                    stream.queue.put_nowait(
+                        EngineRequestError(
+                            Error(
+                                out.request_id,
+                                ErrorCode.INTERNAL,
+                                out.error or "the engine failed while computing this request",
+                            )
+                        )
+                    )
                 else:
                     stream.queue.put_nowait(out)
                 if out.finish_reason is not None:
@@ -318,8 +326,7 @@ class EngineClient:
             return
         stream = self._streams.pop(error.request_id, None) if error.request_id is not None else None
         if stream is not None:
-            stream.queue.put_nowait(
-                EngineUnavailable(error.message) if error.retryable else EngineRequestError(error))
+            stream.queue.put_nowait(EngineUnavailable(error.message) if error.retryable else EngineRequestError(error))
         elif error.code != ErrorCode.UNKNOWN_REQUEST:  # an Abort racing a finish is expected
             logger.warning("engine error %s: %s", error.code, error.message)
 

@@ -40,8 +40,14 @@ class APIError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": ERROR_TYPES.get(self.status, "invalid_request_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -68,5 +74,6 @@ def internal_error(exc: BaseException, where: str) -> APIError:
     id and nothing else (no traceback, no paths)."""
     incident = uuid.uuid4().hex[:12]
     logger.error("internal error %s in %s", incident, where, exc_info=exc)
-    return APIError(500, f"internal server error (incident {incident}); the server's log has the details",
-                    code="internal_error")
+    return APIError(
+        500, f"internal server error (incident {incident}); the server's log has the details", code="internal_error"
+    )

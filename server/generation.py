@@ -82,8 +82,15 @@ async def run_choice(
                 raise EngineFailure("the engine aborted the request")
             elif finish is not None:
                 text += detok.finish()
-            yield ChoiceEvent(spec.index, text, list(out.new_token_ids), list(out.logprobs or ()), finish,
-                              out.num_prompt_tokens, out.num_cached_tokens)
+            yield ChoiceEvent(
+                spec.index,
+                text,
+                list(out.new_token_ids),
+                list(out.logprobs or ()),
+                finish,
+                out.num_prompt_tokens,
+                out.num_cached_tokens,
+            )
             if finish is not None:
                 return
     finally:

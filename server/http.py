@@ -44,6 +44,7 @@ ENGINE_ERRORS = (EngineRequestError, EngineUnavailable, EngineFailure)
 
 # The request body ----------------------------------------------------------------------
 
+
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object; 413 past `limit` bytes, 400 if it is not strict JSON."""
     declared = request.headers.get("content-length")
@@ -67,6 +68,7 @@ async def read_json(request: Request, limit: int) -> dict:
 
 # Authorization -------------------------------------------------------------------------
 
+
 class APIKey:
     """The key a /v1 request must send as `Authorization: Bearer KEY`; None: no key needed."""
 
@@ -83,13 +85,14 @@ class APIKey:
         # Constant time, so response times do not reveal how much of a guess was right
         # (vLLM fixed the same after a timing-attack advisory). As bytes: compare_digest takes
         # str only when it is ASCII; Starlette decodes header bytes as latin-1.
-        if not secrets.compare_digest(token.strip().encode("latin-1"), self._key) \
-                or scheme.lower() != "bearer":
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           code="invalid_api_key")
+        if not secrets.compare_digest(token.strip().encode("latin-1"), self._key) or scheme.lower() != "bearer":
+            raise APIError(
+                401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
 
     def required(self, handler: Handler) -> Handler:
         """`handler`, refusing requests without the key first."""
+
         async def authorized(request: Request) -> Response:
             self.check(request)
             return await handler(request)
@@ -98,6 +101,7 @@ class APIKey:
 
 
 # Failures inside an endpoint -----------------------------------------------------------
+
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its response was complete."""
@@ -125,6 +129,7 @@ async def answer(request: Request, handler: Handler) -> Response:
 
 def guarded(handler: Handler) -> Handler:
     """For the unauthenticated routes: an unexpected error answered here too, keeping the connection."""
+
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(request)
@@ -143,6 +148,7 @@ def engine_error(exc: Exception) -> APIError:
 
 
 # Failures outside the endpoints --------------------------------------------------------
+
 
 async def _http_exception(request: Request, exc: HTTPException) -> Response:
     messages = {404: f"no route for {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
@@ -165,6 +171,7 @@ EXCEPTION_HANDLERS: dict[type[Exception], Callable[[Request, Any], Awaitable[Res
 
 
 # The client's presence -----------------------------------------------------------------
+
 
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":

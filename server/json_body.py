@@ -34,8 +34,7 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
-        raise bad_request(f"the body is nested too deeply (at most {MAX_DEPTH} levels)",
-                          code="invalid_json") from None
+        raise bad_request(f"the body is nested too deeply (at most {MAX_DEPTH} levels)", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -66,8 +65,11 @@ def check_values(body: dict) -> None:
                     _check_string(value, (link, key))
             elif kind is dict or kind is list:
                 if depth + 1 >= MAX_DEPTH:
-                    raise bad_request(f"the body is nested too deeply (at most {MAX_DEPTH} levels)",
-                                      param=json_path(_unlink((link, key))), code="invalid_json")
+                    raise bad_request(
+                        f"the body is nested too deeply (at most {MAX_DEPTH} levels)",
+                        param=json_path(_unlink((link, key))),
+                        code="invalid_json",
+                    )
                 if kind is dict and value:
                     stack.append((iter(value.items()), depth + 1, (link, key)))
                     break
@@ -91,9 +93,12 @@ def _check_string(text: str, link: PathLink) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         path = json_path(_unlink(link))
-        raise bad_request(f"{path or 'the body'} holds a lone surrogate ({text[exc.start]!r} at character "
-                          f"{exc.start}): it is not a Unicode character", param=path or None,
-                          code="invalid_value") from None
+        raise bad_request(
+            f"{path or 'the body'} holds a lone surrogate ({text[exc.start]!r} at character "
+            f"{exc.start}): it is not a Unicode character",
+            param=path or None,
+            code="invalid_value",
+        ) from None
 
 
 def json_path(path: tuple[str | int, ...]) -> str:

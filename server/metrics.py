@@ -25,14 +25,27 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("splitinfer_requests", "HTTP requests by endpoint and status code",
-                                ["endpoint", "status"], registry=r)
-        self.ttft = Histogram("splitinfer_time_to_first_token_seconds", "Time from request to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("splitinfer_inter_token_latency_seconds", "Time between streamed tokens",
-                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("splitinfer_e2e_request_latency_seconds", "Time from request to last token",
-                             buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "splitinfer_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "splitinfer_time_to_first_token_seconds",
+            "Time from request to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "splitinfer_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "splitinfer_e2e_request_latency_seconds",
+            "Time from request to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.prompt_tokens = Counter("splitinfer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("splitinfer_generation_tokens", "Generated tokens", registry=r)
         self.waiting = Gauge("splitinfer_engine_waiting_requests", "Requests waiting in the engine", registry=r)

@@ -34,13 +34,22 @@ class ModelContext:
 
     def check_model(self, model: str) -> None:
         if model != self.name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves '{self.name}'",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def card(self) -> dict:
         """The model's entry in /v1/models."""
-        return {"id": self.name, "object": "model", "created": 0, "owned_by": "splitinfer",
-                "max_model_len": self.info.max_model_len}
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "splitinfer",
+            "max_model_len": self.info.max_model_len,
+        }
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The messages rendered with the chat template, as token ids."""
@@ -74,5 +83,7 @@ class ModelContext:
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the {what}, {max(wanted, 1)} in the "
                 f"completion). Please reduce the length of the {what} or completion.",
-                param=what, code="context_length_exceeded")
+                param=what,
+                code="context_length_exceeded",
+            )
         return wanted

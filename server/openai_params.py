@@ -10,8 +10,9 @@ top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos.
 
 from __future__ import annotations
 
-import msgspec
 from dataclasses import dataclass, replace
+
+import msgspec
 
 from splitinfer.protocol import SamplingParams
 from splitinfer.protocol.errors import ProtocolError, show
@@ -28,10 +29,16 @@ EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "
 
 # Known OpenAI features we do not implement, and the values that mean "not used".
 UNSUPPORTED_CHAT = {
-    "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none", "auto"),
-    "function_call": (None, "none", "auto"), "parallel_tool_calls": (None, False, True),
-    "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
-    "prediction": (None,), "web_search_options": (None,),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, False, True),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
 }
 UNSUPPORTED_COMPLETIONS = {"suffix": (None, ""), "echo": (None, False)}
 
@@ -121,9 +128,13 @@ def _logit_bias(body: dict) -> dict[int, object]:
 def _sampling_params(body: dict, logprobs: int | None) -> SamplingParams:
     """Build the choice template; SamplingParams checks every range and names the field."""
     fields = {
-        "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-        "presence_penalty": body.get("presence_penalty"), "frequency_penalty": body.get("frequency_penalty"),
-        "seed": body.get("seed"), "logit_bias": _logit_bias(body), "logprobs": logprobs,
+        "temperature": body.get("temperature"),
+        "top_p": body.get("top_p"),
+        "presence_penalty": body.get("presence_penalty"),
+        "frequency_penalty": body.get("frequency_penalty"),
+        "seed": body.get("seed"),
+        "logit_bias": _logit_bias(body),
+        "logprobs": logprobs,
         **{name: body.get(name) for name in EXTRA_SAMPLING_FIELDS},
     }
     if isinstance(fields["stop_token_ids"], list):
@@ -160,8 +171,14 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
         if value is not None:
             max_tokens = value
     return Common(
-        model=model, n=n, stream=stream, include_usage=include_usage, stop=_stop(body), max_tokens=max_tokens,
-        params=_sampling_params(body, logprobs), user=_typed(body, "user", str, "a string"),
+        model=model,
+        n=n,
+        stream=stream,
+        include_usage=include_usage,
+        stop=_stop(body),
+        max_tokens=max_tokens,
+        params=_sampling_params(body, logprobs),
+        user=_typed(body, "user", str, "a string"),
     )
 
 
@@ -192,9 +209,13 @@ def parse_completion(body: dict) -> CompletionRequest:
 
 def _prompts(prompt: object) -> list[str | list[int]]:
     """A string, a list of strings, a list of token ids, or a list of token-id lists."""
+
     def is_ids(value: object) -> bool:
-        return isinstance(value, list) and bool(value) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in value)
+        return (
+            isinstance(value, list)
+            and bool(value)
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+        )
 
     if isinstance(prompt, str):
         return [prompt]
@@ -204,8 +225,9 @@ def _prompts(prompt: object) -> list[str | list[int]]:
         return list(prompt)
     if isinstance(prompt, list) and prompt and all(is_ids(p) for p in prompt):
         return list(prompt)
-    raise bad_request("'prompt' must be a string, a list of strings, a list of token ids, or a list of such lists",
-                      param="prompt")
+    raise bad_request(
+        "'prompt' must be a string, a list of strings, a list of token ids, or a list of such lists", param="prompt"
+    )
 
 
 def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams:
@@ -220,7 +242,13 @@ def choice_specs(common: Common, prompts: list[list[int]], max_tokens: int) -> l
     (choice i answers prompt i // n), under request ids that share one fresh base."""
     base = new_id("req")
     return [
-        ChoiceSpec(index=p * common.n + i, request_id=f"{base}-{p * common.n + i}", prompt_token_ids=ids,
-                   params=choice_params(common, max_tokens, p * common.n + i), stop=common.stop)
-        for p, ids in enumerate(prompts) for i in range(common.n)
+        ChoiceSpec(
+            index=p * common.n + i,
+            request_id=f"{base}-{p * common.n + i}",
+            prompt_token_ids=ids,
+            params=choice_params(common, max_tokens, p * common.n + i),
+            stop=common.stop,
+        )
+        for p, ids in enumerate(prompts)
+        for i in range(common.n)
     ]

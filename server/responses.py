@@ -50,9 +50,12 @@ class Usage:
             self.cached_tokens += event.num_cached_tokens
 
     def body(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        }
 
 
 @dataclass(slots=True)
@@ -112,11 +115,16 @@ class ResponseFormat(ABC):
 
     def body(self, head: ResponseHead, choices: list[ChoiceText], usage: Usage) -> dict:
         """The non-streamed response."""
-        return {**head.fields(self.response_object), "choices": [self._choice(i, c) for i, c in enumerate(choices)],
-                "usage": usage.body(), "system_fingerprint": None}
+        return {
+            **head.fields(self.response_object),
+            "choices": [self._choice(i, c) for i, c in enumerate(choices)],
+            "usage": usage.body(),
+            "system_fingerprint": None,
+        }
 
-    async def chunks(self, head: ResponseHead, events: AsyncIterator[ChoiceEvent], usage: Usage) -> \
-            AsyncGenerator[dict, None]:
+    async def chunks(
+        self, head: ResponseHead, events: AsyncIterator[ChoiceEvent], usage: Usage
+    ) -> AsyncGenerator[dict, None]:
         """A stream's chunks, in order: each event's as it arrives (`_event_chunks`), counted into
         `usage`, then the usage chunk if the client asked for it."""
         sent: dict[int, int] = {}  # characters streamed so far per choice; absent before its first event
@@ -157,8 +165,12 @@ class ChatFormat(ResponseFormat):
 
     def _choice(self, index: int, choice: ChoiceText) -> dict:
         logprobs = None if self.logprobs is None else self._logprobs(choice.logprobs)
-        return {"index": index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        return {
+            "index": index,
+            "message": {"role": "assistant", "content": choice.text},
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+        }
 
     def _event_chunks(self, head: ResponseHead, event: ChoiceEvent, sent_before: int | None) -> Iterator[dict]:
         if sent_before is None:  # the role, once, on each choice's first chunk
@@ -169,18 +181,27 @@ class ChatFormat(ResponseFormat):
         if event.finish_reason is not None:  # its own chunk, with an empty delta, as OpenAI sends it
             yield self._delta(head, event.index, {}, finish_reason=event.finish_reason)
 
-    def _delta(self, head: ResponseHead, index: int, delta: dict, logprobs: dict | None = None,
-               finish_reason: str | None = None) -> dict:
-        return self._chunk(head, {"index": index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": finish_reason})
+    def _delta(
+        self,
+        head: ResponseHead,
+        index: int,
+        delta: dict,
+        logprobs: dict | None = None,
+        finish_reason: str | None = None,
+    ) -> dict:
+        return self._chunk(head, {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
     def _logprobs(self, entries: list[TokenLogprobs]) -> dict:
         def item(token_id: int, logprob: float) -> dict:
             text = _token_text(self.tokenizer, token_id)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**item(e.token_id, e.logprob),
-                             "top_logprobs": [item(t, lp) for t, lp in e.top[:self.logprobs]]} for e in entries]}
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top[: self.logprobs]]}
+                for e in entries
+            ]
+        }
 
 
 class CompletionFormat(ResponseFormat):
@@ -198,8 +219,10 @@ class CompletionFormat(ResponseFormat):
         # text_offset counts from the start of the choice's text, across chunks.
         logprobs = self._logprobs(event.logprobs, sent_before or 0) if self._wants_logprobs(event.logprobs) else None
         if event.text or logprobs or event.finish_reason:
-            yield self._chunk(head, {"index": event.index, "text": event.text, "logprobs": logprobs,
-                                     "finish_reason": event.finish_reason})
+            yield self._chunk(
+                head,
+                {"index": event.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason},
+            )
 
     def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
         tokens = [_token_text(self.tokenizer, e.token_id) for e in entries]

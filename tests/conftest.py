@@ -32,7 +32,17 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # Multi-head attention, untied lm_head, three shards with an index.
     "mha-untied-sharded": ("--kv-heads", "4", "--no-tie", "--shards", "3", "--seed", "1"),
     # GQA 2:1, linear rope scaling, q/k/v/o biases, two shards.
-    "gqa2-linear-bias": ("--kv-heads", "2", "--rope-scaling", "linear", "--attention-bias", "--shards", "2", "--seed", "2"),
+    "gqa2-linear-bias": (
+        "--kv-heads",
+        "2",
+        "--rope-scaling",
+        "linear",
+        "--attention-bias",
+        "--shards",
+        "2",
+        "--seed",
+        "2",
+    ),
 }
 
 

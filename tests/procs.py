@@ -22,7 +22,9 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float 
         if log.exists() and text in log.read_text(errors="replace"):
             return
         if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {text!r}:\n{log.read_text(errors='replace')}")
+            raise RuntimeError(
+                f"process exited with {proc.returncode} before {text!r}:\n{log.read_text(errors='replace')}"
+            )
         time.sleep(0.05)
     raise TimeoutError(f"no {text!r} within {timeout_s} s:\n{log.read_text(errors='replace')}")
 
@@ -30,15 +32,30 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float 
 ENGINE = (PYTHON, "-m", "splitinfer.engine")
 
 
-def start_engine(checkpoint: Path, address: str, log: Path, *extra: str,
-                 launcher: tuple[str, ...] = ENGINE) -> subprocess.Popen:
+def start_engine(
+    checkpoint: Path, address: str, log: Path, *extra: str, launcher: tuple[str, ...] = ENGINE
+) -> subprocess.Popen:
     """`python -m splitinfer.engine` (or another `launcher` taking its arguments) on CPU,
     returned once it has logged `ready`."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [*launcher, "--model", str(checkpoint), "--address", address,
-             "--device", "cpu", "--dtype", "float32", "--kv-cache-gb", "0.05", *extra],
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+            [
+                *launcher,
+                "--model",
+                str(checkpoint),
+                "--address",
+                address,
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--kv-cache-gb",
+                "0.05",
+                *extra,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
     try:
         wait_for_log(proc, log, "ready on")
@@ -67,7 +84,11 @@ class Worker:
     def __init__(self, address: str, client_id: str, requests: list[dict]) -> None:
         self.proc = subprocess.Popen(
             [PYTHON, str(REPO / "tests" / "engine_worker.py"), address, client_id],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.proc.stdin.write(json.dumps(requests))
@@ -149,14 +170,17 @@ def wait_for_health(proc: subprocess.Popen, log: Path, port: int, timeout_s: flo
 SERVER = (PYTHON, "-m", "splitinfer.server")
 
 
-def start_server(address: str, port: int, log: Path, *extra: str, wait: bool = True,
-                 launcher: tuple[str, ...] = SERVER) -> subprocess.Popen:
+def start_server(
+    address: str, port: int, log: Path, *extra: str, wait: bool = True, launcher: tuple[str, ...] = SERVER
+) -> subprocess.Popen:
     """`python -m splitinfer.server` (or another `launcher` taking its arguments) on
     127.0.0.1:port, returned once /health answers 200."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [*launcher, "--engine", address, "--port", str(port), *extra],
-            stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
     if wait:
         try:

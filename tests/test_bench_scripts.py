@@ -15,8 +15,9 @@ SCRIPTS = REPO / "scripts"
 
 
 def run_script(name: str, *args: str, timeout_s: float = 240) -> str:
-    done = subprocess.run([PYTHON, str(SCRIPTS / name), *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout_s)
+    done = subprocess.run(
+        [PYTHON, str(SCRIPTS / name), *args], capture_output=True, text=True, cwd=REPO, timeout=timeout_s
+    )
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -37,12 +38,36 @@ def test_bench_serving_loads_a_running_server(tiny_checkpoint: Path, tmp_path: P
     server = start_server(address, port, tmp_path / "server.log")
     try:
         out = tmp_path / "serving.json"
-        text = run_script("bench_serving.py", "--base-url", f"http://127.0.0.1:{port}/v1", "--concurrency", "1,2",
-                          "--num-requests", "3", "--prompt-tokens", "4-9", "--output-tokens", "5", "--warmup", "1",
-                          "--json", str(out))
+        text = run_script(
+            "bench_serving.py",
+            "--base-url",
+            f"http://127.0.0.1:{port}/v1",
+            "--concurrency",
+            "1,2",
+            "--num-requests",
+            "3",
+            "--prompt-tokens",
+            "4-9",
+            "--output-tokens",
+            "5",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        )
         for mode in ("--prompt-mode", "text"), ("--request-rate", "20"):
-            run_script("bench_serving.py", "--base-url", f"http://127.0.0.1:{port}/v1", "--num-requests", "2",
-                       "--output-tokens", "3", "--prompt-tokens", "6", *mode)
+            run_script(
+                "bench_serving.py",
+                "--base-url",
+                f"http://127.0.0.1:{port}/v1",
+                "--num-requests",
+                "2",
+                "--output-tokens",
+                "3",
+                "--prompt-tokens",
+                "6",
+                *mode,
+            )
     finally:
         stop(server)
         stop(engine)
@@ -57,8 +82,11 @@ def test_bench_serving_loads_a_running_server(tiny_checkpoint: Path, tmp_path: P
 def test_bench_ipc_and_bench_restart_report_their_round_trips() -> None:
     results = json.loads(run_script("bench_ipc.py", "--pings", "50", "--generates", "5", "--json"))
     assert set(results) == {
-        "floor: bare DEALER to a bare ROUTER echo", "ping (bare DEALER)", "generate to first output (bare DEALER)",
-        "ping (EngineClient)", "generate to first output (EngineClient)",
+        "floor: bare DEALER to a bare ROUTER echo",
+        "ping (bare DEALER)",
+        "generate to first output (bare DEALER)",
+        "ping (EngineClient)",
+        "generate to first output (EngineClient)",
     }
     assert all(r["p50_us"] > 0 and r["n"] > 0 for r in results.values())
     text = run_script("bench_restart.py", "--restarts", "1")
@@ -66,24 +94,41 @@ def test_bench_ipc_and_bench_restart_report_their_round_trips() -> None:
 
 
 def test_bench_codec_times_each_protocol_operation() -> None:
-    results = json.loads(run_script("bench_codec.py", "--requests", "4", "--prompt-tokens", "8", "--repeats", "1",
-                                    "--json"))
+    results = json.loads(
+        run_script("bench_codec.py", "--requests", "4", "--prompt-tokens", "8", "--repeats", "1", "--json")
+    )
     kinds = ("build", "encode", "decode")
-    assert {f"Outputs x4: {kind}" for kind in kinds} | {f"Generate (8 tokens): {kind}" for kind in kinds} <= set(results)
+    assert {f"Outputs x4: {kind}" for kind in kinds} | {f"Generate (8 tokens): {kind}" for kind in kinds} <= set(
+        results
+    )
     assert all(us > 0 for us in results.values())
 
 
 def test_bench_engine_compares_the_cpu_prepacking_policies(tiny_checkpoint: Path) -> None:
-    text = run_script("bench_engine.py", "--model", str(tiny_checkpoint), "--cpu-prepack-ab", "--concurrency", "3",
-                      "--repeats", "1")
+    text = run_script(
+        "bench_engine.py", "--model", str(tiny_checkpoint), "--cpu-prepack-ab", "--concurrency", "3", "--repeats", "1"
+    )
     header, row = [line.split() for line in text.splitlines() if line.startswith(("workload", "3 concurrent"))]
     assert header[1:] == ["decode", "every", "off"]
     assert len(row) == 7 and all(float(rate) > 0 for rate in row[-3:])
 
 
 def test_soak_engine_reports_memory_per_round_and_a_verdict(tiny_checkpoint: Path) -> None:
-    text = run_script("soak_engine.py", "--model", str(tiny_checkpoint), "--rounds", "2", "--requests-per-round", "12",
-                      "--warmup-rounds", "1", "--concurrency", "4", "--tolerance", "10")
+    text = run_script(
+        "soak_engine.py",
+        "--model",
+        str(tiny_checkpoint),
+        "--rounds",
+        "2",
+        "--requests-per-round",
+        "12",
+        "--warmup-rounds",
+        "1",
+        "--concurrency",
+        "4",
+        "--tolerance",
+        "10",
+    )
     rounds = [line.split() for line in text.splitlines() if line.split() and line.split()[0] in ("1", "2")]
     assert [r[:2] for r in rounds] == [["1", "12"], ["2", "24"]]
     assert all(float(r[5]) > 0 and float(r[6]) > 0 and r[4] == "0" for r in rounds), "RSS measured, nothing refused"

@@ -34,9 +34,7 @@ UNBOUNDED = 10**6  # a token budget that never limits a test's single admission
 ALPHABET = (1, 2, 3)
 _rng = random.Random(7)
 _TRUNK = [_rng.choice(ALPHABET) for _ in range(24)]
-STEMS = tuple(
-    tuple(_TRUNK[:cut] + [_rng.choice(ALPHABET) for _ in range(64 - cut)]) for cut in (24, 24, 8, 0)
-)
+STEMS = tuple(tuple(_TRUNK[:cut] + [_rng.choice(ALPHABET) for _ in range(64 - cut)]) for cut in (24, 24, 8, 0))
 
 
 # Helpers ---------------------------------------------------------------------------------
@@ -154,7 +152,9 @@ def check_sequences(kv: KVCacheManager, scheduler: Scheduler, shadow: ShadowKV) 
         assert len(seq.block_keys) == seq.num_computed_tokens // kv.block_size
         for block_id, key in zip(seq.block_table, seq.block_keys):
             registered = kv.pool.blocks[block_id].key
-            assert registered is None or registered == key, f"{seq.request_id}: block {block_id} cached under another key"
+            assert registered is None or registered == key, (
+                f"{seq.request_id}: block {block_id} cached under another key"
+            )
         shadow.check(seq)
 
 
@@ -217,8 +217,15 @@ class SchedulerAndPool(RuleBasedStateMachine):
         extra_budget=st.integers(0, 40),
         drain_by_abort=st.booleans(),
     )
-    def setup(self, block_size: int, num_blocks: int, prefix_caching: bool, max_num_seqs: int,
-              extra_budget: int, drain_by_abort: bool) -> None:
+    def setup(
+        self,
+        block_size: int,
+        num_blocks: int,
+        prefix_caching: bool,
+        max_num_seqs: int,
+        extra_budget: int,
+        drain_by_abort: bool,
+    ) -> None:
         # At least 16 tokens of room, so every request below fits once its prompt is trimmed.
         num_blocks = max(num_blocks, -(-16 // block_size))
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
@@ -250,13 +257,17 @@ class SchedulerAndPool(RuleBasedStateMachine):
         simulate_step(self.scheduler, self.kv, self.shadow)
         self._forget_ended()
 
-    @precondition(lambda self: any(s.num_output_tokens and s.num_computed_tokens == s.num_tokens - 1
-                                   for s in running_seqs(self.scheduler)))
+    @precondition(
+        lambda self: any(
+            s.num_output_tokens and s.num_computed_tokens == s.num_tokens - 1 for s in running_seqs(self.scheduler)
+        )
+    )
     @rule(data=st.data())
     def stop_request(self, data: st.DataObject) -> None:
         """What EngineCore does when the token a request just sampled is a stop token."""
-        just_sampled = [s for s in running_seqs(self.scheduler)
-                        if s.num_output_tokens and s.num_computed_tokens == s.num_tokens - 1]
+        just_sampled = [
+            s for s in running_seqs(self.scheduler) if s.num_output_tokens and s.num_computed_tokens == s.num_tokens - 1
+        ]
         self.scheduler.finish(data.draw(st.sampled_from(just_sampled)), "stop")
         self._forget_ended()
 
@@ -418,12 +429,15 @@ def test_blocks_whose_hashes_all_collide_are_served_only_after_their_own_prefix(
     assert hits > 0, "colliding blocks are still reused when their prefix matches"
 
 
-@pytest.mark.parametrize("prompts", [
-    # [1, 1] and [2, 2] collide; [3, 3] computed after [2, 2] must not be served after [1, 1].
-    [[1, 1, 9], [2, 2, 3, 3, 9], [1, 1, 3, 3, 9]],
-    # The same block at depth 1 and 2: a child of the root and a child of itself.
-    [[1, 1, 9], [1, 1, 1, 1, 9], [1, 1, 1, 1, 1, 1, 9]],
-])
+@pytest.mark.parametrize(
+    "prompts",
+    [
+        # [1, 1] and [2, 2] collide; [3, 3] computed after [2, 2] must not be served after [1, 1].
+        [[1, 1, 9], [2, 2, 3, 3, 9], [1, 1, 3, 3, 9]],
+        # The same block at depth 1 and 2: a child of the root and a child of itself.
+        [[1, 1, 9], [1, 1, 1, 1, 9], [1, 1, 1, 1, 1, 1, 9]],
+    ],
+)
 def test_a_block_is_never_served_after_another_prefix_whatever_the_hashes(prompts: list[list[int]]) -> None:
     pool = BlockPool(16, 2)
     kv = KVCacheManager(pool)

@@ -90,23 +90,29 @@ def test_tokenizer_without_tokenizer_config_has_no_token_names(tiny_checkpoint: 
     assert tokenizer.encode_chat_prompt("hi")[0] == tokenizer.token_to_id(BOS)
 
 
-@pytest.mark.parametrize(("files", "names"), [
-    ({}, "tokenizer.json: missing"),
-    ({"tokenizer.json": b"{not json"}, "tokenizer.json: does not load"),
-    ({"tokenizer.json": b"\xff\xfe"}, "tokenizer.json: not UTF-8"),
-])
+@pytest.mark.parametrize(
+    ("files", "names"),
+    [
+        ({}, "tokenizer.json: missing"),
+        ({"tokenizer.json": b"{not json"}, "tokenizer.json: does not load"),
+        ({"tokenizer.json": b"\xff\xfe"}, "tokenizer.json: not UTF-8"),
+    ],
+)
 def test_tokenizer_refuses_a_missing_or_broken_tokenizer_json(files: dict[str, bytes], names: str) -> None:
     with pytest.raises(TokenizerFilesError, match=names) as info:
         ServerTokenizer.from_files(files)
     assert info.value.file == "tokenizer.json"
 
 
-@pytest.mark.parametrize(("config", "names"), [
-    (b"[1, 2", "not valid JSON"),
-    (b"[1, 2]", "must hold a JSON object"),
-    (b'{"bos_token": 7}', "bos_token must be"),
-    (b'{"add_bos_token": "yes"}', "add_bos_token must be"),
-])
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        (b"[1, 2", "not valid JSON"),
+        (b"[1, 2]", "must hold a JSON object"),
+        (b'{"bos_token": 7}', "bos_token must be"),
+        (b'{"add_bos_token": "yes"}', "add_bos_token must be"),
+    ],
+)
 def test_tokenizer_refuses_a_broken_tokenizer_config(tiny_checkpoint: Path, config: bytes, names: str) -> None:
     files = {"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes(), "tokenizer_config.json": config}
     with pytest.raises(TokenizerFilesError, match=names) as info:
@@ -153,14 +159,19 @@ def test_checkpoint_template_renders_like_transformers(
 ) -> None:
     messages = CONVERSATIONS[name]
     expected = hf_tokenizer(tiny_checkpoint).apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     assert checkpoint_template.render(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
 def test_text_parts_are_joined_with_newlines(checkpoint_template: ChatTemplate, tiny_checkpoint: Path) -> None:
-    parts = [{"role": "system", "content": [{"type": "text", "text": "Be kind."}]},
-             {"role": "user", "content": [{"type": "text", "text": "First part."},
-                                          {"type": "text", "text": "Second part."}]}]
+    parts = [
+        {"role": "system", "content": [{"type": "text", "text": "Be kind."}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}],
+        },
+    ]
     joined = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "First part.\nSecond part."}]
     expected = hf_tokenizer(tiny_checkpoint).apply_chat_template(joined, tokenize=False, add_generation_prompt=True)
     assert checkpoint_template.render(parts) == expected
@@ -181,22 +192,31 @@ def test_extra_message_keys_do_not_reach_the_template(checkpoint_template: ChatT
 
 
 def test_fallback_template_renders_llama3_format(fallback_template: ChatTemplate) -> None:
-    messages = [{"role": "system", "content": "Sys."}, {"role": "user", "content": "Hi there"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
-    expected = ("<|begin_of_text|>"
-                "<|start_header_id|>system<|end_header_id|>\n\nSys.<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
-                "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
-                "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>")
+    messages = [
+        {"role": "system", "content": "Sys."},
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    expected = (
+        "<|begin_of_text|>"
+        "<|start_header_id|>system<|end_header_id|>\n\nSys.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nBye<|eot_id|>"
+    )
     assert fallback_template.is_fallback
     assert fallback_template.render(messages, add_generation_prompt=False) == expected
     assert fallback_template.render(messages) == expected + "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
-def test_fallback_template_matches_transformers_running_it(tiny_checkpoint: Path, fallback_template: ChatTemplate) -> None:
+def test_fallback_template_matches_transformers_running_it(
+    tiny_checkpoint: Path, fallback_template: ChatTemplate
+) -> None:
     messages = CONVERSATIONS["multi-turn"]
     expected = hf_tokenizer(tiny_checkpoint).apply_chat_template(
-        messages, chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+        messages, chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
+    )
     assert fallback_template.render(messages) == expected
 
 
@@ -205,28 +225,53 @@ def test_fallback_template_matches_transformers_running_it(tiny_checkpoint: Path
 USER = {"role": "user", "content": "Hi"}
 
 
-@pytest.mark.parametrize(("messages", "param", "says"), [
-    ([], "messages", "at least one"),
-    ("hello", "messages", "list of messages"),
-    ([USER, "hi"], "messages[1]", "must be an object"),
-    ([{"content": "Hi"}], "messages[0].role", "must be a string"),
-    ([USER, {"role": "robot", "content": "x"}], "messages[1].role", "must be one of"),
-    ([USER, {"role": "tool", "content": "42", "tool_call_id": "a"}], "messages[1].role", "not supported"),
-    ([USER, {"role": "function", "content": "42"}], "messages[1].role", "not supported"),
-    ([{"role": "user"}], "messages[0].content", "missing or null"),
-    ([USER, {"role": "assistant", "content": None}], "messages[1].content", "missing or null"),
-    ([USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}], "messages[1].tool_calls",
-     "not supported"),
-    ([{"role": "user", "content": 5}], "messages[0].content", "string or a list"),
-    ([USER, USER, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url",
-      "image_url": {"url": "http://x/y.png"}}]}], "messages[2].content[1].type", "'image_url' are not supported"),
-    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], "messages[0].content[0].type",
-     "not supported"),
-    ([{"role": "user", "content": [{"text": "a"}]}], "messages[0].content[0].type", "must be a string"),
-    ([{"role": "user", "content": [{"type": "text", "text": None}]}], "messages[0].content[0].text",
-     "must be a string"),
-    ([{"role": "user", "content": ["a"]}], "messages[0].content[0]", "must be an object"),
-])
+@pytest.mark.parametrize(
+    ("messages", "param", "says"),
+    [
+        ([], "messages", "at least one"),
+        ("hello", "messages", "list of messages"),
+        ([USER, "hi"], "messages[1]", "must be an object"),
+        ([{"content": "Hi"}], "messages[0].role", "must be a string"),
+        ([USER, {"role": "robot", "content": "x"}], "messages[1].role", "must be one of"),
+        ([USER, {"role": "tool", "content": "42", "tool_call_id": "a"}], "messages[1].role", "not supported"),
+        ([USER, {"role": "function", "content": "42"}], "messages[1].role", "not supported"),
+        ([{"role": "user"}], "messages[0].content", "missing or null"),
+        ([USER, {"role": "assistant", "content": None}], "messages[1].content", "missing or null"),
+        (
+            [USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}],
+            "messages[1].tool_calls",
+            "not supported",
+        ),
+        ([{"role": "user", "content": 5}], "messages[0].content", "string or a list"),
+        (
+            [
+                USER,
+                USER,
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "a"},
+                        {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                    ],
+                },
+            ],
+            "messages[2].content[1].type",
+            "'image_url' are not supported",
+        ),
+        (
+            [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
+            "messages[0].content[0].type",
+            "not supported",
+        ),
+        ([{"role": "user", "content": [{"text": "a"}]}], "messages[0].content[0].type", "must be a string"),
+        (
+            [{"role": "user", "content": [{"type": "text", "text": None}]}],
+            "messages[0].content[0].text",
+            "must be a string",
+        ),
+        ([{"role": "user", "content": ["a"]}], "messages[0].content[0]", "must be an object"),
+    ],
+)
 def test_invalid_messages_are_refused_naming_the_field(
     fallback_template: ChatTemplate, messages: object, param: str, says: str
 ) -> None:
@@ -239,7 +284,10 @@ def test_invalid_messages_are_refused_naming_the_field(
 def test_template_raise_exception_becomes_a_chat_template_error() -> None:
     template = ChatTemplate(
         "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user turn') }}"
-        "{% endif %}{{ messages[0]['content'] }}", BOS, EOS)
+        "{% endif %}{{ messages[0]['content'] }}",
+        BOS,
+        EOS,
+    )
     assert template.render([USER]) == "Hi"
     with pytest.raises(ChatTemplateError, match="must start with a user turn") as info:
         template.render([{"role": "assistant", "content": "Hello"}, USER])
@@ -267,7 +315,10 @@ def test_template_helpers_are_those_of_transformers() -> None:
     template = ChatTemplate(
         "{{ strftime_now('%Y') }}#{{ {'text': 'é<b>'} | tojson }}#"
         "{% for m in messages %}{{ m['role'] }}{% break %}{% endfor %}#"
-        "{% if tools is not none %}tools{% else %}no tools{% endif %}#{{ bos_token }}{{ eos_token }}", BOS, EOS)
+        "{% if tools is not none %}tools{% else %}no tools{% endif %}#{{ bos_token }}{{ eos_token }}",
+        BOS,
+        EOS,
+    )
     year, dumped, first_role, tools, tokens = template.render([USER, USER]).split("#")
     assert len(year) == 4 and year.isdigit()
     assert dumped == '{"text": "é<b>"}'
@@ -277,6 +328,10 @@ def test_template_helpers_are_those_of_transformers() -> None:
 
 
 def test_blocks_are_trimmed_like_transformers(tiny_checkpoint: Path) -> None:
-    source = "{% for m in messages %}\n    {% if m['role'] == 'user' %}\n[{{ m['content'] }}]\n    {% endif %}\n{% endfor %}"
+    source = (
+        "{% for m in messages %}\n    {% if m['role'] == 'user' %}\n[{{ m['content'] }}]\n    {% endif %}\n{% endfor %}"
+    )
     expected = hf_tokenizer(tiny_checkpoint).apply_chat_template([USER, USER], chat_template=source, tokenize=False)
-    assert ChatTemplate(source, BOS, EOS).render([USER, USER], add_generation_prompt=False) == expected == "[Hi]\n[Hi]\n"
+    assert (
+        ChatTemplate(source, BOS, EOS).render([USER, USER], add_generation_prompt=False) == expected == "[Hi]\n[Hi]\n"
+    )

@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_engine_core import assert_pool_empty, finish_of, make_core, run_to_completion, tokens_of
 
 from splitinfer.engine import LLM, EngineCore, EngineDeadError, SamplingParams
 from splitinfer.engine.sequence import Sequence
-from test_engine_core import assert_pool_empty, finish_of, make_core, run_to_completion, tokens_of
 
 POISON = 7  # a prompt starting with this token trips the injected fault
 
@@ -56,8 +56,10 @@ REQUESTS = {
     "greedy-a": ([1, 2, 3, 4, 5], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)),
     "greedy-b": (list(range(10, 60)), SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)),
     "seeded-a": ([9, 8, 7, 6], SamplingParams(max_tokens=14, temperature=1.0, seed=11, ignore_eos=True)),
-    "seeded-b": (list(range(100, 140)), SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5,
-                                                        ignore_eos=True)),
+    "seeded-b": (
+        list(range(100, 140)),
+        SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+    ),
 }
 BAD = ([POISON, 1, 2, 3], SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True))
 
@@ -105,7 +107,8 @@ def assert_still_serves(core: EngineCore, clean: dict[str, list[int]]) -> None:
 
 @pytest.mark.parametrize("poison_at_step", [0, 3], ids=["prefill-together", "joins-mid-decode"])
 def test_a_forward_that_fails_for_one_request_fails_only_that_request(
-        tiny_checkpoint: Path, clean: dict, poison_at_step: int, caplog: pytest.LogCaptureFixture) -> None:
+    tiny_checkpoint: Path, clean: dict, poison_at_step: int, caplog: pytest.LogCaptureFixture
+) -> None:
     core = make_core(tiny_checkpoint)
     fail_forward_of_poisoned(core)
     outputs = run_with_poison(core, poison_at_step)
@@ -116,7 +119,8 @@ def test_a_forward_that_fails_for_one_request_fails_only_that_request(
 
 
 def test_a_sampler_failure_after_seeded_draws_leaves_the_seeded_neighbours_exact(
-        tiny_checkpoint: Path, clean: dict) -> None:
+    tiny_checkpoint: Path, clean: dict
+) -> None:
     core = make_core(tiny_checkpoint)
     core.runner.sampler = FaultySampler(core.runner.sampler)
     outputs = run_with_poison(core, poison_at_step=2)
@@ -158,8 +162,9 @@ def test_a_failing_scheduler_fails_everything_in_flight_and_is_rebuilt(tiny_chec
     assert_still_serves(core, clean)
 
 
-def test_an_abort_that_finds_the_scheduler_broken_resets_it_instead_of_raising(tiny_checkpoint: Path,
-                                                                                clean: dict) -> None:
+def test_an_abort_that_finds_the_scheduler_broken_resets_it_instead_of_raising(
+    tiny_checkpoint: Path, clean: dict
+) -> None:
     core = make_core(tiny_checkpoint)
     for rid, (prompt, params) in REQUESTS.items():
         core.add_request(rid, prompt, params)
@@ -190,8 +195,9 @@ def test_a_device_that_fails_even_an_empty_forward_is_dead(tiny_checkpoint: Path
         core.step()
 
 
-def test_the_offline_llm_returns_the_others_and_an_error_for_the_failed_prompt(tiny_checkpoint: Path,
-                                                                                clean: dict) -> None:
+def test_the_offline_llm_returns_the_others_and_an_error_for_the_failed_prompt(
+    tiny_checkpoint: Path, clean: dict
+) -> None:
     llm = LLM(tiny_checkpoint, device="cpu", dtype="float32")
     fail_forward_of_poisoned(llm.engine)
     prompts = [REQUESTS["greedy-a"][0], BAD[0], REQUESTS["greedy-b"][0]]

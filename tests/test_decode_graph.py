@@ -18,8 +18,9 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
 def make_core(path: Path, device: str, **overrides: object) -> EngineCore:
-    settings: dict[str, object] = dict(dtype="bfloat16" if device == "cuda" else "float32", max_num_seqs=16,
-                                       block_size=4, num_kv_blocks=256)
+    settings: dict[str, object] = dict(
+        dtype="bfloat16" if device == "cuda" else "float32", max_num_seqs=16, block_size=4, num_kv_blocks=256
+    )
     return EngineCore(EngineConfig(model=str(path), device=device, **(settings | overrides)))
 
 
@@ -84,8 +85,10 @@ def test_static_buffer_decode_equals_plain_eager_with_padding(
     plan = decode_plan(core, batch)
     runner = core.runner.graph_runner
     assert runner.bucket_for(batch) > batch and not runner.graphs
-    expected_slots = {seq.block_table[seq.num_computed_tokens // 4] * 4 + seq.num_computed_tokens % 4
-                      for seq in (item.seq for item in plan.scheduled)}
+    expected_slots = {
+        seq.block_table[seq.num_computed_tokens // 4] * 4 + seq.num_computed_tokens % 4
+        for seq in (item.seq for item in plan.scheduled)
+    }
 
     k_before = core.kv_cache.k.clone()
     static = core.runner.compute_logits(plan)
@@ -99,14 +102,18 @@ def test_static_buffers_are_not_reallocated_between_steps(tiny_checkpoint: Path)
     """A captured graph keeps the addresses it saw: every step must write into the same buffers."""
     core = make_core(tiny_checkpoint, "cpu")
     runner = core.runner.graph_runner
-    pointers = [t.data_ptr() for t in (runner.inputs.input_ids, runner.inputs.seq_lens, runner.block_tables,
-                                       runner.decode_workspace)]
+    pointers = [
+        t.data_ptr()
+        for t in (runner.inputs.input_ids, runner.inputs.seq_lens, runner.block_tables, runner.decode_workspace)
+    ]
     plan = decode_plan(core, 5)
     core.runner.compute_logits(plan)
     for _ in range(3):
         core.step()
-    assert pointers == [t.data_ptr() for t in (runner.inputs.input_ids, runner.inputs.seq_lens,
-                                               runner.block_tables, runner.decode_workspace)]
+    assert pointers == [
+        t.data_ptr()
+        for t in (runner.inputs.input_ids, runner.inputs.seq_lens, runner.block_tables, runner.decode_workspace)
+    ]
 
 
 @needs_cuda
@@ -128,8 +135,11 @@ def test_graphs_and_enforce_eager_generate_the_same_tokens(tiny_checkpoint: Path
     def generate(**overrides: object) -> list[list[int]]:
         core = make_core(tiny_checkpoint, "cuda", **overrides)
         for i in range(13):
-            core.add_request(f"r{i}", [(5 * i + j) % 500 for j in range(2 + 4 * i)],
-                             SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+            core.add_request(
+                f"r{i}",
+                [(5 * i + j) % 500 for j in range(2 + 4 * i)],
+                SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+            )
         tokens: dict[str, list[int]] = {}
         while core.has_unfinished():
             for out in core.step():
@@ -160,8 +170,11 @@ def test_steady_state_decode_allocates_no_device_memory(tiny_checkpoint: Path) -
     # and the step count below no longer holds (as the GPU review found).
     core = make_core(tiny_checkpoint, "cuda", num_kv_blocks=512)
     for i in range(8):
-        core.add_request(f"r{i}", list(range(i + 1, i + 30)),
-                         SamplingParams(max_tokens=150, temperature=0.8, top_p=0.9, ignore_eos=True))
+        core.add_request(
+            f"r{i}",
+            list(range(i + 1, i + 30)),
+            SamplingParams(max_tokens=150, temperature=0.8, top_p=0.9, ignore_eos=True),
+        )
     for _ in range(5):  # prefill, then warm the sampler and the allocator's cache
         core.step()
     runner = core.runner.graph_runner
@@ -199,8 +212,11 @@ def test_graph_replay_equals_eager_for_200_steps_across_block_and_split_boundari
     slices (64 keys) of the decode kernel, and the replay must equal eager at each step."""
     core = make_core(tiny_checkpoint, "cuda", num_kv_blocks=1024)
     for i in range(batch):
-        core.add_request(f"r{i}", [(13 * i + j) % 500 for j in range(1 + 29 * i % 30)],
-                         SamplingParams(max_tokens=201, temperature=0.0, ignore_eos=True))
+        core.add_request(
+            f"r{i}",
+            [(13 * i + j) % 500 for j in range(1 + 29 * i % 30)],
+            SamplingParams(max_tokens=201, temperature=0.0, ignore_eos=True),
+        )
     compute_logits = core.runner.compute_logits
     differences: list[float] = []  # collected, not raised: the engine would take an exception for a failed request
 

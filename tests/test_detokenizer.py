@@ -20,8 +20,13 @@ from splitinfer.server.detokenizer import IncrementalDetokenizer, StopStringMatc
 from splitinfer.server.tokenizer import ServerTokenizer
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=1000)
-CORPUS = ["café crème brûlée naïve façade", "中文 汉字 你好 世界 中国", "😀 😃 🎉 👍🏽 emoji ok",
-          "plain ascii words here", "Ελληνικά русский عربى"]
+CORPUS = [
+    "café crème brûlée naïve façade",
+    "中文 汉字 你好 世界 中国",
+    "😀 😃 🎉 👍🏽 emoji ok",
+    "plain ascii words here",
+    "Ελληνικά русский عربى",
+]
 SPECIALS = ["<|s|>", "<|eot|>"]
 
 
@@ -32,8 +37,9 @@ def multibyte_tokenizer() -> ServerTokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     return ServerTokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
@@ -46,7 +52,7 @@ def chunks(ids: Sequence[int], sizes: Sequence[int]) -> list[list[int]]:
     out, i, k = [], 0, 0
     while i < len(ids):
         size = sizes[k % len(sizes)]
-        out.append(list(ids[i:i + size]))
+        out.append(list(ids[i : i + size]))
         i, k = i + size, k + 1
     return out
 
@@ -66,7 +72,7 @@ def first_stop(text: str, stops: Sequence[str], include: bool) -> tuple[str, str
         ending = [s for s in stops if text[:end].endswith(s)]
         if ending:
             stop = max(ending, key=len)
-            return text[:end] if include else text[:end - len(stop)], stop
+            return text[:end] if include else text[: end - len(stop)], stop
     return text, None
 
 
@@ -139,10 +145,13 @@ def test_sentencepiece_leading_space_survives_with_prompt_context() -> None:
     # token after a few prompt tokens keeps " Hello" a separate word from the prompt.
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.train_from_iterator(["Question: what? Hello world, the answer is forty two."] * 10,
-                            trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.train_from_iterator(
+        ["Question: what? Hello world, the answer is forty two."] * 10,
+        trainers.BpeTrainer(vocab_size=120, show_progress=False),
+    )
     tokenizer = ServerTokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
     prompt = tokenizer.encode("Question: what?", add_special_tokens=False)
     output = tokenizer.encode("Hello world", add_special_tokens=False)
@@ -251,11 +260,13 @@ def test_push_after_finish_is_a_bug() -> None:
 @st.composite
 def stop_strings(draw: st.DrawFn, text: str) -> list[str]:
     """Up to four stop strings, mostly pieces of the text so that they match, some near misses."""
+
     def piece() -> str:
         if text and draw(st.booleans()):
             start = draw(st.integers(0, len(text) - 1))
-            return text[start:start + draw(st.integers(1, 4))]
+            return text[start : start + draw(st.integers(1, 4))]
         return draw(st.text(alphabet="ab 中é\ufffd<|", min_size=1, max_size=3))
+
     return [piece() for _ in range(draw(st.integers(0, 4)))]
 
 
@@ -268,8 +279,9 @@ def test_stop_strings_give_the_same_text_for_any_chunking(
     full = tokenizer.decode(ids, skip_special_tokens=False)
     stops = data.draw(stop_strings(full))
     expected, reason = first_stop(full, stops, include)
-    detok = IncrementalDetokenizer(tokenizer, None, skip_special_tokens=False, stop=stops,
-                                   include_stop_str_in_output=include)
+    detok = IncrementalDetokenizer(
+        tokenizer, None, skip_special_tokens=False, stop=stops, include_stop_str_in_output=include
+    )
     released = ""
     for push in chunks(ids, sizes):
         released += detok.push(push)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_oracle import hf_model
+
 from splitinfer.engine import EngineConfig, EngineCore, RequestError, SamplingParams
 from splitinfer.protocol import RequestOutput
 
@@ -70,10 +70,14 @@ def hf_expected(tiny_checkpoint: Path, workload) -> list[list[int]]:
     with torch.inference_mode():
         for prompt, max_tokens in workload:
             out = hf_model(tiny_checkpoint).generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0,
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=0,
             )
-            expected.append(out[0, len(prompt):].tolist())
+            expected.append(out[0, len(prompt) :].tolist())
     return expected
 
 
@@ -213,7 +217,10 @@ def test_aborts_anywhere_free_blocks_at_once_and_return_the_pool_to_its_baseline
     assert {rid: finish_of(outs) for rid, outs in outputs.items()} == {"w1": "length", "w2": "length", "w3": "length"}
     after = core.stats().kv
     assert (after.used_blocks, after.free_blocks, after.total_blocks) == (
-        baseline.used_blocks, baseline.free_blocks, baseline.total_blocks)
+        baseline.used_blocks,
+        baseline.free_blocks,
+        baseline.total_blocks,
+    )
     assert_pool_empty(core)
 
 

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from faulty_engine import POISON
 from procs import PYTHON, REPO, start_engine, stop
+from test_engine_process import Peer
+
 from splitinfer.engine import LLM
 from splitinfer.protocol import ErrorCode, SamplingParams
 from splitinfer.server.engine_client import EngineClient, EngineRequestError, EngineUnavailable, Health
-from test_engine_process import Peer
 
 FAULTY = (PYTHON, str(REPO / "tests" / "faulty_engine.py"))
 GOOD = {
@@ -36,7 +36,9 @@ def clean(tiny_checkpoint: Path) -> dict[str, list[int]]:
 
 
 @pytest.fixture
-def faulty(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, str]]:
+def faulty(
+    request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen, Path, str]]:
     address, log = f"ipc://{tmp_path}/engine.sock", tmp_path / "engine.log"
     proc = start_engine(tiny_checkpoint, address, log, launcher=(*FAULTY, request.param))
     try:
@@ -45,8 +47,9 @@ def faulty(request: pytest.FixtureRequest, tiny_checkpoint: Path, tmp_path: Path
         stop(proc)
 
 
-async def run(client: EngineClient, rid: str, prompt: list[int], params: SamplingParams,
-              started: asyncio.Event | None = None) -> list[int] | str | BaseException:
+async def run(
+    client: EngineClient, rid: str, prompt: list[int], params: SamplingParams, started: asyncio.Event | None = None
+) -> list[int] | str | BaseException:
     """The request's tokens if it finished normally; its finish reason if that was "abort";
     the exception if it failed."""
     tokens: list[int] = []
@@ -101,7 +104,8 @@ def test_a_request_that_trips_a_bug_fails_alone_and_the_engine_keeps_serving(fau
 
 @pytest.mark.parametrize("faulty", ["dead"], indirect=True)
 def test_a_dead_device_stops_the_engine_with_status_1_and_tells_the_clients(
-        faulty, caplog: pytest.LogCaptureFixture) -> None:
+    faulty, caplog: pytest.LogCaptureFixture
+) -> None:
     proc, log, address = faulty
 
     async def scenario() -> tuple[object, object]:
@@ -109,8 +113,11 @@ def test_a_dead_device_stops_the_engine_with_status_1_and_tells_the_clients(
         await client.start()
         try:
             started = asyncio.Event()
-            survivor = asyncio.create_task(run(client, "long", [1] * 30, SamplingParams(
-                max_tokens=1500, temperature=0.0, ignore_eos=True), started))
+            survivor = asyncio.create_task(
+                run(
+                    client, "long", [1] * 30, SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True), started
+                )
+            )
             await started.wait()
             bad = await run(client, "bad", *BAD)
             result = bad, await survivor

@@ -18,11 +18,19 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
-
 from procs import PYTHON, REPO, Worker, start_engine, stop
+
 from splitinfer.engine import LLM
 from splitinfer.protocol import (
-    PROTOCOL_VERSION, Error, Hello, HelloReply, SamplingParams, Stats, StatsReply, decode, encode,
+    PROTOCOL_VERSION,
+    Error,
+    Hello,
+    HelloReply,
+    SamplingParams,
+    Stats,
+    StatsReply,
+    decode,
+    encode,
 )
 from splitinfer.server.engine_client import (
     ENGINE_REPLY_LIMITS,
@@ -103,8 +111,14 @@ def offline(tiny_checkpoint: Path) -> LLM:
 
 def workload(prefix: str, count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
-    return [{"id": f"{prefix}{i}", "prompt": [rng.randrange(500) for _ in range(rng.randint(1, 60))],
-             "max_tokens": rng.randint(1, 24)} for i in range(count)]
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "prompt": [rng.randrange(500) for _ in range(rng.randint(1, 60))],
+            "max_tokens": rng.randint(1, 24),
+        }
+        for i in range(count)
+    ]
 
 
 def expected_tokens(llm: LLM, requests: list[dict]) -> dict[str, list[int]]:
@@ -135,15 +149,19 @@ def test_kill_9_of_a_client_frees_its_blocks_within_the_lease_and_spares_the_oth
     try:
         peer.hello()
         baseline = peer.stats()
-        doomed = Worker(address, "doomed", [{"id": f"long{i}", "prompt": list(range(1, 100)), "max_tokens": 1800}
-                                            for i in range(4)])
+        doomed = Worker(
+            address, "doomed", [{"id": f"long{i}", "prompt": list(range(1, 100)), "max_tokens": 1800} for i in range(4)]
+        )
         survivor_requests = workload("s", 6, seed=3)
         doomed.wait_for("streaming")
         survivor = Worker(address, "survivor", survivor_requests)
         assert peer.stats().kv_used_blocks > baseline.kv_used_blocks
         doomed.kill()  # SIGKILL: no Goodbye, the socket just goes away
-        took = wait_until(lambda: peer.stats().kv_used_blocks == baseline.kv_used_blocks,
-                          timeout_s=LEASE_S + 5, what="the doomed client's blocks being freed")
+        took = wait_until(
+            lambda: peer.stats().kv_used_blocks == baseline.kv_used_blocks,
+            timeout_s=LEASE_S + 5,
+            what="the doomed client's blocks being freed",
+        )
         assert took <= LEASE_S + 2
         got = survivor.results()
         assert {rid: r["tokens"] for rid, r in got.items()} == expected_tokens(offline, survivor_requests)
@@ -152,8 +170,9 @@ def test_kill_9_of_a_client_frees_its_blocks_within_the_lease_and_spares_the_oth
         peer.close()
 
 
-def test_a_client_restarting_under_the_same_id_gets_a_clean_session(tiny_checkpoint: Path, address: str,
-                                                                      tmp_path: Path, offline: LLM) -> None:
+def test_a_client_restarting_under_the_same_id_gets_a_clean_session(
+    tiny_checkpoint: Path, address: str, tmp_path: Path, offline: LLM
+) -> None:
     log = tmp_path / "engine.log"
     # A long lease: what frees the old instance's blocks must be its successor's Hello, not the lease.
     proc = start_engine(tiny_checkpoint, address, log, "--lease", "60")
@@ -185,16 +204,35 @@ def test_a_client_restarting_under_the_same_id_gets_a_clean_session(tiny_checkpo
 def junk_frames(count: int, seed: int) -> list[list[bytes]]:
     """Random bytes, random msgpack values, and valid messages with one thing broken."""
     rng = random.Random(seed)
-    valid = [msgpack.packb({"type": "ping", "v": PROTOCOL_VERSION, "nonce": 1, "sent_at": 0.5}),
-             msgpack.packb({"type": "generate", "v": PROTOCOL_VERSION, "request_id": "g", "prompt_token_ids": [1, 2],
-                            "params": {"max_tokens": 4}})]
+    valid = [
+        msgpack.packb({"type": "ping", "v": PROTOCOL_VERSION, "nonce": 1, "sent_at": 0.5}),
+        msgpack.packb(
+            {
+                "type": "generate",
+                "v": PROTOCOL_VERSION,
+                "request_id": "g",
+                "prompt_token_ids": [1, 2],
+                "params": {"max_tokens": 4},
+            }
+        ),
+    ]
     breakers = [
         lambda m: {**m, "v": rng.choice([0, 2, "1", None, -1])},
         lambda m: {**m, "type": rng.choice(["pong!", "", 7, None, "GENERATE"])},
         lambda m: {k: v for k, v in m.items() if k != rng.choice(list(m))},
-        lambda m: {**m, rng.choice(list(m)): rng.choice([True, -5, 2**64 - 1, 1e308, "x" * 300, [], {}, None, b"\xff"])},
-        lambda m: {**m, "params": {"max_tokens": 4, rng.choice(["top_p", "temperature", "top_k", "logit_bias"]):
-                                   rng.choice([-1, 2.5, "x", {"a": 1}, float("nan")])}},
+        lambda m: {
+            **m,
+            rng.choice(list(m)): rng.choice([True, -5, 2**64 - 1, 1e308, "x" * 300, [], {}, None, b"\xff"]),
+        },
+        lambda m: {
+            **m,
+            "params": {
+                "max_tokens": 4,
+                rng.choice(["top_p", "temperature", "top_k", "logit_bias"]): rng.choice(
+                    [-1, 2.5, "x", {"a": 1}, float("nan")]
+                ),
+            },
+        },
     ]
     frames: list[list[bytes]] = []
     for i in range(count):
@@ -256,8 +294,11 @@ def test_a_connected_client_reconnects_by_itself_when_the_engine_restarts(
                 await asyncio.sleep(0.05)
             assert client.health is Health.READY
             assert client.info.engine_id != first.engine_id
-            tokens = [t async for out in client.generate("again", [1, 2, 3], SamplingParams(max_tokens=5))
-                      for t in out.new_token_ids]
+            tokens = [
+                t
+                async for out in client.generate("again", [1, 2, 3], SamplingParams(max_tokens=5))
+                for t in out.new_token_ids
+            ]
             assert len(tokens) == 5
         finally:
             await client.close()
@@ -272,11 +313,32 @@ def test_a_connected_client_reconnects_by_itself_when_the_engine_restarts(
 def test_an_engine_step_longer_than_the_lease_fails_nothing(make_checkpoint, address: str, tmp_path: Path) -> None:
     """A long prefill (a second or more on CPU) keeps the engine's loop from answering for
     several leases; its connection stays up, so the client waits instead of giving up."""
-    checkpoint = make_checkpoint("--layers", "8", "--hidden", "512", "--heads", "8", "--kv-heads", "2",
-                                 "--intermediate", "2048", "--max-position", "4096")
+    checkpoint = make_checkpoint(
+        "--layers",
+        "8",
+        "--hidden",
+        "512",
+        "--heads",
+        "8",
+        "--kv-heads",
+        "2",
+        "--intermediate",
+        "2048",
+        "--max-position",
+        "4096",
+    )
     lease = 0.4
-    proc = start_engine(checkpoint, address, tmp_path / "engine.log", "--lease", str(lease),
-                        "--max-num-batched-tokens", "4096", "--num-kv-blocks", "512")
+    proc = start_engine(
+        checkpoint,
+        address,
+        tmp_path / "engine.log",
+        "--lease",
+        str(lease),
+        "--max-num-batched-tokens",
+        "4096",
+        "--num-kv-blocks",
+        "512",
+    )
 
     async def scenario() -> tuple[float, list[int]]:
         client = EngineClient(address)
@@ -284,8 +346,9 @@ def test_an_engine_step_longer_than_the_lease_fails_nothing(make_checkpoint, add
         try:
             start = time.monotonic()
             tokens = []
-            async for out in client.generate("long", [i % 500 for i in range(3000)],
-                                             SamplingParams(max_tokens=4, ignore_eos=True)):
+            async for out in client.generate(
+                "long", [i % 500 for i in range(3000)], SamplingParams(max_tokens=4, ignore_eos=True)
+            ):
                 tokens += out.new_token_ids
                 if len(tokens) == 1:
                     first = time.monotonic() - start
@@ -302,7 +365,9 @@ def test_an_engine_step_longer_than_the_lease_fails_nothing(make_checkpoint, add
     assert len(tokens) == 4
 
 
-def test_a_frozen_engine_is_dropped_within_the_transport_timeout_and_rejoined_when_it_thaws(engine, address: str) -> None:
+def test_a_frozen_engine_is_dropped_within_the_transport_timeout_and_rejoined_when_it_thaws(
+    engine, address: str
+) -> None:
     """SIGSTOP freezes the engine's I/O thread too: the transport heartbeats go unanswered."""
     proc, _ = engine
 
@@ -323,8 +388,11 @@ def test_a_frozen_engine_is_dropped_within_the_transport_timeout_and_rejoined_wh
             while client.health is not Health.READY and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert client.health is Health.READY
-            tokens = [t async for out in client.generate("thawed", [1, 2, 3], SamplingParams(max_tokens=5))
-                      for t in out.new_token_ids]
+            tokens = [
+                t
+                async for out in client.generate("thawed", [1, 2, 3], SamplingParams(max_tokens=5))
+                for t in out.new_token_ids
+            ]
             assert len(tokens) == 5
             return noticed
         finally:
@@ -345,7 +413,10 @@ def test_socket_file_is_private_a_second_engine_refuses_and_sigterm_exits_cleanl
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     second = subprocess.run(
         [PYTHON, "-m", "splitinfer.engine", "--model", str(tiny_checkpoint), "--address", address, "--device", "cpu"],
-        capture_output=True, text=True, cwd=REPO, timeout=60,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
     )
     assert second.returncode == 2 and "already serving" in second.stderr
     assert proc.poll() is None
@@ -373,13 +444,30 @@ def test_socket_file_is_private_a_second_engine_refuses_and_sigterm_exits_cleanl
 
 
 def test_engine_help_documents_every_flag_also_as_console_script() -> None:
-    out = subprocess.run([PYTHON, "-m", "splitinfer.engine", "--help"], capture_output=True, text=True, cwd=REPO,
-                         check=True).stdout
+    out = subprocess.run(
+        [PYTHON, "-m", "splitinfer.engine", "--help"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     script = Path(PYTHON).parent / "splitinfer-engine"
     assert script.exists(), "pip install did not create the splitinfer-engine console script"
     assert subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout == out
-    for flag in ("--model", "--address", "--lease", "--device", "--dtype", "--max-model-len", "--block-size",
-                 "--num-kv-blocks", "--gpu-memory-utilization", "--kv-cache-gb", "--max-num-seqs",
-                 "--max-num-batched-tokens", "--no-prefix-caching", "--enforce-eager", "--seed",
-                 "--served-model-name", "--max-frame-bytes", "--log-level"):
+    for flag in (
+        "--model",
+        "--address",
+        "--lease",
+        "--device",
+        "--dtype",
+        "--max-model-len",
+        "--block-size",
+        "--num-kv-blocks",
+        "--gpu-memory-utilization",
+        "--kv-cache-gb",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--no-prefix-caching",
+        "--enforce-eager",
+        "--seed",
+        "--served-model-name",
+        "--max-frame-bytes",
+        "--log-level",
+    ):
         assert flag in out

@@ -61,8 +61,16 @@ def test_the_profiling_forward_runs_the_sampler_at_max_num_seqs_with_every_featu
     """The sampler's [rows, vocab] temporaries (sort, softmax, penalties, logprobs) must be in
     the profiled peak, or the KV cache takes the memory they need and the first busy
     sampling step runs out of it. Profiling must not move the default generator either."""
-    core = EngineCore(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_num_seqs=6,
-                                   max_num_batched_tokens=64, num_kv_blocks=32))
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_checkpoint),
+            device="cpu",
+            dtype="float32",
+            max_num_seqs=6,
+            max_num_batched_tokens=64,
+            num_kv_blocks=32,
+        )
+    )
     calls: list[tuple[tuple[int, ...], list]] = []
     original = Sampler.__call__
 
@@ -73,7 +81,7 @@ def test_the_profiling_forward_runs_the_sampler_at_max_num_seqs_with_every_featu
     monkeypatch.setattr(Sampler, "__call__", spy)
     state = core.sampler.default_generator.get_state()
     core._profile_forward()
-    (shape, seqs), = calls
+    ((shape, seqs),) = calls
     assert shape == (6, core.model_config.vocab_size)
     p = seqs[0].params
     assert p.top_k and p.top_p < 1 and p.min_p and p.has_penalties and p.logit_bias and p.logprobs == 20

@@ -29,15 +29,16 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
 from procs import free_port, start_engine, start_server, stop
-from splitinfer.protocol import PROTOCOL_VERSION, Error, ErrorCode, Outputs, SamplingParams
 from test_engine_process import Peer
+
+from splitinfer.protocol import PROTOCOL_VERSION, Error, ErrorCode, Outputs, SamplingParams
 
 EXAMPLES = int(os.environ.get("SPLITINFER_FUZZ_EXAMPLES", "300"))
 RANDOM = os.environ.get("SPLITINFER_FUZZ_RANDOM") == "1"
-FUZZ = settings(max_examples=EXAMPLES, derandomize=not RANDOM, database=None, deadline=None,
-                suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=EXAMPLES, derandomize=not RANDOM, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+)
 MAX_MODEL_LEN = 64  # every accepted request is cheap: prompt and output within 64 tokens
 
 
@@ -53,8 +54,17 @@ class Stack:
 def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("fuzz")
     address = f"ipc://{tmp}/engine.sock"
-    engine = start_engine(tiny_checkpoint, address, tmp / "engine.log", "--served-model-name", "tiny",
-                          "--max-model-len", str(MAX_MODEL_LEN), "--lease", "60")
+    engine = start_engine(
+        tiny_checkpoint,
+        address,
+        tmp / "engine.log",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--lease",
+        "60",
+    )
     server = None
     try:
         port = free_port()
@@ -88,31 +98,67 @@ def dump(value: object) -> str:
     return json.dumps(value)
 
 
-BIG_INTS = [2**31, 2**32, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**30,
-            10**400, -(10**400)]
+BIG_INTS = [
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    -(2**63),
+    -(2**63) - 1,
+    10**30,
+    10**400,
+    -(10**400),
+]
 ints = st.integers(-5, 300) | st.sampled_from(BIG_INTS)
 floats = st.floats() | st.sampled_from([1e308, -1e308, 5e-324, 1e-300, -0.0, 0.5, 2.0])
-raw_numbers = st.sampled_from(["1e400", "-1e400", "1E+999", "0e-999999", "123456789012345678901234567890.5",
-                               "-0", "1.0e-400"]).map(Raw)
+raw_numbers = st.sampled_from(
+    ["1e400", "-1e400", "1E+999", "0e-999999", "123456789012345678901234567890.5", "-0", "1.0e-400"]
+).map(Raw)
 numbers = ints | floats | raw_numbers
 characters = st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
-texts = (st.text(max_size=12) | st.text(characters, max_size=8)
-         | st.sampled_from(["", "x" * 60_000, "\x00", "\u202e\u2066", "🙂" * 500, "\ud800", "a\udcffb"]))
+texts = (
+    st.text(max_size=12)
+    | st.text(characters, max_size=8)
+    | st.sampled_from(["", "x" * 60_000, "\x00", "\u202e\u2066", "🙂" * 500, "\ud800", "a\udcffb"])
+)
 deep = st.sampled_from([129, 500, 5_000, 60_000]).map(lambda d: Raw("[" * d + "]" * d))
 scalars = st.none() | st.booleans() | numbers | texts
-junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-                    max_leaves=8) | deep | st.just(list(range(5_000)))
+junk = (
+    st.recursive(
+        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=8
+    )
+    | deep
+    | st.just(list(range(5_000)))
+)
 token_lists = st.lists(ints, min_size=0, max_size=6)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]) | junk,
-                                 "content": texts | st.lists(st.fixed_dictionaries(
-                                     {"type": st.just("text") | junk, "text": texts}), max_size=3) | junk})
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]) | junk,
+        "content": texts
+        | st.lists(st.fixed_dictionaries({"type": st.just("text") | junk, "text": texts}), max_size=3)
+        | junk,
+    }
+)
 # The extremes each numeric field accepts: half the time a field gets one, so hostile
 # requests also reach the sampler's edges, not only the validators.
 EDGES = {
-    "max_tokens": [1, 2, 60], "max_completion_tokens": [1, 60], "n": [1, 3], "temperature": [0, 1e-300, 0.01, 100],
-    "top_p": [5e-324, 1e-9, 1], "min_p": [0, 1], "top_k": [-1, 0, 1, 2**63 - 1], "presence_penalty": [-2, 2],
-    "frequency_penalty": [-2.0, 2], "repetition_penalty": [0.01, 100], "seed": [-(2**63), 2**63 - 1, 0],
-    "min_tokens": [0, 2], "logprobs": [0, 20], "top_logprobs": [0, 20],
+    "max_tokens": [1, 2, 60],
+    "max_completion_tokens": [1, 60],
+    "n": [1, 3],
+    "temperature": [0, 1e-300, 0.01, 100],
+    "top_p": [5e-324, 1e-9, 1],
+    "min_p": [0, 1],
+    "top_k": [-1, 0, 1, 2**63 - 1],
+    "presence_penalty": [-2, 2],
+    "frequency_penalty": [-2.0, 2],
+    "repetition_penalty": [0.01, 100],
+    "seed": [-(2**63), 2**63 - 1, 0],
+    "min_tokens": [0, 2],
+    "logprobs": [0, 20],
+    "top_logprobs": [0, 20],
 }
 
 
@@ -126,19 +172,29 @@ FIELD_VALUES = {
     "prompt": texts | st.lists(texts, max_size=3) | token_lists | st.lists(token_lists, max_size=3) | junk,
     **{name: numeric(name) for name in EDGES if name != "logprobs"},
     "logprobs": st.booleans() | numeric("logprobs"),
-    "logit_bias": st.dictionaries(texts | st.sampled_from(["5", "-1", "1e3", "\u0665", " 5", "5_0",
-                                                           "99999999999999999999"]), numbers | junk, max_size=4)
+    "logit_bias": st.dictionaries(
+        texts | st.sampled_from(["5", "-1", "1e3", "\u0665", " 5", "5_0", "99999999999999999999"]),
+        numbers | junk,
+        max_size=4,
+    )
     | junk,
     "stop": texts | st.lists(texts, max_size=5) | junk,
-    "stop_token_ids": token_lists | junk, "ignore_eos": st.booleans() | junk,
-    "stream": st.booleans() | junk, "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | junk})
-    | junk,
-    "user": texts | junk, "echo": st.booleans() | junk, "suffix": texts | junk, "best_of": numbers | junk,
-    "tools": junk, "response_format": junk, "tool_choice": junk,
+    "stop_token_ids": token_lists | junk,
+    "ignore_eos": st.booleans() | junk,
+    "stream": st.booleans() | junk,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans() | junk}) | junk,
+    "user": texts | junk,
+    "echo": st.booleans() | junk,
+    "suffix": texts | junk,
+    "best_of": numbers | junk,
+    "tools": junk,
+    "response_format": junk,
+    "tool_choice": junk,
 }
 CHAT_FIELDS = sorted(set(FIELD_VALUES) - {"prompt", "echo", "suffix", "best_of"})
-COMPLETION_FIELDS = sorted(set(FIELD_VALUES) - {"messages", "max_completion_tokens", "top_logprobs", "tools",
-                                                "response_format", "tool_choice"})
+COMPLETION_FIELDS = sorted(
+    set(FIELD_VALUES) - {"messages", "max_completion_tokens", "top_logprobs", "tools", "response_format", "tool_choice"}
+)
 
 
 @st.composite
@@ -177,8 +233,11 @@ def check_response(response: httpx.Response) -> None:
 
 def assert_engine_healthy(stack: Stack) -> None:
     assert stack.engine.poll() is None, "the engine died"
-    reply = httpx.post(stack.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3,
-                                                             "temperature": 0, "ignore_eos": True}, timeout=60)
+    reply = httpx.post(
+        stack.url + "/v1/completions",
+        json={"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
     peer = Peer(stack.address)
     try:
@@ -217,14 +276,20 @@ PARAM_VALUES = {name: getattr(SamplingParams(), name) for name in SamplingParams
 @st.composite
 def generate_frames(draw: st.DrawFn) -> tuple[str, bytes]:
     params = dict(PARAM_VALUES, max_tokens=3, logit_bias={}, stop_token_ids=[])
-    hostile = st.none() | st.booleans() | ints | floats | st.text(max_size=6) | st.lists(ints, max_size=3) \
+    hostile = (
+        st.none()
+        | st.booleans()
+        | ints
+        | floats
+        | st.text(max_size=6)
+        | st.lists(ints, max_size=3)
         | st.dictionaries(ints, numbers.filter(lambda v: not isinstance(v, Raw)), max_size=3)
+    )
     for name in draw(st.lists(st.sampled_from(sorted(params)), min_size=1, max_size=4, unique=True)):
         params[name] = draw(st.sampled_from(EDGES.get(name, [PARAM_VALUES[name]])) | hostile)
     rid = uuid.uuid4().hex
     prompt = draw(st.lists(ints, min_size=1, max_size=8) | st.just([1, 2, 3]))
-    wire = {"type": "generate", "v": PROTOCOL_VERSION, "request_id": rid, "prompt_token_ids": prompt,
-            "params": params}
+    wire = {"type": "generate", "v": PROTOCOL_VERSION, "request_id": rid, "prompt_token_ids": prompt, "params": params}
     try:
         return rid, msgpack.packb(wire, use_bin_type=True)
     except (OverflowError, ValueError, TypeError):

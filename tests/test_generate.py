@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_oracle import hf_model
+
 from splitinfer.engine import LLM, SamplingParams
 
 

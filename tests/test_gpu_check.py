@@ -25,8 +25,9 @@ def run_check(*args: str, out: Path, timeout: float = 300) -> subprocess.Complet
     return subprocess.run([str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_dry_run_runs_every_step_at_toy_sizes_and_says_no_gpu_was_measured(tiny_checkpoint: Path,
-                                                                           tmp_path: Path) -> None:
+def test_dry_run_runs_every_step_at_toy_sizes_and_says_no_gpu_was_measured(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     result = run_check("--dry-run", "--model", str(tiny_checkpoint), out=out)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
@@ -52,8 +53,11 @@ def test_dry_run_runs_every_step_at_toy_sizes_and_says_no_gpu_was_measured(tiny_
     engine = json.loads((out / "engine.json").read_text())
     rows = {row["measure"]: row for row in engine["rows"]}
     assert list(rows) == [
-        "batch-1 decode tok/s", "prefill 16 tok/s", "prefill 40 tok/s",
-        "1 concurrent, output tok/s (HF padded batch)", "3 concurrent, output tok/s (HF padded batch)",
+        "batch-1 decode tok/s",
+        "prefill 16 tok/s",
+        "prefill 40 tok/s",
+        "1 concurrent, output tok/s (HF padded batch)",
+        "3 concurrent, output tok/s (HF padded batch)",
         "3 concurrent, output tok/s (HF one at a time)",
     ]
     assert all(row["ours"] > 0 and row["transformers"] > 0 and row["ratio"] > 0 for row in rows.values())

@@ -50,27 +50,48 @@ def run_to_completion(core: EngineCore) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.skipif(not os.environ.get("SPLITINFER_GPU_MODEL"),
-                    reason="needs SPLITINFER_GPU_MODEL (a real-sized checkpoint: the tiny one would get millions of "
-                    "KV blocks); scripts/gpu_check.sh sets it")
+@pytest.mark.skipif(
+    not os.environ.get("SPLITINFER_GPU_MODEL"),
+    reason="needs SPLITINFER_GPU_MODEL (a real-sized checkpoint: the tiny one would get millions of "
+    "KV blocks); scripts/gpu_check.sh sets it",
+)
 def test_kv_cache_sized_by_profiling_survives_the_largest_steps(gpu_model: Path) -> None:
     """num_kv_blocks unset: the cache takes what a profiled worst-case step leaves of 90% of the
     GPU. Then a full token budget of prefill and a max_num_seqs step sampling with top-p,
     penalties and logprobs must fit, and torch must never have reserved more than 90%."""
     utilization = 0.9
     torch.cuda.reset_peak_memory_stats()
-    core = EngineCore(EngineConfig(model=str(gpu_model), device="cuda", gpu_memory_utilization=utilization,
-                                   max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096))
+    core = EngineCore(
+        EngineConfig(
+            model=str(gpu_model),
+            device="cuda",
+            gpu_memory_utilization=utilization,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            max_model_len=4096,
+        )
+    )
     assert core.runner.graph_runner.graphs, "decode graphs were not captured"
     vocab = core.model_config.vocab_size
     for i in range(4):  # 4 x 2048 prompt tokens: one step of the whole 8192-token budget
-        core.add_request(f"long{i}", [(31 * i + j) % vocab for j in range(2048)],
-                         SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        core.add_request(
+            f"long{i}",
+            [(31 * i + j) % vocab for j in range(2048)],
+            SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+        )
     core.step()
     assert core.stats().computed_tokens == 8192
     run_to_completion(core)
-    busy = SamplingParams(max_tokens=4, temperature=0.9, top_p=0.9, top_k=100, repetition_penalty=1.1,
-                          frequency_penalty=0.2, logprobs=20, ignore_eos=True)
+    busy = SamplingParams(
+        max_tokens=4,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=100,
+        repetition_penalty=1.1,
+        frequency_penalty=0.2,
+        logprobs=20,
+        ignore_eos=True,
+    )
     for i in range(256):
         core.add_request(f"s{i}", [(7 * i + j) % vocab for j in range(16)], busy)
     tokens = run_to_completion(core)
@@ -101,8 +122,18 @@ def test_serving_compiles_no_kernel_after_start(tiny_checkpoint: Path) -> None:
 
     for fn in jit_functions():  # forget what earlier tests compiled in this process
         fn.device_caches.clear()
-    core = EngineCore(EngineConfig(model=str(tiny_checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=32,
-                                   max_num_batched_tokens=96, block_size=16, num_kv_blocks=512, max_model_len=1024))
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_checkpoint),
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=32,
+            max_num_batched_tokens=96,
+            block_size=16,
+            num_kv_blocks=512,
+            max_model_len=1024,
+        )
+    )
     compiled: list[str] = []
 
     def record(*, repr: str, **_: object) -> None:  # noqa: A002 (Triton's keyword)
@@ -138,9 +169,26 @@ def test_bf16_engine_follows_transformers(make_checkpoint: Callable[..., Path], 
     within bf16 noise of it (a random model has near-ties that rounding may swap)."""
     from transformers import LlamaForCausalLM
 
-    path = make_checkpoint("--layers", "2", "--hidden", "1024", "--heads", "32", "--kv-heads", "8",
-                           "--head-dim", str(head_dim), "--intermediate", "2048", "--vocab", "1024",
-                           "--dtype", "bfloat16", "--seed", "3")
+    path = make_checkpoint(
+        "--layers",
+        "2",
+        "--hidden",
+        "1024",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--head-dim",
+        str(head_dim),
+        "--intermediate",
+        "2048",
+        "--vocab",
+        "1024",
+        "--dtype",
+        "bfloat16",
+        "--seed",
+        "3",
+    )
     prompt = [(13 * j + 5) % 1000 for j in range(50)]
     llm = LLM(path, device="cuda", dtype="bfloat16", num_kv_blocks=128, max_num_seqs=8)
     assert llm.engine.runner.graph_runner.graphs
@@ -148,8 +196,9 @@ def test_bf16_engine_follows_transformers(make_checkpoint: Callable[..., Path], 
     with torch.inference_mode():
         ids = torch.tensor(prompt, device="cuda")
         batch = ForwardBatch.for_prefill([len(prompt)], "cuda")
-        ours = llm.engine.model.compute_logits(llm.engine.model(ids, torch.arange(len(prompt), device="cuda"), batch),
-                                               batch.logits_indices)[0]
+        ours = llm.engine.model.compute_logits(
+            llm.engine.model(ids, torch.arange(len(prompt), device="cuda"), batch), batch.logits_indices
+        )[0]
     del llm
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     with torch.inference_mode():

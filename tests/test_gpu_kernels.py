@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch_spy import LaunchSpy
+
 from splitinfer.kernels.attention import paged_attention_reference
 
 CUDA = torch.cuda.is_available()
@@ -72,11 +72,27 @@ def test_bf16_decode_at_every_split_count_matches_the_fp32_reference(num_splits:
     cu = torch.arange(len(contexts) + 1, dtype=torch.int32, device="cuda")
     # Scaled up so that some rows attend sharply: the merge of slices must keep the true maximum.
     q = (2 * torch.randn(len(contexts), kv_heads * group, head_dim, device="cuda")).to(torch.bfloat16)
-    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, head_dim**-0.5,
-                                        num_splits=num_splits, out=torch.full_like(q, float("nan")))
+    out = paged_decode_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        seq_lens,
+        cu,
+        head_dim**-0.5,
+        num_splits=num_splits,
+        out=torch.full_like(q, float("nan")),
+    )
     live = len(DECODE_CONTEXTS)
-    expected = paged_attention_reference(q[:live].float(), k_cache.float(), v_cache.float(), tables[:live],
-                                         seq_lens[:live], cu[: live + 1], head_dim**-0.5)
+    expected = paged_attention_reference(
+        q[:live].float(),
+        k_cache.float(),
+        v_cache.float(),
+        tables[:live],
+        seq_lens[:live],
+        cu[: live + 1],
+        head_dim**-0.5,
+    )
     assert not out.isnan().any()
     assert torch.equal(out[live:], torch.zeros_like(out[live:]))
     for row, context in enumerate(DECODE_CONTEXTS):
@@ -113,8 +129,11 @@ def test_kernels_address_a_kv_cache_past_2_31_elements() -> None:
 
     # Every context token written by store_kv (with two padding rows), then checked in place.
     host_tables = tables.tolist()
-    slots = [host_tables[b][pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-             for b, n in enumerate(contexts) for pos in range(n)]
+    slots = [
+        host_tables[b][pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        for b, n in enumerate(contexts)
+        for pos in range(n)
+    ]
     slots = torch.tensor([-1] + slots + [-1], dtype=torch.int64, device="cuda")
     k_new = torch.randn(slots.shape[0], kv_heads, head_dim, device="cuda").to(torch.bfloat16)
     v_new = torch.randn_like(k_new)
@@ -139,13 +158,15 @@ def test_kernels_address_a_kv_cache_past_2_31_elements() -> None:
     cu1 = torch.arange(len(contexts) + 1, dtype=torch.int32, device="cuda")
     expected = paged_attention_reference(q1.float(), small_k, small_v, small_tables, seq_lens, cu1, head_dim**-0.5)
     for splits in (16, 1):
-        out = paged_decode_attention_triton(q1, k_cache, v_cache, tables, seq_lens, cu1, head_dim**-0.5,
-                                            num_splits=splits)
+        out = paged_decode_attention_triton(
+            q1, k_cache, v_cache, tables, seq_lens, cu1, head_dim**-0.5, num_splits=splits
+        )
         assert relative_error(out, expected) < 2e-2, f"decode with {splits} splits"
 
 
-def test_mixed_step_decode_rows_equal_the_decode_only_graph(tiny_checkpoint: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_step_decode_rows_equal_the_decode_only_graph(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Three decodes through their captured graph, then the same three beside a prefill chunk
     in one eager mixed step (scheduled first, packed after them): the decode rows go through
     the split-K decode kernel there too, and their logits agree within bf16 tolerance."""
@@ -155,8 +176,17 @@ def test_mixed_step_decode_rows_equal_the_decode_only_graph(tiny_checkpoint: Pat
     from splitinfer.kernels import paged_decode_triton
 
     num_blocks = 256
-    core = EngineCore(EngineConfig(model=str(tiny_checkpoint), device="cuda", dtype="bfloat16", max_num_seqs=8,
-                                   block_size=BLOCK_SIZE, num_kv_blocks=num_blocks, max_num_batched_tokens=256))
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_checkpoint),
+            device="cuda",
+            dtype="bfloat16",
+            max_num_seqs=8,
+            block_size=BLOCK_SIZE,
+            num_kv_blocks=num_blocks,
+            max_num_batched_tokens=256,
+        )
+    )
     assert core.runner.graph_runner.graphs, "no CUDA graphs were captured"
     greedy = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     for i in range(3):

@@ -11,11 +11,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_decode_graph import decode_plan, eager_logits, make_core, written_slots
 
 from splitinfer.engine import EngineConfig, EngineCore, SamplingParams
 from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep, TableSlots
-from test_decode_graph import decode_plan, eager_logits, make_core, written_slots
-
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -43,8 +42,9 @@ def test_warm_up_writes_no_kv_even_after_a_real_step(tiny_checkpoint: Path) -> N
             core.runner.compute_logits(decode_plan(core, 5))  # the buffers now hold real slots and lengths
         k, v = core.kv_cache.k.clone(), core.kv_cache.v.clone()
         runner.warm_up()
-        assert not written_slots(k, core.kv_cache.k) and not written_slots(v, core.kv_cache.v), \
+        assert not written_slots(k, core.kv_cache.k) and not written_slots(v, core.kv_cache.v), (
             f"warm-up wrote K/V ({when})"
+        )
 
 
 def test_a_table_sends_only_what_it_gained_wherever_its_row_is() -> None:
@@ -200,8 +200,17 @@ def test_device_block_tables_and_logits_stay_right_through_preemption_prefix_hit
     mid-decode, and a poisoned request whose decode steps are re-run in halves: after every
     decode forward the device rows equal the sequences' tables, and its logits equal the
     plain packed forward's."""
-    core = EngineCore(EngineConfig(model=str(tiny_checkpoint), device="cpu", dtype="float32", block_size=4,
-                                   num_kv_blocks=48, max_num_seqs=8, max_num_batched_tokens=64))
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_checkpoint),
+            device="cpu",
+            dtype="float32",
+            block_size=4,
+            num_kv_blocks=48,
+            max_num_seqs=8,
+            max_num_batched_tokens=64,
+        )
+    )
     runner = core.runner.graph_runner
     checked = {"decode steps": 0, "rows": 0, "sub-batches": 0}
     mismatches: list[str] = []  # collected: the engine would contain a raise as a failed request

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from faulty_server import SECRET, TRIGGER
 from procs import PYTHON, REPO, free_port, start_engine, start_server, stop
 from test_server_e2e import assert_error
@@ -51,8 +50,14 @@ def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     server = None
     try:
         port = free_port()
-        server = start_server(address, port, tmp / "server.log", "--api-key", API_KEY,
-                              launcher=(PYTHON, str(REPO / "tests" / "faulty_server.py")))
+        server = start_server(
+            address,
+            port,
+            tmp / "server.log",
+            "--api-key",
+            API_KEY,
+            launcher=(PYTHON, str(REPO / "tests" / "faulty_server.py")),
+        )
         yield Stack(engine, tmp / "engine.log", tmp / "server.log", port)
     finally:
         if server is not None:
@@ -72,8 +77,10 @@ def assert_engine_untouched(stack: Stack, engine_id: str) -> None:
     assert stack.engine.poll() is None, "the engine process died"
     assert stack.engine_id() == engine_id, "the engine restarted"
     assert "Traceback" not in stack.engine_log.read_text()
-    reply = stack.post("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3,
-                                                      "temperature": 0, "ignore_eos": True}))
+    reply = stack.post(
+        "/v1/completions",
+        json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True}),
+    )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
 
 
@@ -85,13 +92,27 @@ def test_the_one_line_request_that_killed_the_engine_is_a_400_naming_temperature
     assert_engine_untouched(stack, engine_id)
 
 
-SAMPLING_FIELDS = ["temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                   "top_k", "seed", "min_tokens", "max_tokens", "n"]
+SAMPLING_FIELDS = [
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_k",
+    "seed",
+    "min_tokens",
+    "max_tokens",
+    "n",
+]
 HUGE = ["9223372036854775808", "18446744073709551616", "1" + "0" * 400, "-" + "9" * 30]
 
 
-@pytest.mark.parametrize("path, extra", [("/v1/completions", "logprobs"), ("/v1/chat/completions", "top_logprobs")],
-                         ids=["completions", "chat"])
+@pytest.mark.parametrize(
+    "path, extra",
+    [("/v1/completions", "logprobs"), ("/v1/chat/completions", "top_logprobs")],
+    ids=["completions", "chat"],
+)
 def test_every_sampling_field_past_64_bits_is_a_400_naming_it(stack: Stack, path: str, extra: str) -> None:
     engine_id = stack.engine_id()
     for field in SAMPLING_FIELDS + [extra]:
@@ -100,9 +121,14 @@ def test_every_sampling_field_past_64_bits_is_a_400_naming_it(stack: Stack, path
             if field == "top_logprobs":
                 body = body[:-1] + ', "logprobs": true}'
             assert_error(stack.post(path, body), 400, field)
-    for field, literal in (("stop_token_ids", "[9223372036854775808]"), ("stop_token_ids", "[4294967296]"),
-                           ("logit_bias", '{"99999999999999999999": 1}'), ("logit_bias", '{"5": 1' + "0" * 400 + "}"),
-                           ("logit_bias", '{"\u0665": 1}'), ("logit_bias", '{" 5": 1}')):
+    for field, literal in (
+        ("stop_token_ids", "[9223372036854775808]"),
+        ("stop_token_ids", "[4294967296]"),
+        ("logit_bias", '{"99999999999999999999": 1}'),
+        ("logit_bias", '{"5": 1' + "0" * 400 + "}"),
+        ("logit_bias", '{"\u0665": 1}'),
+        ("logit_bias", '{" 5": 1}'),
+    ):
         assert_error(stack.post(path, with_field(path, field, literal)), 400, field)
     assert_engine_untouched(stack, engine_id)
 
@@ -115,18 +141,27 @@ def test_numbers_json_does_not_have_are_400s(stack: Stack, literal: str) -> None
         assert error["code"] == "invalid_json"
 
 
-@pytest.mark.parametrize("path, field, literal, param", [
-    ("/v1/completions", "prompt", '"hi \\udcff"', "prompt"),
-    ("/v1/completions", "prompt", '["fine", "\\ud800"]', "prompt[1]"),
-    ("/v1/completions", "stop", '["\\udfff"]', "stop[0]"),
-    ("/v1/chat/completions", "messages", '[{"role": "user", "content": "x\\udcffy"}]', "messages[0].content"),
-    ("/v1/chat/completions", "messages",
-     '[{"role": "user", "content": [{"type": "text", "text": "\\udc80"}]}]', "messages[0].content[0].text"),
-    ("/v1/chat/completions", "user", '"\\ud83d"', "user"),
-    ("/v1/completions", "logit_bias", '{"caf\u00e9": {"\\udcff": 1}}', "logit_bias.caf\u00e9.\\udcff"),
-], ids=["prompt", "prompt-list", "stop", "chat-content", "chat-part", "user", "non-ascii-keys"])
-def test_a_lone_surrogate_is_a_400_naming_where_it_is(stack: Stack, path: str, field: str, literal: str,
-                                                      param: str) -> None:
+@pytest.mark.parametrize(
+    "path, field, literal, param",
+    [
+        ("/v1/completions", "prompt", '"hi \\udcff"', "prompt"),
+        ("/v1/completions", "prompt", '["fine", "\\ud800"]', "prompt[1]"),
+        ("/v1/completions", "stop", '["\\udfff"]', "stop[0]"),
+        ("/v1/chat/completions", "messages", '[{"role": "user", "content": "x\\udcffy"}]', "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            "messages",
+            '[{"role": "user", "content": [{"type": "text", "text": "\\udc80"}]}]',
+            "messages[0].content[0].text",
+        ),
+        ("/v1/chat/completions", "user", '"\\ud83d"', "user"),
+        ("/v1/completions", "logit_bias", '{"caf\u00e9": {"\\udcff": 1}}', "logit_bias.caf\u00e9.\\udcff"),
+    ],
+    ids=["prompt", "prompt-list", "stop", "chat-content", "chat-part", "user", "non-ascii-keys"],
+)
+def test_a_lone_surrogate_is_a_400_naming_where_it_is(
+    stack: Stack, path: str, field: str, literal: str, param: str
+) -> None:
     error = assert_error(stack.post(path, with_field(path, field, literal)), 400, param)
     assert error["code"] == "invalid_value" and "lone surrogate" in error["message"]
 
@@ -173,8 +208,15 @@ def test_errors_keep_the_keep_alive_connection_and_leak_nothing(stack: Stack) ->
 
 
 def test_a_bug_mid_stream_ends_it_with_an_error_event_and_done(stack: Stack) -> None:
-    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "prompt": "hi",
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", stack.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as response:
         assert response.status_code == 200
         events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
@@ -184,8 +226,16 @@ def test_a_bug_mid_stream_ends_it_with_an_error_event_and_done(stack: Stack) -> 
     assert chunks[-1]["error"]["code"] == "internal_error" and SECRET not in events[-2]
 
 
-@pytest.mark.parametrize("header", [b"Bearer \xe9\xff", b"Bearer " + API_KEY.encode()[:-1], b"Bearer",
-                                    b"Basic " + API_KEY.encode(), b"Bearer " + API_KEY.encode() + b"x"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"Bearer \xe9\xff",
+        b"Bearer " + API_KEY.encode()[:-1],
+        b"Bearer",
+        b"Basic " + API_KEY.encode(),
+        b"Bearer " + API_KEY.encode() + b"x",
+    ],
+)
 def test_a_wrong_or_undecodable_api_key_is_a_401(stack: Stack, header: bytes) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
     try:
@@ -202,8 +252,17 @@ def test_a_wrong_or_undecodable_api_key_is_a_401(stack: Stack, header: bytes) ->
 
 def test_n_seeded_choices_at_the_largest_seed_wrap_and_repeat(stack: Stack) -> None:
     # seed + index for choices 1 and 2 would leave int64: they wrap to -2**63 and -2**63 + 1.
-    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 6, "n": 3, "temperature": 1.0,
-                       "ignore_eos": True, "seed": 2**63 - 1})
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "prompt": "hi",
+            "max_tokens": 6,
+            "n": 3,
+            "temperature": 1.0,
+            "ignore_eos": True,
+            "seed": 2**63 - 1,
+        }
+    )
     first, again = (stack.post("/v1/completions", body) for _ in range(2))
     assert first.status_code == again.status_code == 200, first.text
     texts = [c["text"] for c in sorted(first.json()["choices"], key=lambda c: c["index"])]

@@ -85,8 +85,10 @@ def test_the_walk_holds_a_frame_per_level_not_per_item() -> None:
 
     from splitinfer.server.json_body import check_values
 
-    bodies = [{"a": json.loads("[" * 99 + ",".join(['"\\u00e9"'] * 200_000) + "]" * 99)},
-              {"a": [[] for _ in range(500_000)]}]
+    bodies = [
+        {"a": json.loads("[" * 99 + ",".join(['"\\u00e9"'] * 200_000) + "]" * 99)},
+        {"a": [[] for _ in range(500_000)]},
+    ]
     for body in bodies:
         tracemalloc.start()
         check_values(body)

@@ -16,11 +16,14 @@ from splitinfer.kernels import AttentionMetadata, RopeScaling
 TORCH = kernels.TorchBackend()
 
 
-def paged_metadata(tables: torch.Tensor, seq_lens: torch.Tensor, cu: torch.Tensor, **fields: object) -> AttentionMetadata:
+def paged_metadata(
+    tables: torch.Tensor, seq_lens: torch.Tensor, cu: torch.Tensor, **fields: object
+) -> AttentionMetadata:
     """A step's metadata for paged attention over a cached prefix (no K/V written)."""
     max_q = int((cu[1:] - cu[:-1]).max())
-    return AttentionMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=max_q, block_tables=tables,
-                             has_cached_prefix=True, **fields)
+    return AttentionMetadata(
+        cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=max_q, block_tables=tables, has_cached_prefix=True, **fields
+    )
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,8 +57,13 @@ def test_silu_and_mul_uses_the_first_half_as_gate() -> None:
         (None, None),
         ({"rope_type": "linear", "factor": 2.0}, RopeScaling("linear", 2.0)),
         (
-            {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-             "original_max_position_embeddings": 64},
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
             RopeScaling("llama3", 8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=64),
         ),
     ],
@@ -64,8 +72,13 @@ def test_rope_matches_transformers(rope_scaling: dict | None, scaling: RopeScali
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    config = LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
-                         rope_theta=10000.0, rope_scaling=dict(rope_scaling) if rope_scaling else None)
+    config = LlamaConfig(
+        hidden_size=128,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        rope_scaling=dict(rope_scaling) if rope_scaling else None,
+    )
     cache = kernels.rope_cos_sin_cache(32, 256, 10000.0, scaling)
     positions = torch.tensor([0, 1, 7, 100, 255])
     q, k = torch.randn(5, 4, 32), torch.randn(5, 2, 32)
@@ -81,8 +94,12 @@ def test_store_kv_writes_slots_and_skips_padding() -> None:
     v_cache = torch.zeros(4, 2, 1, 3)
     k, v = torch.randn(3, 1, 3), torch.randn(3, 1, 3)
     slots = torch.tensor([5, -1, 0])
-    step = AttentionMetadata(cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32),
-                             seq_lens=torch.tensor([3], dtype=torch.int32), max_seqlen_q=3, slot_mapping=slots)
+    step = AttentionMetadata(
+        cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32),
+        seq_lens=torch.tensor([3], dtype=torch.int32),
+        max_seqlen_q=3,
+        slot_mapping=slots,
+    )
     TORCH.store_kv(k, v, k_cache, v_cache, step)
     assert torch.equal(k_cache[2, 1], k[0]) and torch.equal(v_cache[0, 0], v[2])
     assert k_cache.count_nonzero() == 2 * 3  # the padding row wrote nothing
@@ -94,7 +111,9 @@ def test_flash_attention_varlen_is_causal_per_sequence(group: int) -> None:
     q = torch.randn(sum(lengths), 2 * group, 32)
     k, v = torch.randn(sum(lengths), 2, 32), torch.randn(sum(lengths), 2, 32)
     cu = torch.tensor([0, 1, 7, 20], dtype=torch.int32)
-    step = AttentionMetadata(cu_seqlens_q=cu, seq_lens=torch.tensor(lengths, dtype=torch.int32), max_seqlen_q=max(lengths))
+    step = AttentionMetadata(
+        cu_seqlens_q=cu, seq_lens=torch.tensor(lengths, dtype=torch.int32), max_seqlen_q=max(lengths)
+    )
     out = TORCH.flash_attention_varlen(q, k, v, step, scale=0.3)
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
         torch.testing.assert_close(out[start:end], naive_attention(q[start:end], k[start:end], v[start:end], 0.3))
@@ -112,7 +131,9 @@ def test_paged_attention_reads_context_through_shuffled_block_tables(group: int)
     tables = torch.tensor([[7, 2, 12, -1], [0, 15, 5, 9], [3, -1, -1, -1]], dtype=torch.int32)
     cu = torch.tensor([0, 1, 5, 8], dtype=torch.int32)
     q = torch.randn(8, kv_heads * group, dim)
-    out = TORCH.paged_attention(q, k_cache, v_cache, paged_metadata(tables, torch.tensor(seq_lens, dtype=torch.int32), cu))
+    out = TORCH.paged_attention(
+        q, k_cache, v_cache, paged_metadata(tables, torch.tensor(seq_lens, dtype=torch.int32), cu)
+    )
     for b, (length, n_q) in enumerate(zip(seq_lens, query_lens)):
         blocks = tables[b][tables[b] >= 0].long()
         k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
@@ -122,7 +143,9 @@ def test_paged_attention_reads_context_through_shuffled_block_tables(group: int)
 
 
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_cpu_paged_attention_batches_decodes_with_the_reference_result(group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_paged_attention_batches_decodes_with_the_reference_result(
+    group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The CPU path attends every single-query row together: odd lengths, padding rows (length
     0), -1 and stale table entries past each sequence's blocks, a NaN-poisoned cache beyond
     every length, prefill chunks among the decodes, and groups split by the gather budget."""
@@ -159,8 +182,9 @@ def test_cpu_paged_attention_batches_decodes_with_the_reference_result(group: in
         blocks = tables[b][: -(-length // block_size)].long()
         k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
         v = v_cache[blocks].reshape(-1, kv_heads, dim)[:length]
-        torch.testing.assert_close(out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, 0.25),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, 0.25), atol=1e-5, rtol=1e-5
+        )
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 1 << 16)
     whole = attention.paged_attention_cpu(q[:4], k_cache, v_cache, tables[:4], lens[:4], cu[:5], scale=0.25)
     torch.testing.assert_close(whole, out[:4])  # a batch of decodes only, in one group
@@ -175,7 +199,9 @@ def test_decode_groups_cover_every_row_once_with_bounded_padding() -> None:
     assert sorted(b for g in groups for b in g) == seqs
     for group in groups:
         longest = max(lengths[b] for b in group)
-        assert lengths[group[0]] == longest and len(group) * longest <= attention.DECODE_GATHER_TOKENS or len(group) == 1
+        assert (
+            lengths[group[0]] == longest and len(group) * longest <= attention.DECODE_GATHER_TOKENS or len(group) == 1
+        )
         assert sum(lengths[b] for b in group) >= attention.DECODE_FILL * len(group) * longest or len(group) == 1
     assert [b for g in groups for b in g if lengths[b] == 700] == [2, 6], "equal lengths keep their order"
 
@@ -192,8 +218,10 @@ def test_a_plan_made_once_serves_every_layer_of_the_batch() -> None:
     plan = step.cpu_plan(block_size=4)
     for _ in range(2):  # two "layers": other queries, the same plan
         q = torch.randn(5, 4, 8)
-        torch.testing.assert_close(TORCH.paged_attention(q, k_cache, v_cache, step),
-                                   attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu))
+        torch.testing.assert_close(
+            TORCH.paged_attention(q, k_cache, v_cache, step),
+            attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu),
+        )
     assert step.cpu_plan(block_size=4) is plan, "the step's plan was made again"
 
 
@@ -222,12 +250,15 @@ def test_references_take_q_k_v_as_strided_views_of_one_qkv_projection() -> None:
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
     cu = torch.tensor([0, 1, 2, 7, 8], dtype=torch.int32)
-    assert torch.equal(attention.flash_attention_varlen_reference(q, k, v, cu, 5),
-                       attention.flash_attention_varlen_reference(*dense, cu, 5))
+    assert torch.equal(
+        attention.flash_attention_varlen_reference(q, k, v, cu, 5),
+        attention.flash_attention_varlen_reference(*dense, cu, 5),
+    )
     # Decodes first (one SDPA group over a slice of q), a prefill chunk, then a decode out of line.
     tables = torch.tensor([[3], [7], [0], [5]], dtype=torch.int32).repeat(1, 2)
     lens = torch.tensor([4, 4, 5, 2], dtype=torch.int32)
     for n in (4, 2):  # the whole step; its two leading decodes alone (a slice of q, viewed per KV group)
         args = (caches[0], caches[1], tables[:n], lens[:n], cu[: n + 1])
-        assert torch.equal(attention.paged_attention_cpu(q[: cu[n]], *args),
-                           attention.paged_attention_cpu(dense[0][: cu[n]], *args))
+        assert torch.equal(
+            attention.paged_attention_cpu(q[: cu[n]], *args), attention.paged_attention_cpu(dense[0][: cu[n]], *args)
+        )

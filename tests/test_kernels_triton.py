@@ -21,15 +21,18 @@ from splitinfer.kernels.activation_triton import silu_and_mul_triton
 from splitinfer.kernels.attention_triton import flash_attention_varlen_triton, paged_prefill_attention_triton
 from splitinfer.kernels.kv_store import store_kv_reference
 from splitinfer.kernels.kv_store_triton import store_kv_triton
-from splitinfer.kernels.paged_decode_triton import paged_decode_attention_triton
 from splitinfer.kernels.norm_triton import rms_norm_triton
+from splitinfer.kernels.paged_decode_triton import paged_decode_attention_triton
 from splitinfer.kernels.rope_triton import apply_rope_triton_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # bf16 runs only compiled on a GPU: the interpreter multiplies bf16 bit patterns in tl.dot.
 BF16 = pytest.param(
     torch.bfloat16,
-    marks=[pytest.mark.gpu, pytest.mark.skipif(DEVICE != "cuda", reason="bf16 kernels need CUDA (interpreter bf16 dot is wrong)")],
+    marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(DEVICE != "cuda", reason="bf16 kernels need CUDA (interpreter bf16 dot is wrong)"),
+    ],
     id="bf16",
 )
 DTYPES = [torch.float32, torch.float16, BF16]
@@ -90,7 +93,9 @@ def test_silu_and_mul(dtype: torch.dtype, tokens: int) -> None:
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim"), [(4, 4, 32), (8, 2, 64), (32, 4, 128)])
 def test_rope(dtype: torch.dtype, tokens: int, q_heads: int, kv_heads: int, head_dim: int) -> None:
-    cache = rope.rope_cos_sin_cache(head_dim, 4096, 500000.0, rope.RopeScaling("llama3", 8.0, original_max_position=1024)).to(DEVICE)
+    cache = rope.rope_cos_sin_cache(
+        head_dim, 4096, 500000.0, rope.RopeScaling("llama3", 8.0, original_max_position=1024)
+    ).to(DEVICE)
     positions = torch.randint(0, 4096, (tokens,), device=DEVICE)
     # q and k as strided views of one qkv projection, as the model passes them.
     qkv = randn(tokens, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype)
@@ -134,8 +139,15 @@ def test_flash_attention_varlen(dtype: torch.dtype, tokens: int, group: int, hea
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
 
-def paged_case(lengths_q: list[int], context: list[int], kv_heads: int, head_dim: int, dtype: torch.dtype,
-               block_size: int = 16, seed: int = 0):
+def paged_case(
+    lengths_q: list[int],
+    context: list[int],
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int = 16,
+    seed: int = 0,
+):
     """Caches filled with random K/V, and each sequence's blocks scattered at shuffled ids."""
     rng = random.Random(seed)
     blocks_per_seq = [-(-n // block_size) for n in context]
@@ -149,7 +161,8 @@ def paged_case(lengths_q: list[int], context: list[int], kv_heads: int, head_dim
     k_cache = randn(len(ids), block_size, kv_heads, head_dim, dtype=dtype)
     v_cache = randn(len(ids), block_size, kv_heads, head_dim, dtype=dtype)
     return (
-        k_cache, v_cache,
+        k_cache,
+        v_cache,
         torch.tensor(tables, dtype=torch.int32, device=DEVICE),
         torch.tensor(context, dtype=torch.int32, device=DEVICE),
         cu_seqlens(lengths_q),
@@ -164,8 +177,9 @@ def test_paged_prefill_over_cached_prefix(dtype: torch.dtype, group: int, head_d
     lengths_q, context = [37, 5, 1, 130, 12], [37, 90, 200, 160, 12]
     k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths_q, context, 2, head_dim, dtype, seed=group)
     q = randn(sum(lengths_q), 2 * group, head_dim, dtype=dtype)
-    out = paged_prefill_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, max(lengths_q), head_dim**-0.5,
-                                         out=poisoned(q.shape, dtype))
+    out = paged_prefill_attention_triton(
+        q, k_cache, v_cache, tables, seq_lens, cu, max(lengths_q), head_dim**-0.5, out=poisoned(q.shape, dtype)
+    )
     expected = attention.paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, cu)
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
@@ -177,12 +191,17 @@ def test_paged_prefill_over_cached_prefix(dtype: torch.dtype, group: int, head_d
 def test_paged_decode(dtype: torch.dtype, group: int, head_dim: int, num_splits: int) -> None:
     """One query per sequence; contexts from 1 token to several split slices, one a padding row (0)."""
     context = [1, 17, 300, 64, 0]
-    k_cache, v_cache, tables, seq_lens, cu = paged_case([1] * 5, [max(n, 1) for n in context], 2, head_dim, dtype, seed=group)
+    k_cache, v_cache, tables, seq_lens, cu = paged_case(
+        [1] * 5, [max(n, 1) for n in context], 2, head_dim, dtype, seed=group
+    )
     seq_lens[4] = 0  # a CUDA-graph padding row: attends to nothing, must write zeros
     q = randn(5, 2 * group, head_dim, dtype=dtype)
-    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, head_dim**-0.5,
-                                        num_splits=num_splits, out=poisoned(q.shape, dtype))
-    expected = attention.paged_attention_reference(q[:4].float(), k_cache.float(), v_cache.float(), tables[:4], seq_lens[:4], cu[:5])
+    out = paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, seq_lens, cu, head_dim**-0.5, num_splits=num_splits, out=poisoned(q.shape, dtype)
+    )
+    expected = attention.paged_attention_reference(
+        q[:4].float(), k_cache.float(), v_cache.float(), tables[:4], seq_lens[:4], cu[:5]
+    )
     torch.testing.assert_close(out[:4].float(), expected, **TOL[dtype])
     assert torch.equal(out[4], torch.zeros_like(out[4]))
 
@@ -197,12 +216,14 @@ def test_paged_decode_in_a_preallocated_workspace_matches_per_call_scratch() -> 
     q = randn(3, 8, 64, dtype=torch.float32)
     fresh = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4)
     workspace = torch.full((decode_workspace_numel(8, 8, 64),), float("nan"), device=DEVICE)
-    reused = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4,
-                                           workspace=workspace)
+    reused = paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4, workspace=workspace
+    )
     torch.testing.assert_close(reused, fresh, atol=0, rtol=0)
     with pytest.raises(ValueError, match="workspace"):
-        paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4,
-                                      workspace=workspace[:100])
+        paged_decode_attention_triton(
+            q, k_cache, v_cache, tables, seq_lens, cu, 0.125, num_splits=4, workspace=workspace[:100]
+        )
 
 
 def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -226,7 +247,9 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
         model = llm.engine.model
 
         def forward(new_tokens: list[int]) -> torch.Tensor:
-            ids, positions, batch = runner.prepare(SchedulerOutput([ScheduledSeq(s, n) for s, n in zip(seqs, new_tokens)], []))
+            ids, positions, batch = runner.prepare(
+                SchedulerOutput([ScheduledSeq(s, n) for s, n in zip(seqs, new_tokens)], [])
+            )
             for seq, n in zip(seqs, new_tokens):
                 seq.num_computed_tokens += n
             return model.compute_logits(model(ids, positions, batch), batch.logits_indices)
@@ -244,9 +267,11 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
     from splitinfer.kernels import dispatch
 
     launches: list[str] = []
-    for module, name in [(dispatch._triton("paged_decode_triton"), "paged_decode_attention_triton"),
-                         (dispatch._triton("attention_triton"), "flash_attention_varlen_triton"),
-                         (dispatch._triton("norm_triton"), "rms_norm_triton")]:
+    for module, name in [
+        (dispatch._triton("paged_decode_triton"), "paged_decode_attention_triton"),
+        (dispatch._triton("attention_triton"), "flash_attention_varlen_triton"),
+        (dispatch._triton("norm_triton"), "rms_norm_triton"),
+    ]:
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
     actual = logits_and_tokens()
@@ -293,17 +318,20 @@ def test_kernels_take_q_k_v_as_strided_views_of_one_qkv_projection(op: str, head
     elif op == "varlen":
         cu = cu_seqlens(lengths)
         out = flash_attention_varlen_triton(q, k, v, cu, max(lengths), scale, out=poisoned(q.shape, dtype))
-        expected = attention.flash_attention_varlen_reference(q.contiguous(), k.contiguous(), v.contiguous(), cu,
-                                                              max(lengths), scale)
+        expected = attention.flash_attention_varlen_reference(
+            q.contiguous(), k.contiguous(), v.contiguous(), cu, max(lengths), scale
+        )
         torch.testing.assert_close(out, expected, **TOL[dtype])
     elif op == "paged_prefill":
-        out = paged_prefill_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, max(lengths), scale,
-                                             out=poisoned(q.shape, dtype))
+        out = paged_prefill_attention_triton(
+            q, k_cache, v_cache, tables, seq_lens, cu, max(lengths), scale, out=poisoned(q.shape, dtype)
+        )
         expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, scale)
         torch.testing.assert_close(out, expected, **TOL[dtype])
     else:
-        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, scale, num_splits=4,
-                                            out=poisoned(q.shape, dtype))
+        out = paged_decode_attention_triton(
+            q, k_cache, v_cache, tables, seq_lens, cu, scale, num_splits=4, out=poisoned(q.shape, dtype)
+        )
         expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, scale)
         torch.testing.assert_close(out, expected, **TOL[dtype])
     assert torch.equal(qkv, before), f"{op} wrote into its inputs"
@@ -313,6 +341,7 @@ def test_attention_tiles_meet_the_gpu_tl_dot_minimum_at_head_dim_8(monkeypatch: 
     """On the GPU `tl.dot` needs K >= 16 (the interpreter accepts less): the head-dim tile is the
     K of q @ k^T, so a model with head_dim < 16 must still launch BLOCK_D = 16."""
     from launch_spy import LaunchSpy
+
     from splitinfer.kernels import attention_triton, paged_decode_triton
 
     prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel")
@@ -353,6 +382,7 @@ def test_per_step_values_do_not_compile_new_kernel_variants(monkeypatch: pytest.
     prefill kernel metadata slices at any offset: neither may be part of the key the kernels are
     compiled under, or each new value compiles (0.5-2 s) mid-serving."""
     from launch_spy import LaunchSpy
+
     from splitinfer.kernels import attention_triton, paged_decode_triton, select_backend
 
     monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
@@ -365,14 +395,26 @@ def test_per_step_values_do_not_compile_new_kernel_variants(monkeypatch: pytest.
     qkv, q, _, _ = fused_qkv(15, 4, 2, 16, torch.float32)
     for width in (1, 2, 3, 16, 17, 32):
         for decodes in (0, 1, 2, 3):
-            k_cache, v_cache, tables, seq_lens, cu = paged_case([1] * decodes + [3] * (5 - decodes), [3] * 5, 2, 16,
-                                                                torch.float32)
+            k_cache, v_cache, tables, seq_lens, cu = paged_case(
+                [1] * decodes + [3] * (5 - decodes), [3] * 5, 2, 16, torch.float32
+            )
             tables = torch.cat([tables, tables.new_zeros(5, width - tables.shape[1])], 1) if width > 1 else tables
-            mixed = AttentionMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=3, block_tables=tables,
-                                      has_cached_prefix=True, num_decode_seqs=decodes)
+            mixed = AttentionMetadata(
+                cu_seqlens_q=cu,
+                seq_lens=seq_lens,
+                max_seqlen_q=3,
+                block_tables=tables,
+                has_cached_prefix=True,
+                num_decode_seqs=decodes,
+            )
             backend.paged_attention(q[: cu[-1]], k_cache, v_cache, mixed, 0.25)
-            decode_only = AttentionMetadata(cu_seqlens_q=cu_seqlens([1] * 5), seq_lens=seq_lens, max_seqlen_q=1,
-                                            block_tables=tables, has_cached_prefix=True)
+            decode_only = AttentionMetadata(
+                cu_seqlens_q=cu_seqlens([1] * 5),
+                seq_lens=seq_lens,
+                max_seqlen_q=1,
+                block_tables=tables,
+                has_cached_prefix=True,
+            )
             backend.paged_attention(q[:5], k_cache, v_cache, decode_only, 0.25)
     assert len(prefill.launches) == 24 and len(decode.launches) == 24 + 18
     assert len(specialization_keys(prefill, prefill_kernel)) == 1
@@ -383,6 +425,7 @@ def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(monkeypatch: py
     """Decodes packed first, then prefill chunks: the decode kernel takes the first rows, the
     prefill kernel the rest (absolute token offsets), both into one output equal to the reference."""
     from launch_spy import LaunchSpy
+
     from splitinfer.kernels import attention_triton, paged_decode_triton, select_backend
 
     monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
@@ -392,8 +435,14 @@ def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(monkeypatch: py
     lengths_q, context = [1, 1, 1, 6, 9], [70, 1, 17, 30, 9]
     k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths_q, context, 2, 32, torch.float32, seed=3)
     _, q, _, _ = fused_qkv(sum(lengths_q), 8, 2, 32, torch.float32)
-    metadata = AttentionMetadata(cu_seqlens_q=cu, seq_lens=seq_lens, max_seqlen_q=9, block_tables=tables,
-                                 has_cached_prefix=True, num_decode_seqs=3)
+    metadata = AttentionMetadata(
+        cu_seqlens_q=cu,
+        seq_lens=seq_lens,
+        max_seqlen_q=9,
+        block_tables=tables,
+        has_cached_prefix=True,
+        num_decode_seqs=3,
+    )
     out = backend.paged_attention(q, k_cache, v_cache, metadata, 0.2)
     expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, 0.2)
     torch.testing.assert_close(out, expected, **TOL[torch.float32])

@@ -104,12 +104,18 @@ def test_config_missing_a_field_names_it(tmp_path: Path, tiny_checkpoint: Path, 
     ("changes", "message"),
     [
         ({"hidden_size": "128"}, "field 'hidden_size' must be a positive integer"),
-        ({"num_key_value_heads": 3}, "'num_attention_heads' \\(4\\) is not a multiple of 'num_key_value_heads' \\(3\\)"),
+        (
+            {"num_key_value_heads": 3},
+            "'num_attention_heads' \\(4\\) is not a multiple of 'num_key_value_heads' \\(3\\)",
+        ),
         ({"tie_word_embeddings": "yes"}, "field 'tie_word_embeddings' must be true or false"),
         ({"eos_token_id": "x"}, "field 'eos_token_id' must be a token id"),
         ({"hidden_act": "gelu"}, "field 'hidden_act' is 'gelu'"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn', which splitinfer does not support"),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'rope_scaling' \\(llama3\\) is missing 'low_freq_factor'"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "'rope_scaling' \\(llama3\\) is missing 'low_freq_factor'",
+        ),
     ],
 )
 def test_invalid_config_fields_are_named(tmp_path: Path, tiny_checkpoint: Path, changes: dict, message: str) -> None:
@@ -179,7 +185,8 @@ def test_wrong_shape_names_tensor_shapes_and_file(tmp_path: Path, tiny_checkpoin
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(
         CheckpointError,
-        match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' has shape \[64, 128\], expected \[32, 128\]",
+        match=r"model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' "
+        r"has shape \[64, 128\], expected \[32, 128\]",
     ):
         load(path)
 

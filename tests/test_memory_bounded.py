@@ -49,11 +49,14 @@ print(json.dumps({"before_mb": before, "after_mb": rss_mb(), "lengths": len(meas
 """
 
 
-@pytest.mark.skipif(cpu_linear.check_prepack(__import__("torch").float32) is not None or
-                    not Path("/proc/self/status").exists(), reason="needs oneDNN prepacking and /proc")
+@pytest.mark.skipif(
+    cpu_linear.check_prepack(__import__("torch").float32) is not None or not Path("/proc/self/status").exists(),
+    reason="needs oneDNN prepacking and /proc",
+)
 def test_hundreds_of_distinct_prefill_lengths_leave_rss_flat(tiny_checkpoint: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", PROBE, str(tiny_checkpoint)], capture_output=True, text=True,
-                            timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(tiny_checkpoint)], capture_output=True, text=True, timeout=300, check=True
+    )
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["prepacked"], "the engine must have prepacked its weights for this test to mean anything"
     growth = measured["after_mb"] - measured["before_mb"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch_spy import LaunchSpy
+
 from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
@@ -79,8 +79,9 @@ def mixed_step_logits(model: LlamaForCausalLM) -> tuple[torch.Tensor, list[Seque
     return logits, [c, a, d, b], batch
 
 
-def test_mixed_step_packs_decodes_first_and_keeps_logits_in_step_order(tiny_checkpoint: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_step_packs_decodes_first_and_keeps_logits_in_step_order(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SPLITINFER_KERNELS", "torch")
     model = load(tiny_checkpoint)
     logits, in_step_order, batch = mixed_step_logits(model)
@@ -93,8 +94,9 @@ def test_mixed_step_packs_decodes_first_and_keeps_logits_in_step_order(tiny_chec
         torch.testing.assert_close(row, fresh_prefill_logits(model, seq.token_ids), atol=1e-4, rtol=1e-4)
 
 
-def test_mixed_step_through_triton_sends_decodes_to_the_decode_kernel(tiny_checkpoint: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mixed_step_through_triton_sends_decodes_to_the_decode_kernel(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under the interpreter: the mixed step's logits equal the torch path's, the decode kernel
     runs the two decode rows and the prefill kernel only the two longer ones. The backend is
     picked when a model is built, so each backend gets its own model."""
@@ -118,8 +120,9 @@ def test_mixed_step_through_triton_sends_decodes_to_the_decode_kernel(tiny_check
     assert paged == [2] * layers
 
 
-def test_attention_hands_the_kernels_views_of_the_qkv_projection(tiny_checkpoint: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_attention_hands_the_kernels_views_of_the_qkv_projection(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No copies of q, k, v: RoPE, the KV store and attention get strided views of one tensor."""
     model = load(tiny_checkpoint)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -137,8 +140,9 @@ def written_bytes(before: torch.Tensor, after: torch.Tensor) -> int:
     return int((before.view(torch.uint8) != after.view(torch.uint8)).sum())
 
 
-def test_warm_up_runs_every_decode_split_count_and_writes_no_kv(tiny_checkpoint: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warm_up_runs_every_decode_split_count_and_writes_no_kv(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Under the interpreter, with the split count made to vary by batch size as on a GPU (on
     CPU it is always 4): a mixed step at each count, a paged prefill and a fresh prefill, and
     not one bit of the KV cache written."""
@@ -146,8 +150,9 @@ def test_warm_up_runs_every_decode_split_count_and_writes_no_kv(tiny_checkpoint:
     monkeypatch.setenv("SPLITINFER_KERNELS", "triton")
     from splitinfer.kernels import attention_triton, paged_decode_triton
 
-    monkeypatch.setattr(paged_decode_triton, "decode_num_splits",
-                        lambda batch, kv_heads, device: {1: 4, 2: 2}.get(batch, 1))
+    monkeypatch.setattr(
+        paged_decode_triton, "decode_num_splits", lambda batch, kv_heads, device: {1: 4, 2: 2}.get(batch, 1)
+    )
     runner = make_runner(load(tiny_checkpoint), num_blocks=3, max_num_seqs=5)
     k_before, v_before = runner.kv_cache.k.clone(), runner.kv_cache.v.clone()
     prefill = LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel")
@@ -173,6 +178,9 @@ def test_engine_warms_up_when_built(tiny_checkpoint: Path, monkeypatch: pytest.M
 
     calls: list[ModelRunner] = []
     monkeypatch.setattr(ModelRunner, "warm_up", lambda self: calls.append(self) or [])
-    core = EngineCore(EngineConfig(model=str(tiny_checkpoint), device="cpu", num_kv_blocks=16, max_num_seqs=2,
-                                   max_num_batched_tokens=32))
+    core = EngineCore(
+        EngineConfig(
+            model=str(tiny_checkpoint), device="cpu", num_kv_blocks=16, max_num_seqs=2, max_num_batched_tokens=32
+        )
+    )
     assert calls == [core.runner]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from hf_oracle import hf_logits, max_relative_error
+
 from splitinfer.engine import cpu_linear
 from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
@@ -16,9 +16,9 @@ from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
-from splitinfer.protocol.sampling_params import SamplingParams
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
 from splitinfer.engine.sequence import Sequence
+from splitinfer.protocol.sampling_params import SamplingParams
 
 TOLERANCE = 1e-4
 
@@ -76,8 +76,9 @@ def test_prefill_then_decode_through_paged_cache_matches_transformers(variant_ch
     vocab = model.config.vocab_size
     rng = random.Random(2)
     block_size = 4
-    cache = KVCache.allocate(model.config.num_layers, 40, block_size, model.config.num_kv_heads,
-                             model.config.head_dim, torch.float32, "cpu")
+    cache = KVCache.allocate(
+        model.config.num_layers, 40, block_size, model.config.num_kv_heads, model.config.head_dim, torch.float32, "cpu"
+    )
     cache.k.fill_(float("nan"))  # a read of an unwritten slot poisons the logits
     cache.v.fill_(float("nan"))
     runner = ModelRunner(model, cache, sampler=None, max_num_seqs=2, max_model_len=160, use_cuda_graphs=False)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import re
-from msgspec.structs import fields
 from pathlib import Path
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import fields
 
 from splitinfer.protocol import (
     CLIENT_MESSAGES,
@@ -46,8 +46,9 @@ from splitinfer.protocol import (
 )
 from splitinfer.protocol.fields import MAX_ID_LENGTH, MAX_INT, MAX_TOKEN_ID
 
-FAST = settings(max_examples=60, derandomize=True, database=None, deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=60, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 FUZZ = settings(FAST, max_examples=300)
 DOC = Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md"
 
@@ -63,12 +64,20 @@ rates = st.floats(0, 1)
 
 sampling_params = st.builds(
     SamplingParams,
-    max_tokens=st.integers(16, 2**40), min_tokens=st.integers(0, 16), temperature=st.floats(0, 4),
-    top_k=st.integers(-1, 1000), top_p=st.floats(0.01, 1), min_p=rates,
-    seed=st.none() | st.integers(-(2**63), MAX_INT), presence_penalty=st.floats(-2, 2),
-    frequency_penalty=st.floats(-2, 2), repetition_penalty=st.floats(0.1, 4),
-    logit_bias=st.dictionaries(token_id, st.floats(-100, 100), max_size=3), stop_token_ids=token_ids,
-    ignore_eos=st.booleans(), logprobs=st.none() | st.integers(0, 20),
+    max_tokens=st.integers(16, 2**40),
+    min_tokens=st.integers(0, 16),
+    temperature=st.floats(0, 4),
+    top_k=st.integers(-1, 1000),
+    top_p=st.floats(0.01, 1),
+    min_p=rates,
+    seed=st.none() | st.integers(-(2**63), MAX_INT),
+    presence_penalty=st.floats(-2, 2),
+    frequency_penalty=st.floats(-2, 2),
+    repetition_penalty=st.floats(0.1, 4),
+    logit_bias=st.dictionaries(token_id, st.floats(-100, 100), max_size=3),
+    stop_token_ids=token_ids,
+    ignore_eos=st.booleans(),
+    logprobs=st.none() | st.integers(0, 20),
 )
 logprob = st.floats(max_value=0.0, allow_nan=False)  # -inf included
 token_logprobs = st.builds(TokenLogprobs, token_id, logprob, st.lists(st.tuples(token_id, logprob), max_size=3))
@@ -91,16 +100,31 @@ MESSAGES: dict[type[Message], st.SearchStrategy] = {
     Stats: st.just(Stats()),
     Goodbye: st.builds(Goodbye, ids),
     HelloReply: st.builds(
-        HelloReply, ids, ids, st.integers(1, 2**20), st.integers(1, MAX_TOKEN_ID + 1), token_ids,
+        HelloReply,
+        ids,
+        ids,
+        st.integers(1, 2**20),
+        st.integers(1, MAX_TOKEN_ID + 1),
+        token_ids,
         st.none() | st.text(max_size=40),
         st.dictionaries(st.sampled_from(["tokenizer.json", "tokenizer_config.json", "x"]), st.binary(max_size=40)),
-        uints, st.integers(1, 256), st.floats(0.001, 3600)),
+        uints,
+        st.integers(1, 256),
+        st.floats(0.001, 3600),
+    ),
     Outputs: st.builds(Outputs, st.lists(request_outputs(), max_size=4)),
-    Error: st.builds(Error, st.none() | ids, st.sampled_from(list(ErrorCode)), st.text(max_size=40),
-                     st.booleans(), st.none() | st.text(max_size=10)),
+    Error: st.builds(
+        Error,
+        st.none() | ids,
+        st.sampled_from(list(ErrorCode)),
+        st.text(max_size=40),
+        st.booleans(),
+        st.none() | st.text(max_size=10),
+    ),
     Pong: st.builds(Pong, uints, numbers),
-    StatsReply: st.builds(StatsReply, uints, uints, uints, uints, uints, rates, rates,
-                          st.floats(0, 1e9), st.floats(0, 1e9), uints, uints),
+    StatsReply: st.builds(
+        StatsReply, uints, uints, uints, uints, uints, rates, rates, st.floats(0, 1e9), st.floats(0, 1e9), uints, uints
+    ),
     Shutdown: st.builds(Shutdown, st.text(max_size=20)),
 }
 any_message = st.one_of(*MESSAGES.values())
@@ -156,8 +180,17 @@ def test_every_message_round_trips(message: Message):
 
 
 def test_decoded_messages_hold_tuples_and_typed_values():
-    out = decode(encode(Outputs([RequestOutput("a", [4, 5], "stop", [TokenLogprobs(4, -0.1, [[4, -0.1]]),
-                                                                     TokenLogprobs(5, -math.inf)], 3, 2, 0)])))
+    out = decode(
+        encode(
+            Outputs(
+                [
+                    RequestOutput(
+                        "a", [4, 5], "stop", [TokenLogprobs(4, -0.1, [[4, -0.1]]), TokenLogprobs(5, -math.inf)], 3, 2, 0
+                    )
+                ]
+            )
+        )
+    )
     entry = out.outputs[0]
     assert entry.new_token_ids == (4, 5) and entry.logprobs[0].top == ((4, -0.1),)
     assert entry.logprobs[1].logprob == -math.inf
@@ -169,25 +202,47 @@ def test_decoded_messages_hold_tuples_and_typed_values():
 
 
 def test_hello_reply_carries_tokenizer_bytes_and_template():
-    reply = HelloReply("e1", "tiny", 2048, 32000, [2], "{{ messages }}", {"tokenizer.json": b"\x00\xff{}"},
-                       4096, 16, 5.0)
+    reply = HelloReply(
+        "e1", "tiny", 2048, 32000, [2], "{{ messages }}", {"tokenizer.json": b"\x00\xff{}"}, 4096, 16, 5.0
+    )
     assert decode(encode(reply)) == reply
 
 
 # Malformed frames --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", [
-    b"", b"\xc1", b"\x82\xa4type", pack({"type": "ping", "v": 1}) + b"\x00", b"\x91" * 5000 + b"\xc0",
-    b"\xdd\xff\xff\xff\xff", b"\x81\x80\x01", "hello".encode("utf-16"),
-], ids=["empty", "reserved-byte", "truncated", "trailing-bytes", "deep-nesting", "huge-array-header",
-        "unhashable-key", "not-msgpack"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\xc1",
+        b"\x82\xa4type",
+        pack({"type": "ping", "v": 1}) + b"\x00",
+        b"\x91" * 5000 + b"\xc0",
+        b"\xdd\xff\xff\xff\xff",
+        b"\x81\x80\x01",
+        "hello".encode("utf-16"),
+    ],
+    ids=[
+        "empty",
+        "reserved-byte",
+        "truncated",
+        "trailing-bytes",
+        "deep-nesting",
+        "huge-array-header",
+        "unhashable-key",
+        "not-msgpack",
+    ],
+)
 def test_bytes_that_are_not_msgpack_are_bad_message(data: bytes):
     assert rejected(data).code is ErrorCode.BAD_MESSAGE
 
 
-@pytest.mark.parametrize("obj", [[1, 2], "hello", 7, None, {"type": "ping"}, {"v": "1", "type": "ping"}],
-                         ids=["array", "string", "int", "nil", "no-version", "string-version"])
+@pytest.mark.parametrize(
+    "obj",
+    [[1, 2], "hello", 7, None, {"type": "ping"}, {"v": "1", "type": "ping"}],
+    ids=["array", "string", "int", "nil", "no-version", "string-version"],
+)
 def test_a_frame_must_be_a_map_with_an_integer_version(obj: object):
     assert rejected(pack(obj)).code is ErrorCode.BAD_MESSAGE
 
@@ -216,29 +271,32 @@ def test_missing_and_unknown_fields_are_named():
     assert error.code is ErrorCode.BAD_MESSAGE and "colour" in error.message
 
 
-@pytest.mark.parametrize("message, field, value", [
-    (Hello("c", "n", 5), "pid", True),
-    (Hello("c", "n", 5), "pid", 2**64 - 1),
-    (Hello("c", "n", 5), "pid", 0),
-    (Hello("c", "n", 5), "client_id", ""),
-    (Hello("c", "n", 5), "client_id", "x" * (MAX_ID_LENGTH + 1)),
-    (Hello("c", "n", 5), "nonce", 17),
-    (Ping(1, 2.0), "sent_at", math.nan),
-    (Ping(1, 2.0), "sent_at", "now"),
-    (Ping(1, 2.0), "nonce", -1),
-    (Abort(["a"]), "request_ids", []),
-    (Abort(["a"]), "request_ids", "a"),
-    (Abort(["a"]), "reason", None),
-    (Error(None, "internal", "m"), "code", "on_fire"),
-    (Error(None, "internal", "m"), "retryable", 1),
-    (StatsReply(0, 0, 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0), "kv_usage", 1.5),
-    (StatsReply(0, 0, 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0), "running", 1.0),
-    (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "tokenizer_files", {"../evil": b""}),
-    (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "tokenizer_files", {"a.json": "text"}),
-    (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "eos_token_ids", [2, False]),
-    (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "lease_s", 0),
-    (Outputs([]), "outputs", {"request_id": "a"}),
-])
+@pytest.mark.parametrize(
+    "message, field, value",
+    [
+        (Hello("c", "n", 5), "pid", True),
+        (Hello("c", "n", 5), "pid", 2**64 - 1),
+        (Hello("c", "n", 5), "pid", 0),
+        (Hello("c", "n", 5), "client_id", ""),
+        (Hello("c", "n", 5), "client_id", "x" * (MAX_ID_LENGTH + 1)),
+        (Hello("c", "n", 5), "nonce", 17),
+        (Ping(1, 2.0), "sent_at", math.nan),
+        (Ping(1, 2.0), "sent_at", "now"),
+        (Ping(1, 2.0), "nonce", -1),
+        (Abort(["a"]), "request_ids", []),
+        (Abort(["a"]), "request_ids", "a"),
+        (Abort(["a"]), "reason", None),
+        (Error(None, "internal", "m"), "code", "on_fire"),
+        (Error(None, "internal", "m"), "retryable", 1),
+        (StatsReply(0, 0, 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0), "kv_usage", 1.5),
+        (StatsReply(0, 0, 1, 0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0), "running", 1.0),
+        (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "tokenizer_files", {"../evil": b""}),
+        (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "tokenizer_files", {"a.json": "text"}),
+        (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "eos_token_ids", [2, False]),
+        (HelloReply("e", "m", 8, 8, [], None, {}, 0, 16, 5.0), "lease_s", 0),
+        (Outputs([]), "outputs", {"request_id": "a"}),
+    ],
+)
 def test_a_mistyped_or_out_of_range_field_is_bad_message_naming_it(message: Message, field: str, value: object):
     raw = wire(message)
     raw[field] = value
@@ -253,15 +311,18 @@ def _output_entry(**changes: object) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"finish_reason": "bored"}, "finish_reason"),
-    ({"finish_reason": [1]}, "finish_reason"),
-    ({"new_token_ids": [1.0]}, "new_token_ids"),
-    ({"logprobs": [{"token_id": 1, "logprob": -0.5, "top": []}] * 2}, "logprobs"),
-    ({"logprobs": [{"token_id": 1, "logprob": math.nan, "top": []}]}, "logprob"),
-    ({"logprobs": [{"token_id": 1, "logprob": -1.0, "top": [[1]]}]}, "top"),
-    ({"num_cached_tokens": None}, "num_cached_tokens"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"finish_reason": "bored"}, "finish_reason"),
+        ({"finish_reason": [1]}, "finish_reason"),
+        ({"new_token_ids": [1.0]}, "new_token_ids"),
+        ({"logprobs": [{"token_id": 1, "logprob": -0.5, "top": []}] * 2}, "logprobs"),
+        ({"logprobs": [{"token_id": 1, "logprob": math.nan, "top": []}]}, "logprob"),
+        ({"logprobs": [{"token_id": 1, "logprob": -1.0, "top": [[1]]}]}, "top"),
+        ({"num_cached_tokens": None}, "num_cached_tokens"),
+    ],
+)
 def test_a_bad_output_entry_is_bad_message_naming_the_field(changes: dict, field: str):
     error = rejected(pack(_output_entry(**changes)))
     assert error.code is ErrorCode.BAD_MESSAGE and field in error.message
@@ -270,16 +331,20 @@ def test_a_bad_output_entry_is_bad_message_naming_the_field(changes: dict, field
 # Generate: request errors name the request and the field --------------------------------
 
 
-@pytest.mark.parametrize("prompt, code", [
-    ([1, -2, 3], ErrorCode.INVALID_REQUEST),
-    ([1, 2**32], ErrorCode.INVALID_REQUEST),
-    ([], ErrorCode.INVALID_REQUEST),
-    ([1, True], ErrorCode.BAD_MESSAGE),
-    ([1, 2.0], ErrorCode.BAD_MESSAGE),
-    ("1 2 3", ErrorCode.BAD_MESSAGE),
-    (5, ErrorCode.BAD_MESSAGE),
-    ({"0": 1}, ErrorCode.BAD_MESSAGE),
-], ids=["negative", "over-uint32", "empty", "bool", "float", "string", "int", "map"])
+@pytest.mark.parametrize(
+    "prompt, code",
+    [
+        ([1, -2, 3], ErrorCode.INVALID_REQUEST),
+        ([1, 2**32], ErrorCode.INVALID_REQUEST),
+        ([], ErrorCode.INVALID_REQUEST),
+        ([1, True], ErrorCode.BAD_MESSAGE),
+        ([1, 2.0], ErrorCode.BAD_MESSAGE),
+        ("1 2 3", ErrorCode.BAD_MESSAGE),
+        (5, ErrorCode.BAD_MESSAGE),
+        ({"0": 1}, ErrorCode.BAD_MESSAGE),
+    ],
+    ids=["negative", "over-uint32", "empty", "bool", "float", "string", "int", "map"],
+)
 def test_a_bad_prompt_names_the_field_and_the_request(prompt: object, code: ErrorCode):
     error = rejected(pack(generate_wire(prompt_token_ids=prompt)))
     assert error.code is code
@@ -287,13 +352,30 @@ def test_a_bad_prompt_names_the_field_and_the_request(prompt: object, code: Erro
     assert error.request_id == "req-7"
 
 
-@pytest.mark.parametrize("field, value", [
-    ("top_p", 1.5), ("top_p", 0.0), ("temperature", "hot"), ("temperature", -1.0), ("max_tokens", 0),
-    ("max_tokens", True), ("max_tokens", 2**64 - 1), ("min_tokens", 100), ("logprobs", 21), ("seed", 1.5),
-    ("logit_bias", {"5": 1.0}), ("logit_bias", {5: 1000.0}), ("logit_bias", [[5, 1.0]]),
-    ("stop_token_ids", {9: 1}), ("stop_token_ids", "9"), ("stop_token_ids", [-9]), ("ignore_eos", 0),
-    ("repetition_penalty", 0.0), ("presence_penalty", math.nan),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("top_p", 1.5),
+        ("top_p", 0.0),
+        ("temperature", "hot"),
+        ("temperature", -1.0),
+        ("max_tokens", 0),
+        ("max_tokens", True),
+        ("max_tokens", 2**64 - 1),
+        ("min_tokens", 100),
+        ("logprobs", 21),
+        ("seed", 1.5),
+        ("logit_bias", {"5": 1.0}),
+        ("logit_bias", {5: 1000.0}),
+        ("logit_bias", [[5, 1.0]]),
+        ("stop_token_ids", {9: 1}),
+        ("stop_token_ids", "9"),
+        ("stop_token_ids", [-9]),
+        ("ignore_eos", 0),
+        ("repetition_penalty", 0.0),
+        ("presence_penalty", math.nan),
+    ],
+)
 def test_a_bad_sampling_parameter_is_invalid_request_naming_it(field: str, value: object):
     error = rejected(pack(params_wire(**{field: value})))
     assert error.code is ErrorCode.INVALID_REQUEST
@@ -350,25 +432,35 @@ def test_limits_are_validated():
 # Construction: the sender's bug shows where it is made ---------------------------------
 
 
-@pytest.mark.parametrize("build, field", [
-    (lambda: Generate("r", [1, True], SamplingParams()), "Generate.prompt_token_ids"),
-    (lambda: Generate("r", [1], {"max_tokens": 5}), "Generate.params"),
-    (lambda: RequestOutput("r", [1, 2], None, [TokenLogprobs(1, -1.0)]), "RequestOutput.logprobs"),
-    (lambda: RequestOutput("r", [1], "done"), "RequestOutput.finish_reason"),
-    (lambda: TokenLogprobs(1, -1.0, [(2, -1.0)] * 21), "TokenLogprobs.top"),
-    (lambda: Outputs([{"request_id": "r"}]), "Outputs.outputs"),
-    (lambda: Hello("c", "n", 1.0), "Hello.pid"),
-])
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: Generate("r", [1, True], SamplingParams()), "Generate.prompt_token_ids"),
+        (lambda: Generate("r", [1], {"max_tokens": 5}), "Generate.params"),
+        (lambda: RequestOutput("r", [1, 2], None, [TokenLogprobs(1, -1.0)]), "RequestOutput.logprobs"),
+        (lambda: RequestOutput("r", [1], "done"), "RequestOutput.finish_reason"),
+        (lambda: TokenLogprobs(1, -1.0, [(2, -1.0)] * 21), "TokenLogprobs.top"),
+        (lambda: Outputs([{"request_id": "r"}]), "Outputs.outputs"),
+        (lambda: Hello("c", "n", 1.0), "Hello.pid"),
+    ],
+)
 def test_building_an_invalid_message_raises_protocol_error_naming_the_field(build, field: str):
     with pytest.raises(ProtocolError, match=re.escape(field)):
         build()
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"max_tokens": 2**64}, "max_tokens"), ({"top_k": 2**63}, "top_k"), ({"seed": 2**63}, "seed"),
-    ({"seed": -(2**63) - 1}, "seed"), ({"stop_token_ids": [2**40]}, "stop_token_ids"),
-    ({"logit_bias": {2**32: 1.0}}, "logit_bias"), ({"min_tokens": 2**63}, "min_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 2**64}, "max_tokens"),
+        ({"top_k": 2**63}, "top_k"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"stop_token_ids": [2**40]}, "stop_token_ids"),
+        ({"logit_bias": {2**32: 1.0}}, "logit_bias"),
+        ({"min_tokens": 2**63}, "min_tokens"),
+    ],
+)
 def test_sampling_params_refuse_what_the_wire_cannot_carry(kwargs: dict, field: str):
     # SamplingParams owns the wire's bounds (int64, uint32 token ids), so no Generate can hold more.
     with pytest.raises(ValueError, match=re.escape(field)):
@@ -397,10 +489,15 @@ def decode_or_protocol_error(data: bytes) -> None:
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=8),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.integers(-5, 5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(-5, 5), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -471,42 +568,48 @@ def test_default_address_is_under_xdg_runtime_dir_or_tmp(monkeypatch: pytest.Mon
     monkeypatch.delenv("XDG_RUNTIME_DIR")
     address = default_engine_address()
     assert re.fullmatch(r"ipc:///tmp/splitinfer-engine-\d+\.sock", address)
-    assert parse_address(address).path == address[len("ipc://"):]
+    assert parse_address(address).path == address[len("ipc://") :]
     monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/dir")  # not trusted: falls back to /tmp
     assert default_engine_address() == address
 
 
-@pytest.mark.parametrize("address, scheme, path, host, port", [
-    ("ipc:///tmp/e.sock", "ipc", "/tmp/e.sock", None, None),
-    ("tcp://127.0.0.1:5555", "tcp", None, "127.0.0.1", 5555),
-    ("tcp://engine-0.cluster.local:1", "tcp", None, "engine-0.cluster.local", 1),
-    ("tcp://*:65535", "tcp", None, "*", 65535),
-    ("tcp://[::1]:5555", "tcp", None, "[::1]", 5555),
-])
+@pytest.mark.parametrize(
+    "address, scheme, path, host, port",
+    [
+        ("ipc:///tmp/e.sock", "ipc", "/tmp/e.sock", None, None),
+        ("tcp://127.0.0.1:5555", "tcp", None, "127.0.0.1", 5555),
+        ("tcp://engine-0.cluster.local:1", "tcp", None, "engine-0.cluster.local", 1),
+        ("tcp://*:65535", "tcp", None, "*", 65535),
+        ("tcp://[::1]:5555", "tcp", None, "[::1]", 5555),
+    ],
+)
 def test_parse_valid_addresses(address: str, scheme: str, path, host, port):
     parsed = parse_address(address)
     assert (parsed.scheme, parsed.path, parsed.host, parsed.port) == (scheme, path, host, port)
     assert parsed.url == str(parsed) == address
 
 
-@pytest.mark.parametrize("address, why", [
-    ("/tmp/e.sock", "no scheme"),
-    ("http://localhost:80", "only ipc:// and tcp://"),
-    ("ipc://relative.sock", "absolute"),
-    ("ipc://@abstract", "abstract"),
-    ("ipc:///tmp/dir/", "directory"),
-    ("ipc:///" + "x" * 200, "107"),
-    ("tcp://localhost", "port"),
-    ("tcp://localhost:0", "port"),
-    ("tcp://localhost:70000", "port"),
-    ("tcp://localhost:http", "port"),
-    ("tcp://:5555", "host:port"),
-    ("tcp://[zz]:5555", "IPv6"),
-    ("tcp://bad/host:5555", "host name"),
-    ("tcp://a;b:5555", "host name"),
-    ("tcp://local host:5555", "whitespace"),
-    (None, "string"),
-])
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("/tmp/e.sock", "no scheme"),
+        ("http://localhost:80", "only ipc:// and tcp://"),
+        ("ipc://relative.sock", "absolute"),
+        ("ipc://@abstract", "abstract"),
+        ("ipc:///tmp/dir/", "directory"),
+        ("ipc:///" + "x" * 200, "107"),
+        ("tcp://localhost", "port"),
+        ("tcp://localhost:0", "port"),
+        ("tcp://localhost:70000", "port"),
+        ("tcp://localhost:http", "port"),
+        ("tcp://:5555", "host:port"),
+        ("tcp://[zz]:5555", "IPv6"),
+        ("tcp://bad/host:5555", "host name"),
+        ("tcp://a;b:5555", "host name"),
+        ("tcp://local host:5555", "whitespace"),
+        (None, "string"),
+    ],
+)
 def test_parse_invalid_addresses_says_why(address: object, why: str):
     with pytest.raises(ValueError, match=re.escape(why)):
         parse_address(address)

@@ -18,7 +18,9 @@ VOCAB = 50
 EOS = 49
 
 
-def seq(params: SamplingParams, prompt: list[int] = (1, 2), outputs: list[int] = (), seed: int | None = None) -> Sequence:
+def seq(
+    params: SamplingParams, prompt: list[int] = (1, 2), outputs: list[int] = (), seed: int | None = None
+) -> Sequence:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     s = Sequence("r", list(prompt), params, generator)
     s.token_ids += list(outputs)
@@ -45,15 +47,21 @@ def draws(params: SamplingParams, row: list[float], count: int = 400) -> list[in
 
 def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
     rows = logits_of(ramp(), ramp()[::-1], ramp())
-    out = sampler()(rows, [seq(SamplingParams(temperature=0)), seq(SamplingParams(temperature=1.5)),
-                           seq(SamplingParams(temperature=0, ignore_eos=True))])
+    out = sampler()(
+        rows,
+        [
+            seq(SamplingParams(temperature=0)),
+            seq(SamplingParams(temperature=1.5)),
+            seq(SamplingParams(temperature=0, ignore_eos=True)),
+        ],
+    )
     assert out.token_ids[0] == 49 and out.token_ids[2] == 49
 
 
 def test_temperature_sampling_follows_the_softmax() -> None:
     row = [0.0] * VOCAB
     row[3], row[7] = 2.0, 1.0  # p(3) : p(7) = e : 1 at T=1, e^2 : 1 at T=0.5
-    for temperature, ratio in ((1.0, math.e), (0.5, math.e ** 2)):
+    for temperature, ratio in ((1.0, math.e), (0.5, math.e**2)):
         picks = draws(SamplingParams(temperature=temperature, top_k=2), row, count=3000)
         assert set(picks) <= {3, 7}
         assert picks.count(3) / picks.count(7) == pytest.approx(ratio, rel=0.15)
@@ -85,10 +93,18 @@ def test_presence_and_frequency_penalties_subtract_as_openai_defines() -> None:
     row[5], row[6] = 3.0, 2.0
     greedy = dict(temperature=0)
     # token 5 already generated twice: frequency 0.6 * 2 = 1.2 takes it below token 6
-    assert sampler()(logits_of(row), [seq(SamplingParams(frequency_penalty=0.6, **greedy), outputs=[5, 5])]).token_ids == [6]
-    assert sampler()(logits_of(row), [seq(SamplingParams(frequency_penalty=0.4, **greedy), outputs=[5, 5])]).token_ids == [5]
-    assert sampler()(logits_of(row), [seq(SamplingParams(presence_penalty=1.1, **greedy), outputs=[5, 5])]).token_ids == [6]
-    assert sampler()(logits_of(row), [seq(SamplingParams(presence_penalty=0.9, **greedy), outputs=[5, 5])]).token_ids == [5]
+    assert sampler()(
+        logits_of(row), [seq(SamplingParams(frequency_penalty=0.6, **greedy), outputs=[5, 5])]
+    ).token_ids == [6]
+    assert sampler()(
+        logits_of(row), [seq(SamplingParams(frequency_penalty=0.4, **greedy), outputs=[5, 5])]
+    ).token_ids == [5]
+    assert sampler()(
+        logits_of(row), [seq(SamplingParams(presence_penalty=1.1, **greedy), outputs=[5, 5])]
+    ).token_ids == [6]
+    assert sampler()(
+        logits_of(row), [seq(SamplingParams(presence_penalty=0.9, **greedy), outputs=[5, 5])]
+    ).token_ids == [5]
     # the prompt does not count for presence or frequency
     assert sampler()(logits_of(row), [seq(SamplingParams(presence_penalty=2, **greedy), prompt=[5])]).token_ids == [5]
 
@@ -119,19 +135,24 @@ def test_min_tokens_suppresses_eos_and_stop_tokens_until_reached() -> None:
     assert sampler()(logits_of(row), [seq(early, outputs=[1])]).token_ids == [47]
     assert sampler()(logits_of(row), [seq(early, outputs=[1, 2, 3])]).token_ids == [49]
     ignoring = SamplingParams(temperature=0, min_tokens=3, ignore_eos=True)
-    assert sampler()(logits_of(row), [seq(ignoring, outputs=[1])]).token_ids == [49], \
+    assert sampler()(logits_of(row), [seq(ignoring, outputs=[1])]).token_ids == [49], (
         "with ignore_eos, eos is an ordinary token: nothing to suppress"
+    )
 
 
 def test_logprobs_come_from_the_raw_distribution() -> None:
     row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3))
-    params = [SamplingParams(temperature=0, logprobs=5, logit_bias={0: 50.0}), SamplingParams(logprobs=0),
-              SamplingParams()]
+    params = [
+        SamplingParams(temperature=0, logprobs=5, logit_bias={0: 50.0}),
+        SamplingParams(logprobs=0),
+        SamplingParams(),
+    ]
     out = sampler()(torch.stack([row, row, row]), [seq(p) for p in params])
     reference = row.log_softmax(-1)
     first, second, third = out.logprobs
-    assert first.token_id == 0 and first.logprob == pytest.approx(reference[0].item(), abs=1e-6), \
+    assert first.token_id == 0 and first.logprob == pytest.approx(reference[0].item(), abs=1e-6), (
         "the chosen token's logprob ignores the bias that chose it"
+    )
     top = reference.topk(5)
     assert [t for t, _ in first.top] == top.indices.tolist()
     assert [lp for _, lp in first.top] == pytest.approx(top.values.tolist(), abs=1e-6)
@@ -157,17 +178,20 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_and_position() ->
     assert [sampler()(row[None].clone(), [other]).token_ids[0] for _ in range(20)] != alone
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"min_p": 1.5}, "min_p"),
-    ({"presence_penalty": 3}, "presence_penalty"),
-    ({"frequency_penalty": -2.5}, "frequency_penalty"),
-    ({"repetition_penalty": 0}, "repetition_penalty"),
-    ({"logit_bias": {1: 150}}, "logit_bias"),
-    ({"logit_bias": {-1: 1}}, "logit_bias"),
-    ({"logprobs": 21}, "logprobs"),
-    ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-    ({"top_k": 1.5}, "top_k"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"min_p": 1.5}, "min_p"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"logit_bias": {1: 150}}, "logit_bias"),
+        ({"logit_bias": {-1: 1}}, "logit_bias"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"top_k": 1.5}, "top_k"),
+    ],
+)
 def test_invalid_sampling_settings_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
@@ -181,11 +205,14 @@ HOSTILE_NUMBERS = (2**63, -(2**63) - 1, 2**64, 10**400, -(10**400), math.inf, -m
 
 
 @pytest.mark.parametrize("field", FLOAT_FIELDS + INT_FIELDS)
-@pytest.mark.parametrize("value", HOSTILE_NUMBERS, ids=lambda v: f"{v:.3g}" if isinstance(v, float) else
-                         f"int{v.bit_length()}b")
+@pytest.mark.parametrize(
+    "value", HOSTILE_NUMBERS, ids=lambda v: f"{v:.3g}" if isinstance(v, float) else f"int{v.bit_length()}b"
+)
 def test_every_numeric_field_refuses_what_the_engine_cannot_represent(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"^{field} must be") as refused:
-        SamplingParams(max_tokens=2**62, **{field: value}) if field != "max_tokens" else SamplingParams(max_tokens=value)
+        SamplingParams(max_tokens=2**62, **{field: value}) if field != "max_tokens" else SamplingParams(
+            max_tokens=value
+        )
     assert len(str(refused.value)) < 200, "the message describes a huge number instead of printing it"
 
 
@@ -211,8 +238,16 @@ def test_ints_given_for_floats_are_stored_as_floats() -> None:
 
 def test_the_widest_accepted_values_sample_without_error_or_nan() -> None:
     extremes = [
-        SamplingParams(temperature=100, top_k=2**63 - 1, repetition_penalty=100, presence_penalty=2,
-                       frequency_penalty=-2, logit_bias={0: 100.0, 1: -100.0}, seed=2**63 - 1, logprobs=20),
+        SamplingParams(
+            temperature=100,
+            top_k=2**63 - 1,
+            repetition_penalty=100,
+            presence_penalty=2,
+            frequency_penalty=-2,
+            logit_bias={0: 100.0, 1: -100.0},
+            seed=2**63 - 1,
+            logprobs=20,
+        ),
         SamplingParams(temperature=1e-300, seed=-(2**63), min_p=1.0, top_p=1e-300),
         SamplingParams(temperature=5e-324, top_k=-1),
         SamplingParams(temperature=1e-30, repetition_penalty=0.01),
@@ -226,6 +261,7 @@ def test_the_widest_accepted_values_sample_without_error_or_nan() -> None:
 
 
 # One upload, one read-back, and a sort only for the rows that truncate -----------------
+
 
 class CallLog(TorchFunctionMode):
     """Every torch function and tensor method called under it, with its arguments."""
@@ -246,29 +282,40 @@ def holds_a_list(index: object) -> bool:
 def test_a_step_builds_two_host_tensors_and_reads_back_only_its_tokens() -> None:
     """The CPU stand-in for the CUDA sync budget: on CUDA each tensor built from Python data (by
     torch.tensor, or a Python list used as an index) is an upload, and these calls wait for the device."""
-    batch = [SamplingParams(temperature=0, logit_bias={5: 9.0}), SamplingParams(temperature=0.8),
-             SamplingParams(top_p=0.9, seed=1), SamplingParams(top_k=20), SamplingParams(min_tokens=5, seed=2),
-             SamplingParams(temperature=0.7, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3),
-             SamplingParams(min_p=0.1, seed=3, logit_bias={9: -3.0}, stop_token_ids=(7,), min_tokens=9)]
+    batch = [
+        SamplingParams(temperature=0, logit_bias={5: 9.0}),
+        SamplingParams(temperature=0.8),
+        SamplingParams(top_p=0.9, seed=1),
+        SamplingParams(top_k=20),
+        SamplingParams(min_tokens=5, seed=2),
+        SamplingParams(temperature=0.7, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(min_p=0.1, seed=3, logit_bias={9: -3.0}, stop_token_ids=(7,), min_tokens=9),
+    ]
     seqs = [seq(p, outputs=[11, 12, 11], seed=p.seed) for p in batch]
     logits = logits_of(*[ramp()] * len(batch))
     with CallLog() as log:
         sampler()(logits, seqs)
     names = [name for name, _, _ in log.calls]
     assert sum(name in ("tensor", "as_tensor") for name in names) <= 2, "more than one float32 and one int64 tensor"
-    list_indexed = [args[1] for name, args, _ in log.calls
-                    if name in ("__getitem__", "__setitem__") and holds_a_list(args[1])]
+    list_indexed = [
+        args[1] for name, args, _ in log.calls if name in ("__getitem__", "__setitem__") and holds_a_list(args[1])
+    ]
     assert not list_indexed, "a Python list as an index is an upload that waits on CUDA"
     assert not {"item", "nonzero", "masked_select", "__bool__", "__int__", "__float__", "__index__"} & set(names)
     assert names.count("tolist") == 1
-    assert not [kwargs for name, _, kwargs in log.calls if name == "index_put_" and kwargs.get("accumulate")], \
+    assert not [kwargs for name, _, kwargs in log.calls if name == "index_put_" and kwargs.get("accumulate")], (
         "older torch reads the index range back for index_put_(accumulate=True)"
+    )
 
 
 def test_logprobs_add_one_read_back_whatever_how_many_rows_ask() -> None:
     """The chosen token's logprob and the top k of every row come back in one read, not three."""
-    seqs = [seq(SamplingParams(temperature=0, logprobs=3)), seq(SamplingParams(temperature=0.8, logprobs=0)),
-            seq(SamplingParams(top_p=0.9, seed=1)), seq(SamplingParams(temperature=0, logprobs=20))]
+    seqs = [
+        seq(SamplingParams(temperature=0, logprobs=3)),
+        seq(SamplingParams(temperature=0.8, logprobs=0)),
+        seq(SamplingParams(top_p=0.9, seed=1)),
+        seq(SamplingParams(temperature=0, logprobs=20)),
+    ]
     with CallLog() as log:
         out = sampler()(logits_of(*[ramp()] * len(seqs)), seqs)
     assert [name for name, _, _ in log.calls].count("tolist") == 2
@@ -276,16 +323,19 @@ def test_logprobs_add_one_read_back_whatever_how_many_rows_ask() -> None:
     assert all(isinstance(token, int) for lp in out.logprobs if lp for token, _ in lp.top)
 
 
-@pytest.mark.parametrize(("kwargs", "needed"), [
-    ({}, False),
-    ({"top_k": -1}, False),
-    ({"top_k": VOCAB}, False),
-    ({"top_k": 10**6, "top_p": 1.0, "min_p": 0.0}, False),
-    ({"temperature": 0, "top_k": 3, "top_p": 0.5, "min_p": 0.2}, False),
-    ({"top_k": VOCAB - 1}, True),
-    ({"top_p": 0.99}, True),
-    ({"min_p": 1e-6}, True),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "needed"),
+    [
+        ({}, False),
+        ({"top_k": -1}, False),
+        ({"top_k": VOCAB}, False),
+        ({"top_k": 10**6, "top_p": 1.0, "min_p": 0.0}, False),
+        ({"temperature": 0, "top_k": 3, "top_p": 0.5, "min_p": 0.2}, False),
+        ({"top_k": VOCAB - 1}, True),
+        ({"top_p": 0.99}, True),
+        ({"min_p": 1e-6}, True),
+    ],
+)
 def test_only_rows_with_top_k_top_p_or_min_p_need_the_sort(kwargs: dict, needed: bool) -> None:
     assert needs_sort(SamplingParams(**kwargs), VOCAB) is needed
 
@@ -299,8 +349,12 @@ def test_a_batch_sorts_only_the_rows_that_need_it(monkeypatch: pytest.MonkeyPatc
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "sort", spy)
-    untruncated = [SamplingParams(temperature=0), SamplingParams(temperature=0.8), SamplingParams(top_k=VOCAB),
-                   SamplingParams(top_k=-1, top_p=1.0, min_p=0.0, seed=5)]
+    untruncated = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8),
+        SamplingParams(top_k=VOCAB),
+        SamplingParams(top_k=-1, top_p=1.0, min_p=0.0, seed=5),
+    ]
     out = sampler()(logits_of(*[ramp()] * 4), [seq(p, seed=p.seed) for p in untruncated])
     assert sorted_rows == [], "no row truncates, yet the logits were sorted"
     assert out.token_ids[0] == 49
@@ -310,8 +364,9 @@ def test_a_batch_sorts_only_the_rows_that_need_it(monkeypatch: pytest.MonkeyPatc
     assert out.token_ids[0] == 49 and out.token_ids[4] in (45, 46, 47, 48, 49)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, min_p=1e-9)],
-                         ids=["unsorted", "sorted"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=0.7), SamplingParams(temperature=0.7, min_p=1e-9)], ids=["unsorted", "sorted"]
+)
 def test_both_races_draw_from_the_softmax_of_logits_over_temperature(params: SamplingParams) -> None:
     row = [-30.0] * VOCAB  # tokens 5..9 carry all the mass; min_p=1e-9 drops only the rest
     for token, logit in zip(range(5, 10), (0.0, 0.4, 0.8, 1.2, 1.6)):
@@ -326,9 +381,14 @@ def test_both_races_draw_from_the_softmax_of_logits_over_temperature(params: Sam
 
 
 def test_greedy_rows_take_the_argmax_beside_every_other_kind_of_row() -> None:
-    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=1.5), SamplingParams(temperature=1.5, top_k=3),
-             SamplingParams(temperature=0, top_p=0.1), SamplingParams(temperature=2.0, min_p=0.5, seed=3),
-             SamplingParams(temperature=1.0, seed=4)]
+    kinds = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.5),
+        SamplingParams(temperature=1.5, top_k=3),
+        SamplingParams(temperature=0, top_p=0.1),
+        SamplingParams(temperature=2.0, min_p=0.5, seed=3),
+        SamplingParams(temperature=1.0, seed=4),
+    ]
     rows = [ramp()[::-1] if i % 2 else ramp() for i in range(len(kinds))]
     for step in range(10):
         out = sampler(seed=step)(logits_of(*rows), [seq(p, seed=p.seed) for p in kinds])
@@ -348,8 +408,11 @@ def test_unseeded_rows_draw_the_same_whatever_seeded_rows_sit_between_them() -> 
     assert [out[0], out[2], out[4]] == alone
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.9, top_k=20)],
-                         ids=["untruncated", "truncated"])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.9, top_k=20)],
+    ids=["untruncated", "truncated"],
+)
 def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_mates_ask_for(params: SamplingParams) -> None:
     row = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1))
 
@@ -362,17 +425,20 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_its_batch_mates_ask_for(par
     alone = run([SamplingParams(temperature=0)])
     assert len(set(alone)) > 1
     assert run([SamplingParams(top_p=0.8), SamplingParams(min_p=0.1, seed=1)]) == alone, "beside truncated rows"
-    assert run([SamplingParams(temperature=1.2), SamplingParams(temperature=0, seed=6)]) == alone, \
+    assert run([SamplingParams(temperature=1.2), SamplingParams(temperature=0, seed=6)]) == alone, (
         "beside untruncated and greedy rows"
+    )
 
 
 def test_bias_stop_suppression_and_penalties_stay_in_their_own_rows() -> None:
     row = ramp()  # eos (49) is the argmax, then 48
-    batch = [seq(SamplingParams(temperature=0, logit_bias={3: 100.0, 7: 1.0})),
-             seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(48,)), outputs=[1]),
-             seq(SamplingParams(temperature=0, frequency_penalty=2.0, repetition_penalty=2.0), outputs=[49, 49]),
-             seq(SamplingParams(temperature=0)),
-             seq(SamplingParams(temperature=0, logit_bias={48: 0.5}, presence_penalty=1.0), outputs=[49])]
+    batch = [
+        seq(SamplingParams(temperature=0, logit_bias={3: 100.0, 7: 1.0})),
+        seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(48,)), outputs=[1]),
+        seq(SamplingParams(temperature=0, frequency_penalty=2.0, repetition_penalty=2.0), outputs=[49, 49]),
+        seq(SamplingParams(temperature=0)),
+        seq(SamplingParams(temperature=0, logit_bias={48: 0.5}, presence_penalty=1.0), outputs=[49]),
+    ]
     assert sampler()(logits_of(*[row] * 5), batch).token_ids == [3, 47, 48, 49, 48]
 
 
@@ -380,17 +446,30 @@ def test_bias_stop_suppression_and_penalties_stay_in_their_own_rows() -> None:
 
 CUDA_VOCAB = 4096
 CUDA_BATCHES = {
-    "mixed": [SamplingParams(temperature=0, logit_bias={5: 100.0}), SamplingParams(temperature=0.8),
-              SamplingParams(top_p=0.9, seed=1), SamplingParams(top_k=20),
-              SamplingParams(min_tokens=5, stop_token_ids=(7,), seed=2),
-              SamplingParams(temperature=0.7, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3),
-              SamplingParams(min_p=0.1, seed=3, logit_bias={9: -3.0})],
-    "untruncated": [SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, frequency_penalty=1.0),
-                    SamplingParams(temperature=0, logit_bias={5: 100.0}), SamplingParams(min_tokens=4)],
-    "truncated-and-seeded": [SamplingParams(top_k=50, seed=4), SamplingParams(top_p=0.5, min_p=0.05, seed=5),
-                             SamplingParams(temperature=0, logit_bias={5: 100.0}, seed=6)],
-    "greedy": [SamplingParams(temperature=0, logit_bias={5: 100.0}),
-               SamplingParams(temperature=0, min_tokens=4, stop_token_ids=(7,))],
+    "mixed": [
+        SamplingParams(temperature=0, logit_bias={5: 100.0}),
+        SamplingParams(temperature=0.8),
+        SamplingParams(top_p=0.9, seed=1),
+        SamplingParams(top_k=20),
+        SamplingParams(min_tokens=5, stop_token_ids=(7,), seed=2),
+        SamplingParams(temperature=0.7, repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(min_p=0.1, seed=3, logit_bias={9: -3.0}),
+    ],
+    "untruncated": [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=1.0, frequency_penalty=1.0),
+        SamplingParams(temperature=0, logit_bias={5: 100.0}),
+        SamplingParams(min_tokens=4),
+    ],
+    "truncated-and-seeded": [
+        SamplingParams(top_k=50, seed=4),
+        SamplingParams(top_p=0.5, min_p=0.05, seed=5),
+        SamplingParams(temperature=0, logit_bias={5: 100.0}, seed=6),
+    ],
+    "greedy": [
+        SamplingParams(temperature=0, logit_bias={5: 100.0}),
+        SamplingParams(temperature=0, min_tokens=4, stop_token_ids=(7,)),
+    ],
 }
 
 

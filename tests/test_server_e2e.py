@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from procs import free_port, start_engine, start_server, stop, wait_for_health
+
 from splitinfer.engine import LLM, SamplingParams
 
 API_KEY = "sk-test-key"
@@ -48,8 +48,9 @@ def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     servers: dict[int, subprocess.Popen] = {}
     try:
         keyed, open_ = free_port(), free_port()
-        servers[keyed] = start_server(address, keyed, tmp / "keyed.log", "--api-key", API_KEY,
-                                      "--max-request-bytes", str(BODY_LIMIT))
+        servers[keyed] = start_server(
+            address, keyed, tmp / "keyed.log", "--api-key", API_KEY, "--max-request-bytes", str(BODY_LIMIT)
+        )
         servers[open_] = start_server(address, open_, tmp / "open.log")
         yield Stack(address, engine, tmp / "engine.log", keyed, open_, servers, tmp)
     finally:
@@ -72,8 +73,12 @@ def hf_tokenizer(tiny_checkpoint: Path):
 
 def sdk(stack: Stack, port: int | None = None) -> openai.OpenAI:
     port = port or stack.keyed_port
-    return openai.OpenAI(base_url=f"{stack.url(port)}/v1", api_key=API_KEY if port == stack.keyed_port else "none",
-                         max_retries=0, timeout=60)
+    return openai.OpenAI(
+        base_url=f"{stack.url(port)}/v1",
+        api_key=API_KEY if port == stack.keyed_port else "none",
+        max_retries=0,
+        timeout=60,
+    )
 
 
 def chat_ids(hf_tokenizer, messages: list[dict]) -> list[int]:
@@ -81,7 +86,9 @@ def chat_ids(hf_tokenizer, messages: list[dict]) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def expected(offline: LLM, hf_tokenizer, prompt_ids: list[int], max_tokens: int, **params) -> tuple[str, list[int], str]:
+def expected(
+    offline: LLM, hf_tokenizer, prompt_ids: list[int], max_tokens: int, **params
+) -> tuple[str, list[int], str]:
     out = offline.generate([prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0.0, **params))[0]
     return hf_tokenizer.decode(out.token_ids, skip_special_tokens=True), out.token_ids, out.finish_reason
 
@@ -121,23 +128,36 @@ def test_completions_streamed_and_not_equal_the_offline_engine(stack: Stack, off
     ids = hf_tokenizer(prompt)["input_ids"]
     text, tokens, _ = expected(offline, hf_tokenizer, ids, 20, ignore_eos=True)
     client = sdk(stack)
-    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    whole = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert whole.object == "text_completion" and whole.choices[0].text == text
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 20
-    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True,
-                                            extra_body={"ignore_eos": True}))
+    chunks = list(
+        client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["length"]
-    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    by_ids = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert by_ids.choices[0].text == text
 
 
 def test_chat_stream_shape_role_finish_usage_and_done(stack: Stack, offline: LLM, hf_tokenizer) -> None:
     text, tokens, _ = expected(offline, hf_tokenizer, chat_ids(hf_tokenizer, MESSAGES), 16, ignore_eos=True)
-    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 16, "temperature": 0, "stream": True, "n": 2,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "model": "tiny",
+        "messages": MESSAGES,
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+        "n": 2,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", f"{stack.url(stack.open_port)}/v1/chat/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         payloads = sse_events(r)
@@ -160,8 +180,9 @@ def test_stop_strings_end_the_text_before_them_streamed_or_not(stack: Stack, off
     stop = free[10:13]  # a stop string from the middle of the text, likely spanning tokens
     assert stop and stop in free
     client = sdk(stack)
-    common = dict(model="tiny", messages=MESSAGES, max_tokens=40, temperature=0, stop=[stop],
-                  extra_body={"ignore_eos": True})
+    common = dict(
+        model="tiny", messages=MESSAGES, max_tokens=40, temperature=0, stop=[stop], extra_body={"ignore_eos": True}
+    )
     whole = client.chat.completions.create(**common)
     assert whole.choices[0].message.content == free[: free.index(stop)]
     assert whole.choices[0].finish_reason == "stop"
@@ -171,8 +192,15 @@ def test_stop_strings_end_the_text_before_them_streamed_or_not(stack: Stack, off
 
 def test_n_choices_with_a_seed_are_reproducible(stack: Stack) -> None:
     client = sdk(stack)
-    ask = lambda: client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=1.0,  # noqa: E731
-                                                 n=2, seed=42, extra_body={"ignore_eos": True})
+    ask = lambda: client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=1.0,  # noqa: E731
+        n=2,
+        seed=42,
+        extra_body={"ignore_eos": True},
+    )
     first, second = ask(), ask()
     texts = [c.message.content for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1]
@@ -183,13 +211,21 @@ def test_n_choices_with_a_seed_are_reproducible(stack: Stack) -> None:
 
 def test_logprobs_for_chat_and_completions(stack: Stack) -> None:
     client = sdk(stack)
-    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=5, temperature=0,
-                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 5 and all(len(entry.top_logprobs) == 3 for entry in content)
     assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) for entry in content), "greedy = top-1"
-    completion = client.completions.create(model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=2,
-                                           extra_body={"ignore_eos": True})
+    completion = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
     lp = completion.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(len(top) <= 2 for top in lp.top_logprobs) and lp.text_offset[0] == 0
@@ -201,11 +237,17 @@ def test_models_health_and_metrics(stack: Stack) -> None:
     assert sdk(stack).models.retrieve("tiny").id == "tiny"
     assert httpx.get(f"{stack.url(stack.open_port)}/health").status_code == 200
     metrics = httpx.get(f"{stack.url(stack.open_port)}/metrics").text
-    for name in ("splitinfer_requests_total", "splitinfer_time_to_first_token_seconds_bucket",
-                 "splitinfer_inter_token_latency_seconds_bucket", "splitinfer_e2e_request_latency_seconds_bucket",
-                 "splitinfer_prompt_tokens_total", "splitinfer_generation_tokens_total",
-                 "splitinfer_engine_waiting_requests", "splitinfer_engine_running_requests",
-                 "splitinfer_engine_kv_cache_usage"):
+    for name in (
+        "splitinfer_requests_total",
+        "splitinfer_time_to_first_token_seconds_bucket",
+        "splitinfer_inter_token_latency_seconds_bucket",
+        "splitinfer_e2e_request_latency_seconds_bucket",
+        "splitinfer_prompt_tokens_total",
+        "splitinfer_generation_tokens_total",
+        "splitinfer_engine_waiting_requests",
+        "splitinfer_engine_running_requests",
+        "splitinfer_engine_kv_cache_usage",
+    ):
         assert name in metrics
 
 
@@ -221,19 +263,23 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
     return error
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    ({"temperature": -1}, "temperature"),
-    ({"top_p": 2}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"max_tokens": "many"}, "max_tokens"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
-    ({"stop": [1, 2]}, "stop"),
-    ({"logit_bias": {"x": 1}}, "logit_bias"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
-], ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v))
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
+        ({"stop": [1, 2]}, "stop"),
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
+    ],
+    ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v),
+)
 def test_invalid_parameters_are_400_with_the_param(stack: Stack, body: dict, param: str | None) -> None:
     full = {"model": "tiny", "messages": MESSAGES, **body}
     for stream in (False, True):  # a streamed request gets its 4xx before any event
@@ -250,13 +296,19 @@ def test_every_error_status_in_openai_shape(stack: Stack) -> None:
     assert_error(httpx.post(base + chat, json=[1, 2]), 400)
     too_long = {"model": "tiny", "messages": [{"role": "user", "content": "word " * 3000}]}
     assert assert_error(httpx.post(base + chat, json=too_long), 400, "messages")["code"] == "context_length_exceeded"
-    assert assert_error(httpx.post(base + chat, json={"model": "gpt-9", "messages": MESSAGES}), 404,
-                        "model")["code"] == "model_not_found"
+    assert (
+        assert_error(httpx.post(base + chat, json={"model": "gpt-9", "messages": MESSAGES}), 404, "model")["code"]
+        == "model_not_found"
+    )
     assert_error(httpx.get(base + "/v1/nowhere"), 404)
     assert_error(httpx.get(base + chat), 405)
     assert_error(httpx.post(keyed + chat, json={"model": "tiny", "messages": MESSAGES}), 401)
-    assert_error(httpx.post(keyed + chat, json={"model": "tiny", "messages": MESSAGES},
-                            headers={"Authorization": "Bearer wrong"}), 401)
+    assert_error(
+        httpx.post(
+            keyed + chat, json={"model": "tiny", "messages": MESSAGES}, headers={"Authorization": "Bearer wrong"}
+        ),
+        401,
+    )
     huge = {"model": "tiny", "messages": [{"role": "user", "content": "x" * (2 * BODY_LIMIT)}]}
     assert_error(httpx.post(keyed + chat, json=huge, headers=auth), 413)
     with pytest.raises(openai.BadRequestError):
@@ -277,8 +329,10 @@ def test_503_while_the_engine_is_unavailable(stack: Stack) -> None:
             except httpx.TransportError:
                 time.sleep(0.1)
         assert_error(health, 503)
-        assert_error(httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                                json={"model": "tiny", "messages": MESSAGES}), 503)
+        assert_error(
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES}),
+            503,
+        )
     finally:
         stop(orphan)
 
@@ -291,13 +345,35 @@ def test_32_concurrent_mixed_requests_through_both_servers_equal_their_sequentia
     for i in range(32):
         port = (stack.keyed_port, stack.open_port)[i % 2]
         if i % 3 == 0:
-            requests.append((port, "/v1/completions", {"model": "tiny", "prompt": f"Story {i}:", "max_tokens": 8 + i,
-                                                       "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0}))
+            requests.append(
+                (
+                    port,
+                    "/v1/completions",
+                    {
+                        "model": "tiny",
+                        "prompt": f"Story {i}:",
+                        "max_tokens": 8 + i,
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": i % 2 == 0,
+                    },
+                )
+            )
         else:
             messages = [{"role": "user", "content": f"Question number {i}?" * (1 + i % 4)}]
-            requests.append((port, "/v1/chat/completions", {"model": "tiny", "messages": messages,
-                                                            "max_tokens": 4 + i, "temperature": 0,
-                                                            "stream": i % 4 == 1}))
+            requests.append(
+                (
+                    port,
+                    "/v1/chat/completions",
+                    {
+                        "model": "tiny",
+                        "messages": messages,
+                        "max_tokens": 4 + i,
+                        "temperature": 0,
+                        "stream": i % 4 == 1,
+                    },
+                )
+            )
 
     async def one(client: httpx.AsyncClient, port: int, path: str, body: dict) -> str:
         headers = {"Authorization": f"Bearer {API_KEY}"} if port == stack.keyed_port else {}
@@ -328,8 +404,10 @@ def test_32_concurrent_mixed_requests_through_both_servers_equal_their_sequentia
 
 def engine_stats(stack: Stack) -> dict[str, float]:
     text = httpx.get(f"{stack.url(stack.open_port)}/metrics").text
-    return {name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
-            for name in ("splitinfer_engine_running_requests", "splitinfer_engine_kv_cache_usage")}
+    return {
+        name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+        for name in ("splitinfer_engine_running_requests", "splitinfer_engine_kv_cache_usage")
+    }
 
 
 def test_a_client_that_disconnects_after_3_chunks_frees_its_kv_blocks(stack: Stack) -> None:
@@ -383,8 +461,9 @@ def test_a_non_streamed_request_is_aborted_when_its_client_disconnects(stack: St
 
 def test_an_engine_failure_mid_stream_sends_an_error_event_then_done(tiny_checkpoint: Path, tmp_path: Path) -> None:
     address = f"ipc://{tmp_path}/engine.sock"
-    engine = start_engine(tiny_checkpoint, address, tmp_path / "engine.log", "--lease", "1",
-                          "--served-model-name", "tiny")
+    engine = start_engine(
+        tiny_checkpoint, address, tmp_path / "engine.log", "--lease", "1", "--served-model-name", "tiny"
+    )
     port = free_port()
     server = start_server(address, port, tmp_path / "server.log")
     try:

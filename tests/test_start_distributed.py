@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from procs import REPO, free_port
 
 SCRIPT = REPO / "scripts" / "start_distributed.sh"
@@ -66,9 +65,28 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
     port = two_free_ports()
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        ["bash", str(SCRIPT), "--model", str(tiny_checkpoint), "--servers", "2", "--port", str(port),
-         "--run-dir", str(run_dir), "--served-model-name", "tiny", "--device", "cpu", "--kv-cache-gb", "0.05"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            "bash",
+            str(SCRIPT),
+            "--model",
+            str(tiny_checkpoint),
+            "--servers",
+            "2",
+            "--port",
+            str(port),
+            "--run-dir",
+            str(run_dir),
+            "--served-model-name",
+            "tiny",
+            "--device",
+            "cpu",
+            "--kv-cache-gb",
+            "0.05",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
         start_new_session=True,  # its own process group, like a shell job: Ctrl-C reaches the whole group
     )
     output = ""
@@ -84,8 +102,11 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
         assert "curl http://" in output
         engine_pid = int(re.search(r"engine \(pid (\d+)\)", output).group(1))
         for p in (port, port + 1):
-            r = httpx.post(f"http://127.0.0.1:{p}/v1/completions",
-                           json={"model": "tiny", "prompt": "Hi", "max_tokens": 3}, timeout=30)
+            r = httpx.post(
+                f"http://127.0.0.1:{p}/v1/completions",
+                json={"model": "tiny", "prompt": "Hi", "max_tokens": 3},
+                timeout=30,
+            )
             assert r.status_code == 200, r.text
         descendants = children_of(proc.pid)
         assert engine_pid in descendants and len(descendants) >= 3
@@ -109,6 +130,17 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
 
 def test_start_distributed_help_documents_every_flag() -> None:
     out = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--model", "--servers", "--host", "--port", "--api-key", "--served-model-name", "--engine-address",
-                 "--run-dir", "--help", "--device", "--num-kv-blocks"):
+    for flag in (
+        "--model",
+        "--servers",
+        "--host",
+        "--port",
+        "--api-key",
+        "--served-model-name",
+        "--engine-address",
+        "--run-dir",
+        "--help",
+        "--device",
+        "--num-kv-blocks",
+    ):
         assert flag in out
