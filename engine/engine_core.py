@@ -32,7 +32,7 @@ from splitinfer.engine import cpu_linear
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
 from splitinfer.engine.config import EngineConfig, ModelConfig
 from splitinfer.engine.cuda_graph import decode_buckets
-from splitinfer.engine.errors import EngineDeadError, RequestError
+from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.isolation import IsolatingExecutor, Sample
 from splitinfer.engine.kv_cache import KVCache
@@ -334,7 +334,7 @@ class EngineCore:
             )
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
-            raise RequestError(
+            raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens; with max_tokens={params.max_tokens} that exceeds "
                 f"max_model_len={self.max_model_len}",
                 field="max_tokens" if len(prompt) < self.max_model_len else "prompt",

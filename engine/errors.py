@@ -34,6 +34,10 @@ class RequestError(ValueError):
         super().__init__(message)
 
 
+class ContextLengthError(RequestError):
+    """A request whose prompt and max_tokens do not fit the model's context (`max_model_len`)."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine can compute nothing any more: after a failed step, a forward with no request
     in it failed too (a broken device or model). The engine process exits on it."""

@@ -43,7 +43,7 @@ import zmq
 from splitinfer.engine.clients import ClientRegistry, ClientSession
 from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.engine_core import EngineCore
-from splitinfer.engine.errors import EngineDeadError, RequestError
+from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
 from splitinfer.protocol import (
     DEFAULT_LIMITS,
     Abort,
@@ -430,7 +430,10 @@ class EngineService:
         try:
             self.core.add_request(rid, msg.prompt_token_ids, msg.params)
         except RequestError as exc:
-            self._reply_error(session.identity, msg.request_id, ErrorCode.INVALID_REQUEST, str(exc), param=exc.field)
+            code = (
+                ErrorCode.CONTEXT_LENGTH_EXCEEDED if isinstance(exc, ContextLengthError) else ErrorCode.INVALID_REQUEST
+            )
+            self._reply_error(session.identity, msg.request_id, code, str(exc), param=exc.field)
             return
         session.requests[msg.request_id] = rid
         self._owners[rid] = (session, msg.request_id)

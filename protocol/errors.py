@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     BAD_VERSION = "bad_version"  # the frame's `v` is not this side's PROTOCOL_VERSION
     UNKNOWN_TYPE = "unknown_type"  # the frame's `type` names no message
     INVALID_REQUEST = "invalid_request"  # a well-formed request whose values are refused
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt + max_tokens over the model's context
     DUPLICATE_REQUEST_ID = "duplicate_request_id"  # the client already has a live request with this id
     UNKNOWN_REQUEST = "unknown_request"  # an Abort names no live request (often a harmless race)
     NO_SESSION = "no_session"  # the sender has no session: say Hello (again)

@@ -135,7 +135,7 @@ class OpenAIServer:
         req = parse_chat(body)
         ctx.check_model(req.common.model)
         prompt_ids = ctx.chat_prompt(req.messages)
-        max_tokens = ctx.max_tokens(len(prompt_ids), req.common.max_tokens, "messages")
+        max_tokens = ctx.max_tokens(len(prompt_ids), req.common.max_tokens)
         top = req.top_logprobs if req.logprobs else None
         fmt = ChatFormat(ctx.tokenizer, top, req.common.include_usage)
         return await self._respond(request, ctx, req.common, choice_specs(req.common, [prompt_ids], max_tokens), fmt)
@@ -146,7 +146,7 @@ class OpenAIServer:
         req = parse_completion(body)
         ctx.check_model(req.common.model)
         prompts = ctx.completion_prompts(req.prompts)
-        max_tokens = min(ctx.max_tokens(len(ids), req.common.max_tokens, "prompt") for ids in prompts)
+        max_tokens = min(ctx.max_tokens(len(ids), req.common.max_tokens) for ids in prompts)
         fmt = CompletionFormat(ctx.tokenizer, req.logprobs, req.common.include_usage)
         return await self._respond(request, ctx, req.common, choice_specs(req.common, prompts, max_tokens), fmt)
 
@@ -192,14 +192,14 @@ class OpenAIServer:
             first = await run_unless_disconnected(request, anext(events))
             streaming = True
         except ENGINE_ERRORS as exc:
-            raise engine_error(exc) from None
+            raise engine_error(exc, fmt.prompt_param) from None
         except StopAsyncIteration:
             raise APIError(500, "the engine produced no output", code="internal_error") from None
         finally:
             if not streaming:  # whatever went wrong, no choice may stay running in the engine
                 await events.aclose()
         chunks = fmt.chunks(head, _prepended(first, events), usage)
-        return EventSourceResponse(self._sse(chunks, events, timing, usage), sep="\n")
+        return EventSourceResponse(self._sse(chunks, events, timing, usage, fmt.prompt_param), sep="\n")
 
     async def _sse(
         self,
@@ -207,6 +207,7 @@ class OpenAIServer:
         events: AsyncGenerator[ChoiceEvent, None],
         timing: Timing,
         usage: Usage,
+        prompt_param: str,
     ) -> AsyncIterator[dict]:
         """SSE events: each chunk, then [DONE]. A failure mid-stream (the status is sent by now)
         becomes an error event before the [DONE]."""
@@ -216,7 +217,7 @@ class OpenAIServer:
                     yield {"data": json.dumps(chunk)}
             self.metrics.observe_request(timing, usage)
         except ENGINE_ERRORS as exc:
-            yield {"data": json.dumps(engine_error(exc).body())}
+            yield {"data": json.dumps(engine_error(exc, prompt_param).body())}
         except Exception as exc:  # a bug of ours: the client still gets an error event and [DONE]
             yield {"data": json.dumps(internal_error(exc, "a streamed response").body())}
         finally:

@@ -386,11 +386,17 @@ class EngineClient:
             raise EngineUnavailable(f"the engine at {self.address} is {self.health.value}")
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
+        try:
+            message = Generate(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params)
+        except ProtocolError as exc:  # e.g. a token id past the wire's 32 bits: refused as the engine would
+            raise EngineRequestError(
+                Error(request_id, ErrorCode.INVALID_REQUEST, exc.message, param=exc.field)
+            ) from None
         stream = _Stream()
         self._streams[request_id] = stream
         finished = False
         try:
-            self._send(Generate(request_id=request_id, prompt_token_ids=prompt_token_ids, params=params))
+            self._send(message)
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

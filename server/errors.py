@@ -61,12 +61,14 @@ def engine_unavailable(detail: str) -> APIError:
     return APIError(503, f"the engine is unavailable: {detail}", code="engine_unavailable")
 
 
-def engine_request_error(exc: EngineRequestError) -> APIError:
+def engine_request_error(exc: EngineRequestError, prompt_param: str) -> APIError:
     """The engine's refusal of one request: the client's fault (400), except when the engine
-    failed while computing it (`internal`), which is ours (500)."""
+    failed while computing it (`internal`), which is ours (500). The engine names the prompt
+    `prompt`; the client knows it as `prompt_param` (`messages` in a chat request)."""
     if exc.code == ErrorCode.INTERNAL:
         return APIError(500, f"the engine failed on this request: {exc}", code="engine_error")
-    return bad_request(str(exc), param=exc.param, code=str(exc.code))
+    param = prompt_param if exc.param in ("prompt", "prompt_token_ids") else exc.param
+    return bad_request(str(exc), param=param, code=str(exc.code))
 
 
 def internal_error(exc: BaseException, where: str) -> APIError:

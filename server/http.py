@@ -139,11 +139,12 @@ def guarded(handler: Handler) -> Handler:
     return endpoint
 
 
-def engine_error(exc: Exception) -> APIError:
+def engine_error(exc: Exception, prompt_param: str) -> APIError:
     """One of `ENGINE_ERRORS` as the client sees it: the engine's refusal as a 400 (or 500),
-    the engine gone or failing a request as a retryable 503."""
+    the engine gone or failing a request as a retryable 503. `prompt_param`: the request's
+    field the engine's `prompt` is (`messages`, `prompt`)."""
     if isinstance(exc, EngineRequestError):
-        return engine_request_error(exc)
+        return engine_request_error(exc, prompt_param)
     return engine_unavailable(str(exc))
 
 

@@ -3,8 +3,8 @@
 The server holds no checkpoint: the model's name, context length, vocabulary, tokenizer
 files and chat template all arrive in the engine's `HelloReply`. A `ModelContext` is built
 from one reply (once per engine instance) and turns a request's messages or prompts into
-token ids, checking them against the model: its name (404), its vocabulary and its
-context length (400).
+token ids. It checks the model's name (404) and that prompt token ids are in the vocabulary
+(its own tokenizer must read them); the context length is the engine's to judge.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class ModelContext:
         return self.tokenizer.encode_chat_prompt(prompt)
 
     def completion_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
-        """Each prompt as token ids: text is encoded, ids must be in the vocabulary."""
+        """Each prompt as token ids (text is encoded). Ids outside the vocabulary are refused
+        here too, for the server's own sake: its detokenizer reads the prompt's last tokens."""
         out = []
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
@@ -73,17 +74,9 @@ class ModelContext:
             out.append(ids)
         return out
 
-    def max_tokens(self, prompt_len: int, requested: int | None, what: str) -> int:
-        """The tokens a choice may generate: `requested`, else whatever the context leaves; a
-        400 naming `what` (the prompt's field) when prompt and completion do not fit."""
-        limit = self.info.max_model_len
-        wanted = requested if requested is not None else max(limit - prompt_len, 0)
-        if prompt_len + max(wanted, 1) > limit:
-            raise bad_request(
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{prompt_len + max(wanted, 1)} tokens ({prompt_len} in the {what}, {max(wanted, 1)} in the "
-                f"completion). Please reduce the length of the {what} or completion.",
-                param=what,
-                code="context_length_exceeded",
-            )
-        return wanted
+    def max_tokens(self, prompt_len: int, requested: int | None) -> int:
+        """The tokens a choice may generate: `requested`, else whatever the context leaves (at
+        least 1: a prompt that fills the context is the engine's to refuse, as too long)."""
+        if requested is not None:
+            return requested
+        return max(self.info.max_model_len - prompt_len, 1)

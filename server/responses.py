@@ -107,6 +107,7 @@ class ResponseFormat(ABC):
     include_usage: bool = False  # stream_options.include_usage
 
     id_prefix: ClassVar[str]
+    prompt_param: ClassVar[str]  # the request field that holds the prompt, for errors about it
     response_object: ClassVar[str]  # the whole response's `object`
     chunk_object: ClassVar[str]  # each streamed chunk's `object`
 
@@ -160,6 +161,7 @@ class ChatFormat(ResponseFormat):
     """/v1/chat/completions: a message per choice; a stream opens each choice with its role."""
 
     id_prefix = "chatcmpl"
+    prompt_param = "messages"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
@@ -208,6 +210,7 @@ class CompletionFormat(ResponseFormat):
     """/v1/completions: text per choice; a stream sends one chunk per event, finish included."""
 
     id_prefix = "cmpl"
+    prompt_param = "prompt"
     response_object = "text_completion"
     chunk_object = "text_completion"
 

@@ -288,6 +288,24 @@ def test_invalid_parameters_are_400_with_the_param(stack: Stack, body: dict, par
         assert r.headers["content-type"].startswith("application/json")
 
 
+def test_the_engine_judges_what_depends_on_the_model_and_the_server_names_the_clients_field(
+    stack: Stack, tiny_checkpoint: Path
+) -> None:
+    """The context length is the engine's rule (one owner); the server passes its refusal on as
+    a 400 naming the request's own field (`messages`, `prompt`, `max_tokens`)."""
+    base = stack.url(stack.open_port)
+    model = httpx.get(f"{base}/v1/models").json()["data"][0]
+    vocab, context = json.loads((tiny_checkpoint / "config.json").read_text())["vocab_size"], model["max_model_len"]
+    for ids in ([1, vocab], [1, 2**40], [1, -1]):  # the server's tokenizer must read them, so it checks too
+        assert_error(httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": ids}), 400, "prompt")
+    too_long = {"model": "tiny", "prompt": [1] * context}
+    error = assert_error(httpx.post(f"{base}/v1/completions", json=too_long), 400, "prompt")
+    assert error["code"] == "context_length_exceeded" and f"max_model_len={context}" in error["message"]
+    too_much = {"model": "tiny", "messages": MESSAGES, "max_tokens": context}
+    error = assert_error(httpx.post(f"{base}/v1/chat/completions", json=too_much), 400, "max_tokens")
+    assert error["code"] == "context_length_exceeded"
+
+
 def test_every_error_status_in_openai_shape(stack: Stack) -> None:
     base, keyed = stack.url(stack.open_port), stack.url(stack.keyed_port)
     chat = "/v1/chat/completions"
