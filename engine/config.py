@@ -149,7 +149,6 @@ class ModelConfig:
     mlp_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    torch_dtype: str | None
 
     @property
     def q_size(self) -> int:
@@ -209,7 +208,6 @@ class ModelConfig:
             mlp_bias=fields.boolean("mlp_bias", default=False),
             bos_token_id=fields.optional_int("bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(eos)),
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
         )
 
 

@@ -190,10 +190,10 @@ class EngineCore:
 
     def _new_scheduler(self, num_blocks: int) -> None:
         """A fresh block pool (empty prefix cache), allocator bookkeeping and scheduler."""
-        self.pool = BlockPool(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool)
+        self.block_pool = BlockPool(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.kv_manager = KVCacheManager(self.block_pool)
         self.scheduler = Scheduler(
-            self.kv,
+            self.kv_manager,
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
             stop_ids=self.stop_ids,
@@ -339,10 +339,10 @@ class EngineCore:
                 f"max_model_len={self.max_model_len}",
                 field="max_tokens" if len(prompt) < self.max_model_len else "prompt",
             )
-        if self.kv.blocks_for(total) > self.pool.num_blocks:
+        if self.kv_manager.blocks_for(total) > self.block_pool.num_blocks:
             raise RequestError(
-                f"the request needs {self.kv.blocks_for(total)} KV blocks at full length; the cache has "
-                f"{self.pool.num_blocks}",
+                f"the request needs {self.kv_manager.blocks_for(total)} KV blocks at full length; the cache has "
+                f"{self.block_pool.num_blocks}",
                 field="max_tokens",
             )
 
@@ -431,14 +431,14 @@ class EngineCore:
             seq.block_table, seq.block_keys = [], []
             outputs.append(_output(seq, (), error=_failure_message(exc)))
         self.requests.clear()
-        self._new_scheduler(self.pool.num_blocks)
+        self._new_scheduler(self.block_pool.num_blocks)
         return outputs
 
     def stats(self) -> EngineStats:
         return EngineStats(
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
-            kv=self.pool.stats(),
+            kv=self.block_pool.stats(),
             num_preemptions=self.counters.num_preemptions,
             computed_tokens=self.counters.computed_tokens,
             prompt_tokens=self.counters.prompt_tokens,

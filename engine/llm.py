@@ -15,8 +15,8 @@ from pathlib import Path
 
 from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.engine_core import EngineCore
-from splitinfer.engine.tokenizer import Tokenizer
 from splitinfer.protocol import SamplingParams, TokenLogprobs
+from splitinfer.protocol.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True, slots=True)

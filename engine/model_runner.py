@@ -55,14 +55,14 @@ class ModelRunner:
         bs = self.block_size
         return [block_table[pos // bs] * bs + pos % bs for pos in range(start, end)]
 
-    def prepare(self, step: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
+    def prepare(self, plan: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardBatch]:
         """Packed inputs and attention metadata of a step; logits rows for the sampling sequences.
 
         Sequences with one new token (decodes) are packed first, the longer ones (prefill
         chunks) after them, so that paged attention can give the decodes the split-K decode
         kernel (`ForwardBatch.num_decode_seqs`). `logits_indices` still lists the sampling
         sequences in the step's order, which is the order the sampler takes them in."""
-        scheduled = step.scheduled
+        scheduled = plan.scheduled
         # Stable: decodes keep their order among themselves, and so do prefill chunks.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
         packed = [scheduled[i] for i in order]
@@ -96,9 +96,9 @@ class ModelRunner:
         )
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch
 
-    def _decode_hidden(self, step: SchedulerOutput) -> torch.Tensor:
+    def _decode_hidden(self, plan: SchedulerOutput) -> torch.Tensor:
         """Hidden states of a decode step's whole bucket [bucket, hidden]: its rows first, then padding."""
-        seqs = [item.seq for item in step.scheduled]
+        seqs = [item.seq for item in plan.scheduled]
         positions = [seq.num_computed_tokens for seq in seqs]
         return self.graph_runner.run(
             DecodeStep(
@@ -111,19 +111,19 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def compute_logits(self, step: SchedulerOutput) -> torch.Tensor:
+    def compute_logits(self, plan: SchedulerOutput) -> torch.Tensor:
         """The step's forward: fp32 logits [S, V] of the S sequences that sample (a decode-only
         step through the static-buffer graph runner, any other as one packed forward)."""
-        if step.is_decode_only and len(step.scheduled) <= self.graph_runner.max_batch_size:
-            n = len(step.scheduled)
-            hidden = self._decode_hidden(step)
+        if plan.is_decode_only and len(plan.scheduled) <= self.graph_runner.max_batch_size:
+            n = len(plan.scheduled)
+            hidden = self._decode_hidden(plan)
             if self.model.packed_lm_head is None:
                 return self.model.compute_logits(hidden[:n])
             # CPU with prepacked weights: the lm_head over the whole bucket, whose row count
             # is one the packed matmul serves (n could be any count up to max_num_seqs, and
             # each new one would leave oneDNN state behind); the padding rows are dropped.
             return self.model.compute_logits(hidden)[:n]
-        input_ids, positions, batch = self.prepare(step)
+        input_ids, positions, batch = self.prepare(plan)
         hidden = self.model(input_ids, positions, batch)
         return self.model.compute_logits(hidden, batch.logits_indices)
 
@@ -186,10 +186,10 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)  # a CUDA error surfaces at a sync
 
     @torch.inference_mode()
-    def execute(self, step: SchedulerOutput) -> SamplerOutput:
+    def execute(self, plan: SchedulerOutput) -> SamplerOutput:
         """Run the step's forward; sample one token for each sequence that completes its known tokens."""
-        logits = self.compute_logits(step)
-        sampling = [item.seq for item in step.scheduled if item.samples]
+        logits = self.compute_logits(plan)
+        sampling = [item.seq for item in plan.scheduled if item.samples]
         if not sampling:
             return SamplerOutput([], [])
         return self.sampler(logits, sampling)

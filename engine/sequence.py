@@ -60,10 +60,6 @@ class Sequence:
         return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

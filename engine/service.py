@@ -66,12 +66,11 @@ from splitinfer.protocol import (
     encode,
     parse_address,
 )
+from splitinfer.protocol.tokenizer import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 5.0
-# The checkpoint files a server needs to tokenize and render chat templates by itself.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # Most messages read from the socket between two engine steps, so a flood cannot starve the GPU.
 MAX_MESSAGES_PER_STEP = 1024
 LOOP_REPORT_INTERVAL_S = 60.0
@@ -235,7 +234,7 @@ class EngineService:
 
     def _build_hello_reply(self, served_model_name: str, lease_s: float) -> HelloReply:
         c = self.core.model_config
-        files = {name: (c.path / name).read_bytes() for name in TOKENIZER_FILES if (c.path / name).is_file()}
+        files = read_tokenizer_files(c.path)
         template = None
         if "tokenizer_config.json" in files:
             import json

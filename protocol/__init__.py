@@ -13,6 +13,8 @@ Plain Python only (msgspec; no torch, no event loop), so both sides import it ch
   (checked when decoded and when built) and how a failed check names its field.
 - `addresses.py`: `default_engine_address()` and `parse_address()` (ipc:// or tcp://).
 - `sampling_params.py`: `SamplingParams`, which `Generate` carries.
+- `tokenizer.py`: the checkpoint's tokenizer, built from the files `HelloReply` carries (the
+  servers) or from a checkpoint directory (the offline `LLM`); one wrapper for both sides.
 """
 
 from splitinfer.protocol.addresses import Address, default_engine_address, parse_address

@@ -341,7 +341,7 @@ def main() -> None:
             args.dtype,
             enforce_eager=True,
             max_num_seqs=max(concurrency),
-            num_kv_blocks=ours.core.pool.num_blocks,
+            num_kv_blocks=ours.core.block_pool.num_blocks,
         )
         eager.decode_rate(8)
         (eager_decode,) = interleaved(args.repeats, lambda: eager.decode_rate(args.decode_tokens))

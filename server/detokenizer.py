@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from splitinfer.server.tokenizer import ServerTokenizer
+from splitinfer.protocol.tokenizer import Tokenizer
 
 # Prompt tokens decoded in front of the first output tokens, as vLLM does: enough for a
 # decoder to see that the first output token does not start the text (SentencePiece would
@@ -101,7 +101,7 @@ class IncrementalDetokenizer:
 
     def __init__(
         self,
-        tokenizer: ServerTokenizer,
+        tokenizer: Tokenizer,
         prompt_token_ids: Sequence[int] | None,
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),

@@ -16,9 +16,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from splitinfer.protocol import SamplingParams, TokenLogprobs
+from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.detokenizer import IncrementalDetokenizer
 from splitinfer.server.engine_client import EngineClient
-from splitinfer.server.tokenizer import ServerTokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +66,7 @@ class EngineFailure(Exception):
 
 
 async def run_choice(
-    client: EngineClient, tokenizer: ServerTokenizer, spec: ChoiceSpec, timing: Timing
+    client: EngineClient, tokenizer: Tokenizer, spec: ChoiceSpec, timing: Timing
 ) -> AsyncIterator[ChoiceEvent]:
     detok = IncrementalDetokenizer(tokenizer, spec.prompt_token_ids, stop=list(spec.stop))
     stream = client.generate(spec.request_id, spec.prompt_token_ids, spec.params)
@@ -98,7 +98,7 @@ async def run_choice(
 
 
 async def merged_choices(
-    client: EngineClient, tokenizer: ServerTokenizer, specs: list[ChoiceSpec], timing: Timing
+    client: EngineClient, tokenizer: Tokenizer, specs: list[ChoiceSpec], timing: Timing
 ) -> AsyncGenerator[ChoiceEvent, None]:
     """Every choice's events, interleaved as they come. An engine failure in any choice ends
     the whole stream with that exception; the other choices are aborted."""

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitinfer.protocol import HelloReply
+from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.chat_template import ChatTemplate, ChatTemplateError
 from splitinfer.server.errors import APIError, bad_request
-from splitinfer.server.tokenizer import ServerTokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,12 +23,12 @@ class ModelContext:
 
     info: HelloReply
     name: str  # the name clients must send: --served-model-name, else the engine's
-    tokenizer: ServerTokenizer
+    tokenizer: Tokenizer
     template: ChatTemplate
 
     @classmethod
     def from_hello(cls, info: HelloReply, served_model_name: str | None) -> ModelContext:
-        tokenizer = ServerTokenizer.from_files(info.tokenizer_files)
+        tokenizer = Tokenizer.from_files(info.tokenizer_files)
         template = ChatTemplate(info.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
         return cls(info=info, name=served_model_name or info.model_name, tokenizer=tokenizer, template=template)
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from splitinfer.protocol import TokenLogprobs
+from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.generation import ChoiceEvent
-from splitinfer.server.tokenizer import ServerTokenizer
 
 
 def new_id(prefix: str) -> str:
@@ -102,7 +102,7 @@ def usage_chunk(head: ResponseHead, obj: str, usage: Usage) -> dict:
 class ResponseFormat(ABC):
     """How one request's response looks: built once per request by its endpoint."""
 
-    tokenizer: ServerTokenizer  # to spell out the tokens of logprobs
+    tokenizer: Tokenizer  # to spell out the tokens of logprobs
     logprobs: int | None  # how many top logprobs per token; None: no logprobs asked for
     include_usage: bool = False  # stream_options.include_usage
 
@@ -242,5 +242,5 @@ class CompletionFormat(ResponseFormat):
         }
 
 
-def _token_text(tokenizer: ServerTokenizer, token_id: int) -> str:
+def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)

@@ -1,6 +1,6 @@
 """Chat templates and prompt tokenization in the server, with transformers as the oracle.
 
-The tiny checkpoint's tokenizer files go through `ServerTokenizer.from_files` as they would
+The tiny checkpoint's tokenizer files go through `Tokenizer.from_files` as they would
 arrive in a HelloReply; transformers loads the same directory and must render and tokenize
 every conversation identically.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from splitinfer.protocol.tokenizer import Tokenizer, TokenizerFilesError
 from splitinfer.server.chat_template import LLAMA3_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
-from splitinfer.server.tokenizer import ServerTokenizer, TokenizerFilesError
 
 BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
 
@@ -47,12 +47,12 @@ def hf_tokenizer(path: Path):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_checkpoint: Path) -> ServerTokenizer:
-    return ServerTokenizer.from_files(checkpoint_files(tiny_checkpoint))
+def tokenizer(tiny_checkpoint: Path) -> Tokenizer:
+    return Tokenizer.from_files(checkpoint_files(tiny_checkpoint))
 
 
 @pytest.fixture(scope="module")
-def checkpoint_template(tiny_checkpoint: Path, tokenizer: ServerTokenizer) -> ChatTemplate:
+def checkpoint_template(tiny_checkpoint: Path, tokenizer: Tokenizer) -> ChatTemplate:
     config = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
     return ChatTemplate(config["chat_template"], tokenizer.bos_token or "", tokenizer.eos_token or "")
 
@@ -62,10 +62,10 @@ def fallback_template() -> ChatTemplate:
     return ChatTemplate(None, BOS, EOS)
 
 
-# ServerTokenizer ----------------------------------------------------------------------
+# Tokenizer ----------------------------------------------------------------------
 
 
-def test_tokenizer_reads_special_token_names_from_tokenizer_config(tokenizer: ServerTokenizer) -> None:
+def test_tokenizer_reads_special_token_names_from_tokenizer_config(tokenizer: Tokenizer) -> None:
     assert tokenizer.bos_token == BOS
     assert tokenizer.eos_token == EOS
     assert tokenizer.add_bos_token is None  # Llama 3 leaves BOS to the post-processor
@@ -78,13 +78,13 @@ def test_tokenizer_accepts_added_token_objects_in_tokenizer_config(tiny_checkpoi
     config["bos_token"] = {"content": BOS, "lstrip": False, "normalized": False, "rstrip": False}
     config["add_bos_token"] = True
     files["tokenizer_config.json"] = json.dumps(config).encode()
-    tokenizer = ServerTokenizer.from_files(files)
+    tokenizer = Tokenizer.from_files(files)
     assert tokenizer.bos_token == BOS
     assert tokenizer.add_bos_token is True
 
 
 def test_tokenizer_without_tokenizer_config_has_no_token_names(tiny_checkpoint: Path) -> None:
-    tokenizer = ServerTokenizer.from_files({"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes()})
+    tokenizer = Tokenizer.from_files({"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes()})
     assert tokenizer.bos_token is None and tokenizer.eos_token is None
     # Without a BOS name the post-processor decides: it prepends BOS.
     assert tokenizer.encode_chat_prompt("hi")[0] == tokenizer.token_to_id(BOS)
@@ -100,7 +100,7 @@ def test_tokenizer_without_tokenizer_config_has_no_token_names(tiny_checkpoint: 
 )
 def test_tokenizer_refuses_a_missing_or_broken_tokenizer_json(files: dict[str, bytes], names: str) -> None:
     with pytest.raises(TokenizerFilesError, match=names) as info:
-        ServerTokenizer.from_files(files)
+        Tokenizer.from_files(files)
     assert info.value.file == "tokenizer.json"
 
 
@@ -116,11 +116,11 @@ def test_tokenizer_refuses_a_missing_or_broken_tokenizer_json(files: dict[str, b
 def test_tokenizer_refuses_a_broken_tokenizer_config(tiny_checkpoint: Path, config: bytes, names: str) -> None:
     files = {"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes(), "tokenizer_config.json": config}
     with pytest.raises(TokenizerFilesError, match=names) as info:
-        ServerTokenizer.from_files(files)
+        Tokenizer.from_files(files)
     assert info.value.file == "tokenizer_config.json"
 
 
-def test_tokenizer_vocabulary_lookups(tokenizer: ServerTokenizer) -> None:
+def test_tokenizer_vocabulary_lookups(tokenizer: Tokenizer) -> None:
     bos_id = tokenizer.token_to_id(BOS)
     assert bos_id is not None and tokenizer.id_to_token(bos_id) == BOS
     assert tokenizer.token_to_id("<|no such token|>") is None
@@ -129,7 +129,7 @@ def test_tokenizer_vocabulary_lookups(tokenizer: ServerTokenizer) -> None:
 
 
 @pytest.mark.parametrize("text", ["Hello world", " café 中文 😀", "<|start_header_id|>user<|end_header_id|>\n\nx", ""])
-def test_encode_and_decode_match_transformers(tokenizer: ServerTokenizer, tiny_checkpoint: Path, text: str) -> None:
+def test_encode_and_decode_match_transformers(tokenizer: Tokenizer, tiny_checkpoint: Path, text: str) -> None:
     hf = hf_tokenizer(tiny_checkpoint)
     for add_special_tokens in (False, True):
         ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -140,7 +140,7 @@ def test_encode_and_decode_match_transformers(tokenizer: ServerTokenizer, tiny_c
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_chat_prompt_tokens_match_transformers_with_one_bos(
-    tokenizer: ServerTokenizer, checkpoint_template: ChatTemplate, tiny_checkpoint: Path, name: str
+    tokenizer: Tokenizer, checkpoint_template: ChatTemplate, tiny_checkpoint: Path, name: str
 ) -> None:
     messages = CONVERSATIONS[name]
     ids = tokenizer.encode_chat_prompt(checkpoint_template.render(messages))

@@ -130,14 +130,14 @@ def test_a_sampler_failure_after_seeded_draws_leaves_the_seeded_neighbours_exact
 
 def test_bookkeeping_that_fails_after_the_forward_fails_only_its_request(tiny_checkpoint: Path, clean: dict) -> None:
     core = make_core(tiny_checkpoint)
-    real = core.kv.commit_computed
+    real = core.kv_manager.commit_computed
 
     def commit_computed(seq: Sequence) -> None:
         if poisoned([seq]):
             raise InjectedFault("injected bookkeeping fault")
         real(seq)
 
-    core.kv.commit_computed = commit_computed
+    core.kv_manager.commit_computed = commit_computed
     outputs = run_with_poison(core, poison_at_step=1)
     assert_only_bad_failed(outputs, clean)
     assert_still_serves(core, clean)

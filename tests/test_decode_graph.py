@@ -42,7 +42,7 @@ def decode_plan(core: EngineCore, batch: int) -> SchedulerOutput:
     seqs = list(core.scheduler.running.values())
     assert len(seqs) == batch and all(s.num_uncomputed_tokens == 1 for s in seqs)
     for seq in seqs:
-        assert core.kv.allocate(seq, 1)
+        assert core.kv_manager.allocate(seq, 1)
     plan = SchedulerOutput([ScheduledSeq(seq, 1) for seq in seqs], [])
     assert plan.is_decode_only
     return plan

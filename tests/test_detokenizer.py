@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
+from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from splitinfer.server.tokenizer import ServerTokenizer
 
 FUZZ = settings(derandomize=True, database=None, deadline=None, max_examples=1000)
 CORPUS = [
@@ -31,10 +32,10 @@ SPECIALS = ["<|s|>", "<|eot|>"]
 
 
 @functools.cache
-def multibyte_tokenizer() -> ServerTokenizer:
+def multibyte_tokenizer() -> Tokenizer:
     """A byte-level BPE whose merges cut through multi-byte characters ('ĳįðŁ' ends one emoji
     and starts the next), with two special tokens."""
-    tok = Tokenizer(models.BPE())
+    tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -42,7 +43,7 @@ def multibyte_tokenizer() -> ServerTokenizer:
     )
     tok.train_from_iterator(CORPUS * 20, trainer)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    return ServerTokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
+    return Tokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
 
 
 def chunks(ids: Sequence[int], sizes: Sequence[int]) -> list[list[int]]:
@@ -122,7 +123,7 @@ def test_finish_releases_an_unfinished_character_as_replacement() -> None:
 
 
 def test_prompt_context_carries_over_to_the_first_output_tokens(tiny_checkpoint: Path) -> None:
-    tokenizer = ServerTokenizer.from_files({"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes()})
+    tokenizer = Tokenizer.from_files({"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes()})
     prompt = tokenizer.encode("<|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=True)
     output = tokenizer.encode(" Bonjour ! Café ? 中文 😀<|eot_id|>", add_special_tokens=False)
     for skip_special in (True, False):
@@ -143,7 +144,7 @@ def test_a_prompt_ending_inside_a_character_does_not_leak_into_the_output() -> N
 def test_sentencepiece_leading_space_survives_with_prompt_context() -> None:
     # Llama 2's decoder strips the space of the first token it sees; decoding each output
     # token after a few prompt tokens keeps " Hello" a separate word from the prompt.
-    tok = Tokenizer(models.BPE())
+    tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
@@ -152,17 +153,17 @@ def test_sentencepiece_leading_space_survives_with_prompt_context() -> None:
         ["Question: what? Hello world, the answer is forty two."] * 10,
         trainers.BpeTrainer(vocab_size=120, show_progress=False),
     )
-    tokenizer = ServerTokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
+    tokenizer = Tokenizer.from_files({"tokenizer.json": tok.to_str().encode()})
     prompt = tokenizer.encode("Question: what?", add_special_tokens=False)
     output = tokenizer.encode("Hello world", add_special_tokens=False)
     assert "".join(stream(IncrementalDetokenizer(tokenizer, prompt), [[i] for i in output])) == " Hello world"
     assert "".join(stream(IncrementalDetokenizer(tokenizer, None), [[i] for i in output])) == "Hello world"
 
 
-class RecordingTokenizer(ServerTokenizer):
+class RecordingTokenizer(Tokenizer):
     """Records how many ids each decode call sees."""
 
-    def __init__(self, inner: ServerTokenizer) -> None:
+    def __init__(self, inner: Tokenizer) -> None:
         super().__init__(inner._tokenizer)
         self.window_sizes: list[int] = []
 

@@ -49,7 +49,7 @@ def assert_pool_empty(core: EngineCore) -> None:
     stats = core.stats()
     assert (stats.waiting, stats.running) == (0, 0)
     assert stats.kv.used_blocks == 0 and stats.kv.free_blocks == stats.kv.total_blocks
-    assert all(block.ref_count == 0 for block in core.pool.blocks)
+    assert all(block.ref_count == 0 for block in core.block_pool.blocks)
 
 
 # 16 prompts from 1 to 200 tokens, each with its own max_tokens.
@@ -151,11 +151,11 @@ def test_running_requests_share_cached_prefix_blocks(tiny_checkpoint: Path) -> N
     second = core.step()  # "b" is admitted on the cached prefix while "a" decodes
     a, b = core.requests["a"], core.requests["b"]
     shared = set(a.block_table) & set(b.block_table)
-    assert len(shared) == 4 and all(core.pool.blocks[i].ref_count == 2 for i in shared)
+    assert len(shared) == 4 and all(core.block_pool.blocks[i].ref_count == 2 for i in shared)
     outputs = run_to_completion(core)
     b_tokens = tokens_of([o for o in first + second if o.request_id == "b"] + outputs["b"])
     assert outputs["b"][-1].num_cached_tokens == 64
-    assert all(core.pool.blocks[i].ref_count == 0 for i in shared)
+    assert all(core.block_pool.blocks[i].ref_count == 0 for i in shared)
     reference = make_core(tiny_checkpoint, enable_prefix_caching=False)
     reference.add_request("b", prefix + [6, 6], params)
     assert tokens_of(run_to_completion(reference)["b"]) == b_tokens

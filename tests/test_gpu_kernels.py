@@ -195,7 +195,7 @@ def test_mixed_step_decode_rows_equal_the_decode_only_graph(
     seqs = list(core.scheduler.running.values())
     assert len(seqs) == 3 and all(seq.num_uncomputed_tokens == 1 for seq in seqs)
     for seq in seqs:
-        assert core.kv.allocate(seq, 1)
+        assert core.kv_manager.allocate(seq, 1)
     decode_only = SchedulerOutput([ScheduledSeq(seq, 1) for seq in seqs], [])
     assert decode_only.is_decode_only
     graph_logits = core.runner.compute_logits(decode_only).clone()

@@ -3,7 +3,7 @@
 Without CUDA the kernels run under the Triton interpreter on CPU tensors (conftest sets
 TRITON_INTERPRET=1); with CUDA the same tests run the compiled kernels. Outputs are
 poisoned with NaN first, so an element the kernel forgets to write fails the test.
-bf16 cases run only with CUDA: the interpreter's bf16 `tl.dot` is wrong (DESIGN.md).
+bf16 cases run only with CUDA: the interpreter multiplies bf16 bit patterns in `tl.dot`.
 """
 
 from __future__ import annotations

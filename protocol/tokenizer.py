@@ -1,6 +1,9 @@
-"""The servers' tokenizer, built from the tokenizer files the engine sends in `HelloReply`.
+"""The checkpoint's tokenizer, as the servers and the offline `LLM` both use it: built from the
+tokenizer files the engine sends in `HelloReply` (`read_tokenizer_files` reads them from a
+checkpoint), or from a checkpoint directory.
 
-    tokenizer = ServerTokenizer.from_files(hello_reply.tokenizer_files)
+    tokenizer = Tokenizer.from_files(hello_reply.tokenizer_files)     # a server
+    tokenizer = Tokenizer.from_dir("path/to/checkpoint")              # in-process
     ids = tokenizer.encode_chat_prompt(template.render(messages))   # BOS exactly once
     text = tokenizer.decode(output_ids)
 
@@ -15,11 +18,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer as _HFTokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
+# The checkpoint files a server needs to tokenize and render chat templates by itself.
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG_JSON, "special_tokens_map.json", "generation_config.json")
+
+
+def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
+    """The `TOKENIZER_FILES` a checkpoint directory has, by name (what `HelloReply` carries)."""
+    path = Path(path)
+    return {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).is_file()}
 
 
 class TokenizerFilesError(ValueError):
@@ -39,17 +51,17 @@ class SpecialTokenNames:
     add_bos_token: bool | None = None
 
 
-class ServerTokenizer:
-    """Encode prompts and decode outputs with the engine's tokenizer."""
+class Tokenizer:
+    """Encode prompts and decode outputs with the checkpoint's tokenizer."""
 
     __slots__ = ("_tokenizer", "_names")
 
-    def __init__(self, tokenizer: Tokenizer, names: SpecialTokenNames = SpecialTokenNames()) -> None:
+    def __init__(self, tokenizer: _HFTokenizer, names: SpecialTokenNames = SpecialTokenNames()) -> None:
         self._tokenizer = tokenizer
         self._names = names
 
     @classmethod
-    def from_files(cls, files: Mapping[str, bytes]) -> ServerTokenizer:
+    def from_files(cls, files: Mapping[str, bytes]) -> Tokenizer:
         """Build from `HelloReply.tokenizer_files` (file name -> contents).
 
         Raises `TokenizerFilesError` when tokenizer.json is missing or does not load, or
@@ -58,13 +70,18 @@ class ServerTokenizer:
         if TOKENIZER_JSON not in files:
             raise TokenizerFilesError(TOKENIZER_JSON, f"missing; the engine sent only {sorted(files)}")
         try:
-            tokenizer = Tokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
+            tokenizer = _HFTokenizer.from_str(files[TOKENIZER_JSON].decode("utf-8"))
         except UnicodeDecodeError as exc:
             raise TokenizerFilesError(TOKENIZER_JSON, f"not UTF-8 text ({exc})") from None
         except Exception as exc:  # tokenizers raises a bare Exception for every parse error
             raise TokenizerFilesError(TOKENIZER_JSON, f"does not load as a tokenizer: {exc}") from None
         config = files.get(TOKENIZER_CONFIG_JSON)
         return cls(tokenizer, _special_token_names(config) if config is not None else SpecialTokenNames())
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Build from a checkpoint directory's files (raises `TokenizerFilesError` as `from_files`)."""
+        return cls.from_files(read_tokenizer_files(path))
 
     # Vocabulary ------------------------------------------------------------------------
 
@@ -95,7 +112,7 @@ class ServerTokenizer:
 
     # Encoding and decoding ---------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of text. `add_special_tokens` runs the post-processor (Llama: prepend BOS);
         special tokens written in the text itself are recognised either way."""
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
