@@ -27,7 +27,6 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("linear", "llama3")
 
 
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
 PositiveInt = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 
 

@@ -122,7 +122,7 @@ class TableSlots:
     only what was appended since that list was last seen.
 
     Why an entry on the device is never stale: a slot is keyed by the list object itself
-    (`Sequence.block_table`), and a strong reference is kept (until another table claims the
+    (`Request.block_table`), and a strong reference is kept (until another table claims the
     slot: at most `num_slots` lists), so no other list can take its `id` while it owns the
     slot. The engine changes a block table in exactly two ways
     (engine/kv_manager.py): `KVCacheManager.allocate` extends the list in place, and every
@@ -374,7 +374,7 @@ class DecodeGraphRunner:
         the rest of its bucket, and return the bucket (what `run` does before the forward).
 
         Only what a block table gained since it was last passed in crosses to the device, so a
-        list passed again must have changed by appends only, as `Sequence.block_table` does
+        list passed again must have changed by appends only, as `Request.block_table` does
         (`TableSlots` says why); any other change must come as a new list."""
         n = step.num_seqs
         bs = self.bucket_for(n)

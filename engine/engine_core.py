@@ -41,9 +41,9 @@ from splitinfer.engine.loader import load_weights
 from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.sampler import Sampler
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
-from splitinfer.engine.sequence import Sequence, SequenceStatus
 from splitinfer.protocol import RequestOutput, TokenLogprobs
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -166,7 +166,7 @@ class EngineCore:
         )
         self.runner.warm_up()
         self.executor = IsolatingExecutor(self.runner)
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Request] = {}
         self._reported_next: list[
             RequestOutput
         ] = []  # ended between steps (aborts, a reset): the next step reports them
@@ -281,7 +281,7 @@ class EngineCore:
             logprobs=MAX_LOGPROBS,
         )
         prompt = list(range(min(64, self.model_config.vocab_size)))
-        seqs = [Sequence(f"profile-{i}", prompt, params) for i in range(logits.shape[0])]
+        seqs = [Request(f"profile-{i}", prompt, params) for i in range(logits.shape[0])]
         state = self.sampler.default_generator.get_state()
         try:
             self.sampler(logits, seqs)
@@ -316,7 +316,7 @@ class EngineCore:
             raise RequestError(f"request id {request_id!r} is already in use", field="request_id")
         self.validate_request(prompt_token_ids, params)
         generator = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
-        seq = Sequence(request_id, list(prompt_token_ids), params, generator)
+        seq = Request(request_id, list(prompt_token_ids), params, generator)
         self.requests[seq.request_id] = seq
         self.scheduler.add(seq)
 
@@ -408,7 +408,7 @@ class EngineCore:
         token, logprobs = sample
         return [_output(seq, (token,), (logprobs,) if logprobs else None)]
 
-    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+    def _fail(self, seq: Request, exc: Exception) -> RequestOutput:
         """End one request with finish reason "error" and free its blocks. (If even that
         raises, the scheduler's state is broken, and `step` resets everything.)"""
         logger.error("request %s failed and was ended: %s: %s", seq.request_id, type(exc).__name__, exc)
@@ -427,7 +427,7 @@ class EngineCore:
         outputs = []
         for seq in self.requests.values():
             # Ended by hand, not through Scheduler.abort: the scheduler's state is what failed.
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "error"
+            seq.status, seq.finish_reason = RequestStatus.FINISHED, "error"
             seq.block_table, seq.block_keys = [], []
             outputs.append(_output(seq, (), error=_failure_message(exc)))
         self.requests.clear()
@@ -447,7 +447,7 @@ class EngineCore:
 
 
 def _output(
-    seq: Sequence,
+    seq: Request,
     new_token_ids: tuple[int, ...],
     logprobs: tuple[TokenLogprobs, ...] | None = None,
     error: str | None = None,

@@ -1,9 +1,9 @@
-"""Sequence-level KV-cache bookkeeping on top of the caching block allocator."""
+"""Request-level KV-cache bookkeeping on top of the caching block allocator."""
 
 from __future__ import annotations
 
 from splitinfer.engine.block_pool import ROOT_KEY, BlockPool
-from splitinfer.engine.sequence import Sequence
+from splitinfer.engine.request import Request
 
 
 class KVCacheManager:
@@ -17,7 +17,7 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def admit(self, seq: Sequence, budget: int) -> int:
+    def admit(self, seq: Request, budget: int) -> int:
         """Start a waiting sequence: reuse its longest cached prefix and allocate blocks for up to
         `budget` of its remaining tokens. Returns how many tokens to compute now; 0 when the
         blocks run out, and then the sequence holds nothing (a waiting request that kept blocks
@@ -31,7 +31,7 @@ class KVCacheManager:
         self.pool.record_prefix_query(seq.num_tokens, seq.num_cached_tokens)
         return n
 
-    def _apply_prefix_cache(self, seq: Sequence) -> None:
+    def _apply_prefix_cache(self, seq: Request) -> None:
         """Take the cached blocks of the sequence's longest cached prefix; count them as computed."""
         if seq.num_computed_tokens or seq.block_table:
             raise RuntimeError(f"request {seq.request_id}: prefix reuse applies only to a sequence with no blocks")
@@ -42,7 +42,7 @@ class KVCacheManager:
         seq.num_computed_tokens = len(match.block_ids) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
 
-    def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+    def allocate(self, seq: Request, num_new_tokens: int) -> bool:
         """Extend the block table to hold `num_new_tokens` more tokens; False (and no change) if blocks run out."""
         needed = self.blocks_for(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
         if needed > self.pool.num_free:
@@ -51,7 +51,7 @@ class KVCacheManager:
             seq.block_table += self.pool.allocate(needed)
         return True
 
-    def commit_computed(self, seq: Sequence) -> None:
+    def commit_computed(self, seq: Request) -> None:
         """Register every block that became full of computed tokens since the last call."""
         full = seq.num_computed_tokens // self.block_size
         parent = seq.block_keys[-1] if seq.block_keys else ROOT_KEY
@@ -60,7 +60,7 @@ class KVCacheManager:
             parent = self.pool.register_full_block(seq.block_table[i], parent, tokens)
             seq.block_keys.append(parent)
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Request) -> None:
         """Release the sequence's blocks (cached ones stay findable until evicted)."""
         self.pool.free(seq.block_table)
         seq.block_table = []

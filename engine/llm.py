@@ -9,7 +9,7 @@ All prompts of one call are batched continuously by the engine core.
 
 from __future__ import annotations
 
-from collections.abc import Sequence as SequenceOf
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +56,8 @@ class LLM:
 
     def generate(
         self,
-        prompts: SequenceOf[str] | SequenceOf[SequenceOf[int]],
-        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[Generation]:
         """Generate for every prompt (strings, or lists of token ids); outputs keep the prompts' order.
 
@@ -103,7 +103,7 @@ class LLM:
         ]
 
     def _params_per_prompt(
-        self, count: int, sampling_params: SamplingParams | SequenceOf[SamplingParams] | None
+        self, count: int, sampling_params: SamplingParams | Sequence[SamplingParams] | None
     ) -> list[SamplingParams]:
         if sampling_params is None:
             return [SamplingParams()] * count
@@ -113,7 +113,7 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
         return list(sampling_params)
 
-    def _tokens(self, index: int, prompt: str | SequenceOf[int]) -> list[int]:
+    def _tokens(self, index: int, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer.json; pass prompts as token-id lists")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from splitinfer.engine.sequence import Sequence
+from splitinfer.engine.request import Request
 from splitinfer.protocol import SamplingParams, TokenLogprobs
 
 MIN_TEMPERATURE = 1e-2
@@ -109,7 +109,7 @@ class Sampler:
         self.stop_ids = stop_ids
         self.default_generator = default_generator
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: list[Request]) -> SamplerOutput:
         params = [seq.params for seq in seqs]
         raw = logits
         logits = logits.clone() if any(p.logit_bias or p.min_tokens or p.has_penalties for p in params) else logits
@@ -121,7 +121,7 @@ class Sampler:
         token_list = tokens.tolist()  # the step's one wait for the device
         return SamplerOutput(token_list, self._logprobs(raw, seqs, tokens, token_list))
 
-    def _inputs(self, seqs: list[Sequence], logits: torch.Tensor) -> _StepInputs:
+    def _inputs(self, seqs: list[Request], logits: torch.Tensor) -> _StepInputs:
         """Everything the step needs from the host, on the logits' device. The `_apply_*` steps
         build their own when called alone, as tests do."""
         vocab = logits.shape[-1]
@@ -142,14 +142,14 @@ class Sampler:
             self._add_sampling(inputs, seqs, vocab)
         return inputs.upload(logits.device)
 
-    def _suppressed_tokens(self, seq: Sequence) -> set[int]:
+    def _suppressed_tokens(self, seq: Request) -> set[int]:
         """The tokens a sequence may not sample yet: its stop tokens, eos unless ignored, before min_tokens."""
         p = seq.params
         if seq.num_output_tokens >= p.min_tokens:
             return set()
         return set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.stop_ids))
 
-    def _add_penalties(self, inputs: _StepInputs, seqs: list[Sequence]) -> None:
+    def _add_penalties(self, inputs: _StepInputs, seqs: list[Request]) -> None:
         rows = [row for row, seq in enumerate(seqs) if seq.params.has_penalties]
         if not rows:
             return
@@ -172,7 +172,7 @@ class Sampler:
         inputs.add(name, torch.int64, padded, (len(token_lists), width))
 
     @staticmethod
-    def _add_sampling(inputs: _StepInputs, seqs: list[Sequence], vocab: int) -> None:
+    def _add_sampling(inputs: _StepInputs, seqs: list[Request], vocab: int) -> None:
         params = [seq.params for seq in seqs]
         inputs.add("kind", torch.int64, inputs.kinds, (len(seqs),))
         inputs.add(
@@ -204,7 +204,7 @@ class Sampler:
                 slots[row] = slot
             inputs.add("unseeded_slots", torch.int64, slots, (len(seqs),))
 
-    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Sequence], inputs: _StepInputs | None = None) -> None:
+    def _apply_logit_bias(self, logits: torch.Tensor, seqs: list[Request], inputs: _StepInputs | None = None) -> None:
         inputs = self._inputs(seqs, logits) if inputs is None else inputs
         if "bias_index" in inputs:
             # One bias per (row, token), so a plain write adds each exactly once; index_put_ with
@@ -213,14 +213,14 @@ class Sampler:
             logits.index_put_(index, logits[index] + inputs["bias"])
 
     def _suppress_stop_tokens(
-        self, logits: torch.Tensor, seqs: list[Sequence], inputs: _StepInputs | None = None
+        self, logits: torch.Tensor, seqs: list[Request], inputs: _StepInputs | None = None
     ) -> None:
         inputs = self._inputs(seqs, logits) if inputs is None else inputs
         if "stop_index" in inputs:
             # A device-side -inf: a Python float would be copied from the host at the write.
             logits.index_put_(inputs["stop_index"].unbind(), logits.new_full((), float("-inf")))
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence], inputs: _StepInputs | None = None) -> None:
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Request], inputs: _StepInputs | None = None) -> None:
         """Repetition (transformers: over prompt and output), then frequency and presence (OpenAI:
         over the output) penalties, for all penalised rows at once."""
         inputs = self._inputs(seqs, logits) if inputs is None else inputs
@@ -244,7 +244,7 @@ class Sampler:
         counts.scatter_add_(1, padded, torch.ones(padded.shape, device=padded.device))
         return counts[:, : self.vocab_size]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], inputs: _StepInputs) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Request], inputs: _StepInputs) -> torch.Tensor:
         greedy_tokens = logits.argmax(dim=-1)
         if all(kind == _GREEDY for kind in inputs.kinds):
             return greedy_tokens
@@ -263,7 +263,7 @@ class Sampler:
             tokens = tokens.index_copy(0, rows, self._truncated_race(scaled, noise, inputs["top_k"], top_p, min_p))
         return tokens
 
-    def _noise(self, seqs: list[Sequence], logits: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+    def _noise(self, seqs: list[Request], logits: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         """Exp(1) noise [B, V], clamped away from 0. Unseeded rows take theirs from one
         [unseeded, V] draw of the engine's generator, then each seeded row draws its own row, in
         row order: the same draws, in the same order, whatever each row does with them."""
@@ -299,7 +299,7 @@ class Sampler:
         return sorted_ids.gather(1, choice).squeeze(1)
 
     def _logprobs(
-        self, raw: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor, token_list: list[int]
+        self, raw: torch.Tensor, seqs: list[Request], tokens: torch.Tensor, token_list: list[int]
     ) -> list[TokenLogprobs | None]:
         wanted = [seq.params.logprobs for seq in seqs]
         if all(n is None for n in wanted):

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitinfer.engine.kv_manager import KVCacheManager
-from splitinfer.engine.sequence import Sequence, SequenceStatus
+from splitinfer.engine.request import Request, RequestStatus
 
 
 @dataclass(slots=True)
@@ -23,7 +23,7 @@ class ScheduledSeq:
     scheduled: whether the step samples its next token (it computes the last known one) and
     how many of the new tokens are prompt tokens (for the throughput counters)."""
 
-    seq: Sequence
+    seq: Request
     num_new_tokens: int
     samples: bool = field(init=False)
     num_prompt_tokens: int = field(init=False)
@@ -37,7 +37,7 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
-    preempted: list[Sequence]
+    preempted: list[Request]
 
     @property
     def num_tokens(self) -> int:
@@ -70,12 +70,12 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.stop_ids = stop_ids  # the checkpoint's eos ids
         self.max_model_len = max_model_len
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: deque[Request] = deque()
         # Running requests by id, in admission order (dicts keep it): the last is preempted
         # first, and finishing or aborting one is O(1).
-        self.running: dict[str, Sequence] = {}
+        self.running: dict[str, Request] = {}
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Request) -> None:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -84,13 +84,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: dict[str, ScheduledSeq] = {}
-        preempted: list[Sequence] = []
+        preempted: list[Request] = []
         # Decodes first (one token each), then prompts still being prefilled, oldest first.
         running = list(self.running.values())
         in_decode = [s for s in running if s.num_computed_tokens >= s.num_prompt_tokens]
         in_prefill = [s for s in running if s.num_computed_tokens < s.num_prompt_tokens]
         for seq in in_decode + in_prefill:
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, budget)
             if n <= 0:
@@ -115,7 +115,7 @@ class Scheduler:
             if n == 0:
                 break  # out of blocks: it stays first in line (FIFO), holding nothing
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
+            seq.status = RequestStatus.RUNNING
             self.running[seq.request_id] = seq
             scheduled[seq.request_id] = ScheduledSeq(seq, n)
             budget -= n
@@ -135,33 +135,33 @@ class Scheduler:
             self.finish(seq, reason)
         return reason
 
-    def _preempt_newest(self) -> Sequence:
+    def _preempt_newest(self) -> Request:
         """Free the most recently admitted running request's blocks and put it first in line;
         it is recomputed from its tokens (prompt and outputs) when readmitted."""
         _, seq = self.running.popitem()
         self.kv.free(seq)
-        seq.status = SequenceStatus.WAITING
+        seq.status = RequestStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         return seq
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Request, reason: str) -> None:
         """End a running request: free its blocks now."""
         del self.running[seq.request_id]
         self._release(seq, reason)
 
-    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+    def abort(self, seq: Request, reason: str = "abort") -> None:
         """End a request wherever it is (waiting, mid-prefill, running), freeing its blocks now."""
-        if seq.status is SequenceStatus.RUNNING:
+        if seq.status is RequestStatus.RUNNING:
             del self.running[seq.request_id]
-        elif seq.status is SequenceStatus.WAITING:
+        elif seq.status is RequestStatus.WAITING:
             self.waiting.remove(seq)  # O(waiting), but aborts are rare next to steps
         else:
             return
         self._release(seq, reason)
 
-    def _release(self, seq: Sequence, reason: str) -> None:
+    def _release(self, seq: Request, reason: str) -> None:
         if seq.block_table:
             self.kv.free(seq)
-        seq.status = SequenceStatus.FINISHED
+        seq.status = RequestStatus.FINISHED
         seq.finish_reason = reason

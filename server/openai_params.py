@@ -54,7 +54,6 @@ class Common:
     stop: tuple[str, ...]
     max_tokens: int | None  # None: as many as the context allows
     params: SamplingParams  # per-choice settings; max_tokens and seed are set per choice
-    user: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +169,7 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
         value = _int_in(body, name, 1, MAX_INT)
         if value is not None:
             max_tokens = value
+    _typed(body, "user", str, "a string")  # OpenAI's end-user id: checked for its type, not used
     return Common(
         model=model,
         n=n,
@@ -178,7 +178,6 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
         stop=_stop(body),
         max_tokens=max_tokens,
         params=_sampling_params(body, logprobs),
-        user=_typed(body, "user", str, "a string"),
     )
 
 

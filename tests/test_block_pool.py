@@ -22,8 +22,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from splitinfer.engine.block_pool import ROOT_KEY, BlockPool
 from splitinfer.engine.kv_manager import KVCacheManager
+from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.scheduler import Scheduler, SchedulerOutput
-from splitinfer.engine.sequence import Sequence, SequenceStatus
 from splitinfer.protocol.sampling_params import SamplingParams
 
 MAX_MODEL_LEN = 10**6  # never the binding limit here: requests are sized to the pool instead
@@ -40,22 +40,22 @@ STEMS = tuple(tuple(_TRUNK[:cut] + [_rng.choice(ALPHABET) for _ in range(64 - cu
 # Helpers ---------------------------------------------------------------------------------
 
 
-def running_seqs(scheduler: Scheduler) -> list[Sequence]:
+def running_seqs(scheduler: Scheduler) -> list[Request]:
     """The running requests in admission order, whether the scheduler keeps a dict or a sequence."""
     running = scheduler.running
     return list(running.values()) if isinstance(running, dict) else list(running)
 
 
-def holders(scheduler: Scheduler) -> list[Sequence]:
+def holders(scheduler: Scheduler) -> list[Request]:
     """Every request the scheduler still knows (and so may hold blocks)."""
     return list(scheduler.waiting) + running_seqs(scheduler)
 
 
-def request(request_id: str, prompt: list[int], max_tokens: int = 4) -> Sequence:
-    return Sequence(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+def request(request_id: str, prompt: list[int], max_tokens: int = 4) -> Request:
+    return Request(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
 
-def fake_token(seq: Sequence) -> int:
+def fake_token(seq: Request) -> int:
     """A 'sampled' token that depends only on the sequence's tokens, so equal prompts grow equal
     outputs and recomputed outputs can hit the prefix cache too."""
     return ALPHABET[sum(seq.token_ids) % len(ALPHABET)]
@@ -70,7 +70,7 @@ class ShadowKV:
         self.pool = pool
         self.slots: list[list[tuple[int, ...] | None]] = [[None] * pool.block_size for _ in pool.blocks]
 
-    def write(self, seq: Sequence, num_new_tokens: int) -> None:
+    def write(self, seq: Request, num_new_tokens: int) -> None:
         bs = self.pool.block_size
         for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens):
             block = self.pool.blocks[seq.block_table[pos // bs]]
@@ -80,7 +80,7 @@ class ShadowKV:
             )
             self.slots[block.block_id][pos % bs] = tuple(seq.token_ids[: pos + 1])
 
-    def check(self, seq: Sequence) -> None:
+    def check(self, seq: Request) -> None:
         bs = self.pool.block_size
         for pos in range(seq.num_computed_tokens):
             held = self.slots[seq.block_table[pos // bs]][pos % bs]
@@ -90,7 +90,7 @@ class ShadowKV:
             )
 
 
-def compute(kv: KVCacheManager, seq: Sequence, shadow: ShadowKV | None = None) -> int:
+def compute(kv: KVCacheManager, seq: Request, shadow: ShadowKV | None = None) -> int:
     """Admit a sequence and compute all its known tokens in one forward; returns how many
     tokens came from the prefix cache."""
     n = kv.admit(seq, UNBOUNDED)
@@ -103,7 +103,7 @@ def compute(kv: KVCacheManager, seq: Sequence, shadow: ShadowKV | None = None) -
     return seq.num_cached_tokens
 
 
-def check_pool(pool: BlockPool, live: list[Sequence]) -> None:
+def check_pool(pool: BlockPool, live: list[Request]) -> None:
     """Refcounts, the free queue and the prefix cache agree with the sequences holding blocks.
 
     Reads the pool's private free queue and cache map: they are what the invariants are about.
@@ -139,11 +139,11 @@ def check_sequences(kv: KVCacheManager, scheduler: Scheduler, shadow: ShadowKV) 
     assert len(ids) == len(set(ids)), "a request is queued twice"
     assert len(running) <= scheduler.max_num_seqs
     for seq in waiting:
-        assert seq.status is SequenceStatus.WAITING
+        assert seq.status is RequestStatus.WAITING
         # A waiting request holds nothing, so waiting requests can never hold the pool.
         assert not seq.block_table and seq.num_computed_tokens == 0, f"waiting {seq.request_id} holds blocks"
     for seq in running:
-        assert seq.status is SequenceStatus.RUNNING
+        assert seq.status is RequestStatus.RUNNING
         assert 0 < seq.num_computed_tokens <= seq.num_tokens
         assert kv.blocks_for(seq.num_computed_tokens) <= len(seq.block_table) <= kv.blocks_for(seq.num_tokens), (
             f"{seq.request_id}: {len(seq.block_table)} blocks for {seq.num_computed_tokens} computed "
@@ -167,7 +167,7 @@ def check_schedule(out: SchedulerOutput, scheduler: Scheduler, kv: KVCacheManage
     running_ids = {seq.request_id for seq in running_seqs(scheduler)}
     for item in out.scheduled:
         seq = item.seq
-        assert seq.status is SequenceStatus.RUNNING and seq.request_id in running_ids, (
+        assert seq.status is RequestStatus.RUNNING and seq.request_id in running_ids, (
             f"{seq.request_id} is scheduled but {seq.status.value}"
         )
         assert 0 < item.num_new_tokens <= seq.num_uncomputed_tokens
@@ -176,7 +176,7 @@ def check_schedule(out: SchedulerOutput, scheduler: Scheduler, kv: KVCacheManage
         )
     for seq in out.preempted:
         assert seq.request_id not in scheduled_ids, f"{seq.request_id} is both preempted and scheduled"
-        assert seq.status is SequenceStatus.WAITING and not seq.block_table
+        assert seq.status is RequestStatus.WAITING and not seq.block_table
 
 
 def simulate_step(scheduler: Scheduler, kv: KVCacheManager, shadow: ShadowKV) -> SchedulerOutput:
@@ -233,8 +233,8 @@ class SchedulerAndPool(RuleBasedStateMachine):
         self.scheduler = Scheduler(self.kv, max_num_seqs, max_num_seqs + extra_budget)
         self.shadow = ShadowKV(self.pool)
         self.drain_by_abort = drain_by_abort
-        self.live: dict[str, Sequence] = {}
-        self.ended: list[Sequence] = []
+        self.live: dict[str, Request] = {}
+        self.ended: list[Request] = []
         self.next_id = 0
 
     def _forget_ended(self) -> None:
@@ -541,7 +541,7 @@ def test_a_pool_needs_positive_sizes() -> None:
 # The scheduler ---------------------------------------------------------------------------
 
 
-def make_oldest(scheduler: Scheduler, seq: Sequence) -> None:
+def make_oldest(scheduler: Scheduler, seq: Request) -> None:
     """Move a running request to the front of the admission order, whatever holds it."""
     running = scheduler.running
     if isinstance(running, dict):
@@ -606,7 +606,7 @@ def test_abort_frees_blocks_in_every_state_and_a_second_abort_is_a_no_op() -> No
         scheduler.add(seq)
     simulate_step(scheduler, kv, shadow)
     assert decoding.num_output_tokens == 1 and 0 < prefilling.num_computed_tokens < 10
-    assert waiting.status is SequenceStatus.WAITING
+    assert waiting.status is RequestStatus.WAITING
     for seq in (prefilling, waiting, decoding):
         scheduler.abort(seq)
         assert seq.finish_reason == "abort" and not seq.block_table

@@ -14,12 +14,12 @@ import pytest
 from test_engine_core import assert_pool_empty, finish_of, make_core, run_to_completion, tokens_of
 
 from splitinfer.engine import LLM, EngineCore, EngineDeadError, SamplingParams
-from splitinfer.engine.sequence import Sequence
+from splitinfer.engine.request import Request
 
 POISON = 7  # a prompt starting with this token trips the injected fault
 
 
-def poisoned(seqs: list[Sequence]) -> bool:
+def poisoned(seqs: list[Request]) -> bool:
     return any(seq.prompt_token_ids[0] == POISON for seq in seqs)
 
 
@@ -132,7 +132,7 @@ def test_bookkeeping_that_fails_after_the_forward_fails_only_its_request(tiny_ch
     core = make_core(tiny_checkpoint)
     real = core.kv_manager.commit_computed
 
-    def commit_computed(seq: Sequence) -> None:
+    def commit_computed(seq: Request) -> None:
         if poisoned([seq]):
             raise InjectedFault("injected bookkeeping fault")
         real(seq)

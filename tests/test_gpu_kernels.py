@@ -171,8 +171,8 @@ def test_mixed_step_decode_rows_equal_the_decode_only_graph(
     in one eager mixed step (scheduled first, packed after them): the decode rows go through
     the split-K decode kernel there too, and their logits agree within bf16 tolerance."""
     from splitinfer.engine import EngineConfig, EngineCore, SamplingParams
+    from splitinfer.engine.request import Request
     from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
-    from splitinfer.engine.sequence import Sequence
     from splitinfer.kernels import paged_decode_triton
 
     num_blocks = 256
@@ -203,7 +203,7 @@ def test_mixed_step_decode_rows_equal_the_decode_only_graph(
     # A new prompt of 37 tokens in blocks no running sequence holds (nothing else runs after).
     held = {block for seq in seqs for block in seq.block_table}
     prompt = [(5 * j + 3) % 500 for j in range(37)]
-    chunk = Sequence("p", prompt, greedy, block_table=[b for b in range(num_blocks) if b not in held][-3:])
+    chunk = Request("p", prompt, greedy, block_table=[b for b in range(num_blocks) if b not in held][-3:])
     decode = LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_split_kernel")
     mixed = SchedulerOutput([ScheduledSeq(chunk, len(prompt))] + [ScheduledSeq(seq, 1) for seq in seqs], [])
     mixed_logits = core.runner.compute_logits(mixed)

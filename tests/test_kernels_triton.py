@@ -238,11 +238,11 @@ def test_whole_model_through_triton_matches_torch_path(tiny_checkpoint, monkeypa
 
     def logits_and_tokens():
         from splitinfer.engine.model_runner import ModelRunner
+        from splitinfer.engine.request import Request
         from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
-        from splitinfer.engine.sequence import Sequence
 
         llm = LLM(tiny_checkpoint, device=DEVICE, dtype="float32", num_kv_blocks=64, enforce_eager=True)
-        seqs = [Sequence(str(i), p, params, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
+        seqs = [Request(str(i), p, params, block_table=list(range(4 * i, 4 * i + 4))) for i, p in enumerate(prompts)]
         runner = ModelRunner(llm.engine.model, llm.engine.kv_cache, None, 4, 64, use_cuda_graphs=False)
         model = llm.engine.model
 

@@ -22,8 +22,8 @@ from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.request import Request
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
-from splitinfer.engine.sequence import Sequence
 from splitinfer.protocol.sampling_params import SamplingParams
 
 BLOCK_SIZE = 4
@@ -50,7 +50,7 @@ def fresh_prefill_logits(model: LlamaForCausalLM, tokens: list[int]) -> torch.Te
     return model.compute_logits(model(torch.tensor(tokens), torch.arange(len(tokens)), batch), batch.logits_indices)[0]
 
 
-def mixed_step_logits(model: LlamaForCausalLM) -> tuple[torch.Tensor, list[Sequence], ForwardBatch]:
+def mixed_step_logits(model: LlamaForCausalLM) -> tuple[torch.Tensor, list[Request], ForwardBatch]:
     """Four sequences: A and B prefilled, C half prefilled, D new. Then one step scheduled as
     [C's last chunk, A's decode, D's whole prompt, B's decode]; its logits (all four sample)."""
     runner = make_runner(model)
@@ -59,7 +59,7 @@ def mixed_step_logits(model: LlamaForCausalLM) -> tuple[torch.Tensor, list[Seque
     rng.shuffle(blocks)
     vocab = model.config.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (9, 6, 11, 5)]
-    seqs = [Sequence(name, p, SamplingParams(max_tokens=4)) for name, p in zip("ABCD", prompts)]
+    seqs = [Request(name, p, SamplingParams(max_tokens=4)) for name, p in zip("ABCD", prompts)]
     for i, seq in enumerate(seqs):
         seq.block_table = blocks[5 * i : 5 * i + 5]
     a, b, c, d = seqs

@@ -16,8 +16,8 @@ from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import LlamaForCausalLM
 from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.request import Request
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
-from splitinfer.engine.sequence import Sequence
 from splitinfer.protocol.sampling_params import SamplingParams
 
 TOLERANCE = 1e-4
@@ -85,7 +85,7 @@ def test_prefill_then_decode_through_paged_cache_matches_transformers(variant_ch
     blocks = list(range(40))
     rng.shuffle(blocks)
     prompts = [random_prompt(rng, 5, vocab), random_prompt(rng, 18, vocab)]
-    seqs = [Sequence(str(i), p, SamplingParams(max_tokens=21)) for i, p in enumerate(prompts)]
+    seqs = [Request(str(i), p, SamplingParams(max_tokens=21)) for i, p in enumerate(prompts)]
     seqs[0].block_table, seqs[1].block_table = blocks[:7], blocks[7:17]
     continuations = [random_prompt(rng, 20, vocab) for _ in prompts]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from splitinfer.engine.request import Request
 from splitinfer.engine.sampler import Sampler, needs_sort
-from splitinfer.engine.sequence import Sequence
 from splitinfer.protocol import SamplingParams
 
 VOCAB = 50
@@ -20,9 +20,9 @@ EOS = 49
 
 def seq(
     params: SamplingParams, prompt: list[int] = (1, 2), outputs: list[int] = (), seed: int | None = None
-) -> Sequence:
+) -> Request:
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    s = Sequence("r", list(prompt), params, generator)
+    s = Request("r", list(prompt), params, generator)
     s.token_ids += list(outputs)
     return s
 
@@ -473,11 +473,11 @@ CUDA_BATCHES = {
 }
 
 
-def cuda_seqs(batch: list[SamplingParams]) -> list[Sequence]:
+def cuda_seqs(batch: list[SamplingParams]) -> list[Request]:
     seqs = []
     for i, params in enumerate(batch):
         generator = torch.Generator("cuda").manual_seed(params.seed) if params.seed is not None else None
-        s = Sequence(f"r{i}", list(range(1, 9)), params, generator)
+        s = Request(f"r{i}", list(range(1, 9)), params, generator)
         s.token_ids += [11, 12, 11]  # three outputs: a min_tokens above 3 still suppresses stop tokens
         seqs.append(s)
     return seqs

@@ -10,14 +10,14 @@ import torch
 from splitinfer.protocol.sampling_params import SamplingParams
 
 
-class SequenceStatus(enum.Enum):
+class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
 
 
 @dataclass(slots=True)
-class Sequence:
+class Request:
     """Tokens (prompt then output), how many have K/V in the cache, and the blocks holding them.
 
     `num_computed_tokens` counts tokens whose K/V are written; the next forward feeds
@@ -35,7 +35,7 @@ class Sequence:
     block_keys: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
-    status: SequenceStatus = SequenceStatus.WAITING
+    status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
 
@@ -61,7 +61,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is RequestStatus.FINISHED
 
     @property
     def num_uncomputed_tokens(self) -> int:
