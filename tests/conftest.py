@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# The repository's top-level folders install as splitinfer.* (pyproject.toml), but
+# `python -m pytest` also puts the repository root on sys.path, where our `kernels/` folder
+# shadows PyPI's `kernels` package, which transformers (5.25 and later) imports when it finds
+# one. Nothing imports the folders by their bare names, so the root comes off the path.
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _REPO_ROOT]
 
 # Before torch loads OpenMP (see splitinfer/engine/__init__.py): the tests run engines and
 # servers as processes beside this one on few cores, where spinning OpenMP threads stall.
@@ -15,14 +28,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import subprocess
-import sys
-from collections.abc import Callable
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = _REPO_ROOT
 MAKE_TINY_MODEL = REPO / "scripts" / "make_tiny_model.py"
 
 # Named checkpoint variants the tests share; each covers a different loader/model path.
