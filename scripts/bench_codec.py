@@ -6,9 +6,10 @@ server; building, encoding and decoding one `Generate`.
     python scripts/bench_codec.py                  # N = 256, a 512-token prompt
     python scripts/bench_codec.py --requests 64 --json
 
-Only the public protocol API is used, so the same script measures any version of it.
-`scripts/bench_ipc.py` prints these numbers beside its round trips. Read them side by side with
-another version of protocol/ by running this script against it (PYTHONPATH).
+Only the public protocol API is used (and, where the tree has it, the engine service's
+`for_client`, for the engine's whole per-step path), so the same script measures any version
+of the protocol: run it against another tree through PYTHONPATH to read both side by side.
+`scripts/bench_ipc.py` prints these numbers beside its round trips.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from collections.abc import Callable
 
 from splitinfer.protocol import Generate, Outputs, RequestOutput, SamplingParams, TokenLogprobs, decode, encode
 from splitinfer.protocol.codec import Limits
+
+try:  # the service's renaming of an entry for its client; older trees copied instead
+    from splitinfer.engine.service import for_client
+except ImportError:
+    for_client = None
 
 # A server's receive limits with room for any frame built here.
 LIMITS = Limits(max_frame_bytes=2**30)
@@ -75,6 +81,16 @@ def build_outputs(rows: list[tuple]) -> Outputs:
     )
 
 
+def engine_step(rows: list[tuple]) -> bytes:
+    """All the engine does per step for one client: the core's entries (under the engine's own
+    ids), each renamed for the client by the service's `for_client`, one Outputs, encoded."""
+    entries = [
+        RequestOutput(str(i), tokens, None, None, prompt, output, 0)
+        for i, (_, tokens, _, prompt, output) in enumerate(rows)
+    ]
+    return encode(Outputs(outputs=[for_client(entry, row[0]) for entry, row in zip(entries, rows)]))
+
+
 def measure(requests: int, prompt_tokens: int, repeats: int = 7) -> dict[str, float]:
     """Microseconds per operation (the best of `repeats` timed loops)."""
     results = {}
@@ -86,6 +102,9 @@ def measure(requests: int, prompt_tokens: int, repeats: int = 7) -> dict[str, fl
         results[f"Outputs x{requests}{label}: build"] = best_of(lambda: build_outputs(rows))
         results[f"Outputs x{requests}{label}: encode"] = best_of(lambda: encode(message))
         results[f"Outputs x{requests}{label}: decode"] = best_of(lambda: decode(frame, LIMITS))
+    if for_client is not None:
+        rows = step_values(requests, None)
+        results[f"engine step x{requests}: entries, renamed, Outputs, encode"] = best_of(lambda: engine_step(rows))
     prompt = list(range(prompt_tokens))
     params = SamplingParams(max_tokens=256, temperature=0.7, top_p=0.9, seed=1)
     build = lambda: Generate(request_id="chatcmpl-0123456789abcdef-0", prompt_token_ids=prompt, params=params)  # noqa: E731
