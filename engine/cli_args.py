@@ -19,6 +19,7 @@ from typing import Any
 import msgspec.inspect as mi
 
 from splitinfer.engine.config import EngineConfig
+from splitinfer.protocol.structs import value_type
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +31,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         extra = (meta.extra or {}) if meta else {}
         group_name = extra.get("group")
         target = parser if group_name is None else groups.setdefault(group_name, parser.add_argument_group(group_name))
-        _add_flag(target, field, _value_type(field.type), help_text, extra.get("flag"))
+        _add_flag(target, field, value_type(field.type), help_text, extra.get("flag"))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -62,15 +63,3 @@ def _add_flag(target: Any, field: mi.Field, kind: mi.Type, help_text: str, flag:
     elif isinstance(kind, mi.FloatType):
         options["type"] = float
     target.add_argument(flag or f"--{name.replace('_', '-')}", **options)
-
-
-def _value_type(node: mi.Type) -> mi.Type:
-    """The field's value type under its metadata and optionality (`int | None` -> int)."""
-    if isinstance(node, mi.Metadata):
-        node = node.type
-    if isinstance(node, mi.UnionType):
-        members = [t for t in node.types if not isinstance(t, mi.NoneType)]
-        node = members[0] if len(members) == 1 else node
-    if isinstance(node, mi.Metadata):
-        node = node.type
-    return node

@@ -128,6 +128,8 @@ class TokenLogprobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     top: Annotated[tuple[tuple[TokenId, Logprob], ...], Meta(max_length=MAX_LOGPROBS)] = ()
 
     def __post_init__(self) -> None:
+        if not building():  # decoded: the field types already held every rule below
+            return
         top = self.top
         if type(top) is not tuple:
             top = tuple(top)

@@ -187,7 +187,7 @@ def _leaf(cls: type[Struct], path: str, key: bool) -> object:
     `key`), or None when the path leads nowhere known."""
     node: object = _type_info(cls)
     for name, _ in re.findall(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]", path):
-        node = _unwrap(node)
+        node = value_type(node)
         if name:
             if not isinstance(node, msgspec.inspect.StructType):
                 return None
@@ -198,9 +198,9 @@ def _leaf(cls: type[Struct], path: str, key: bool) -> object:
             node = node.item_type
         else:
             return None
-    node = _unwrap(node)
+    node = value_type(node)
     if key and isinstance(node, msgspec.inspect.DictType):
-        node = _unwrap(node.key_type)
+        node = value_type(node.key_type)
     return node
 
 
@@ -225,12 +225,12 @@ def _type_info(cls: type[Struct]) -> msgspec.inspect.Type:
     return msgspec.inspect.type_info(cls)
 
 
-def _unwrap(node: object) -> object:
+def value_type(node: object) -> object:
     """The type under its metadata, and an optional type's non-nil member (`int | None` -> int)."""
     if isinstance(node, msgspec.inspect.Metadata):
         node = node.type
     if isinstance(node, msgspec.inspect.UnionType):
-        members = [_unwrap(t) for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
+        members = [value_type(t) for t in node.types if not isinstance(t, msgspec.inspect.NoneType)]
         return members[0] if len(members) == 1 else node
     return node
 

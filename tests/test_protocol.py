@@ -440,6 +440,8 @@ def test_limits_are_validated():
         (lambda: RequestOutput("r", [1, 2], None, [TokenLogprobs(1, -1.0)]), "RequestOutput.logprobs"),
         (lambda: RequestOutput("r", [1], "done"), "RequestOutput.finish_reason"),
         (lambda: TokenLogprobs(1, -1.0, [(2, -1.0)] * 21), "TokenLogprobs.top"),
+        (lambda: TokenLogprobs(1, math.nan), "TokenLogprobs.logprob"),
+        (lambda: TokenLogprobs(1, -1.0, [(2, math.inf)]), "TokenLogprobs.logprob"),
         (lambda: Outputs([{"request_id": "r"}]), "Outputs.outputs"),
         (lambda: Hello("c", "n", 1.0), "Hello.pid"),
     ],
