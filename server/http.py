@@ -128,13 +128,11 @@ async def answer(request: Request, handler: Handler) -> Response:
 
 
 def guarded(handler: Handler) -> Handler:
-    """For the unauthenticated routes: an unexpected error answered here too, keeping the connection."""
+    """For the routes outside /v1 (no key, no metrics): every failure answered by `answer`
+    too, so an unexpected one keeps the connection."""
 
     async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            return internal_error(exc, _where(request)).response()
+        return await answer(request, handler)
 
     return endpoint
 
