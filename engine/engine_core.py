@@ -53,8 +53,6 @@ logger = logging.getLogger(__name__)
 # 32 MiB on Hopper), the static decode buffers, and headroom for allocator rounding.
 GRAPH_FIXED_RESERVE = 256 * 2**20
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """ "auto" is CUDA when available, else CPU. A CUDA device always comes back with its index
@@ -91,10 +89,10 @@ def graphs_off_reason(device: torch.device, enforce_eager: bool, triton_kernels:
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """ "auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow); any other
-    name is one `EngineConfig` accepted."""
+    name is one `EngineConfig` accepted, which is torch's own name for it."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
+    return getattr(torch, dtype)
 
 
 @dataclass(slots=True)
