@@ -4,6 +4,10 @@ One kernel serves both: with PAGED the keys are read through each sequence's blo
 table and the queries are its last positions; without, keys are the packed fresh K/V.
 Online softmax in base 2, fp32 accumulators, GQA by mapping query head h to KV head
 h // group (K/V are never repeated). Grid: (query blocks, query heads, sequences).
+With SLIDING (a sliding window W, causal only), the query at position p sees keys
+p - W < j <= p: a program starts at the first key tile its first query can see, so a long
+context under a small window costs what the window costs. Without it the binary is the
+plain causal one.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import torch
 import triton
 import triton.language as tl
 
+from splitinfer.kernels.attention import check_window
+
 LOG2E = 1.4426950408889634
 
 
 # The block-table width changes from step to step, and the metadata pointers of a mixed step's
 # prefill rows are slices (`TritonBackend.paged_attention`) whose 16-byte alignment depends on
 # how many decode rows precede them: specialising on either would compile new binaries mid-serving.
+# The window is one value per layer, but its divisibility by 16 would buy nothing: not a key either.
 @triton.jit(
-    do_not_specialize=["stride_bt"],
+    do_not_specialize=["stride_bt", "window"],
     do_not_specialize_on_alignment=["cu_seqlens_q_ptr", "seq_lens_ptr", "block_tables_ptr"],
 )
 def _attention_kernel(
@@ -45,8 +52,10 @@ def _attention_kernel(
     qk_scale,
     group,
     head_dim,
+    window,  # SLIDING only
     PAGED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    SLIDING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -82,7 +91,12 @@ def _attention_kernel(
         kv_end = tl.minimum(kv_len, kv_len - num_q + (m_block + 1) * BLOCK_M)
     else:
         kv_end = kv_len
-    for n_start in range(0, kv_end, BLOCK_N):
+    if SLIDING:
+        # Later rows see later keys: the tile holding the first row's first visible key starts the loop.
+        kv_start = tl.maximum(kv_len - num_q + m_block * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        kv_start = 0
+    for n_start in range(kv_start, kv_end, BLOCK_N):
         cols = n_start + offs_n
         col_mask = cols < kv_len
         if PAGED:
@@ -100,15 +114,26 @@ def _attention_kernel(
         valid = col_mask[None, :]
         if CAUSAL:
             valid = valid & (cols[None, :] <= q_pos[:, None])
+        if SLIDING:
+            valid = valid & (cols[None, :] > q_pos[:, None] - window)
         qk = tl.where(valid, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # Every row sees key 0 in the first block, so m_new is finite and alpha well defined.
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        if SLIDING:
+            # A row whose window starts past this tile has seen no key yet (m_new = -inf): measured
+            # from 0 instead, its alpha and p are 0, not the NaN of -inf - -inf.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            # Every row sees key 0 in the first block, so m_new is finite and alpha well defined.
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(qk - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    if SLIDING:
+        # The rows past the last query (never stored) may see no key at all: 0 / 0 would be NaN.
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_i[:, None]
     o_rows = (q_start + offs_m[:, None]) * stride_ot + head * stride_oh
     tl.store(o_ptr + o_rows + offs_d[None, :], acc.to(o_ptr.dtype.element_ty), mask=row_mask & d_mask)
@@ -178,9 +203,12 @@ def flash_attention_varlen_triton(
     scale: float | None = None,
     causal: bool = True,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Same contract as `flash_attention_varlen_reference`; writes into `out` when given."""
+    """Same contract as `flash_attention_varlen_reference` (`window`: a sliding window, causal
+    only); writes into `out` when given."""
     _check_qkv(q, k, "flash_attention_varlen")
+    check_window(window, causal)
     if k.shape != v.shape or k.shape[0] != q.shape[0]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match and have q's {q.shape[0]} tokens")
     out = q.new_empty(q.shape) if out is None else out  # dense, whatever q's strides
@@ -213,8 +241,10 @@ def flash_attention_varlen_triton(
         scale * LOG2E,
         q.shape[1] // k.shape[1],
         q.shape[-1],
+        window or 0,
         PAGED=False,
         CAUSAL=causal,
+        SLIDING=window is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d(q.shape[-1]),
@@ -235,8 +265,11 @@ def paged_prefill_attention_triton(
     max_seqlen_q: int,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Several new tokens per sequence over its paged context (prefill after a cached prefix, chunked prefill)."""
+    """Several new tokens per sequence over its paged context (prefill after a cached prefix, chunked prefill);
+    with a sliding `window`, each query over its last `window` positions only."""
+    check_window(window)
     out = q.new_empty(q.shape) if out is None else out  # dense, whatever q's strides
     block_m, block_n, warps, stages = _tiles(q.shape[-1], q.dtype)
     grid = (triton.cdiv(max_seqlen_q, block_m), q.shape[1], seq_lens.shape[0])
@@ -263,8 +296,10 @@ def paged_prefill_attention_triton(
         scale * LOG2E,
         q.shape[1] // k_cache.shape[2],
         q.shape[-1],
+        window or 0,
         PAGED=True,
         CAUSAL=True,
+        SLIDING=window is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d(q.shape[-1]),

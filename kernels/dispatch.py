@@ -94,9 +94,11 @@ class Backend(abc.ABC):
         metadata: AttentionMetadata,
         scale: float | None = None,
         causal: bool = True,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Attention within each packed sequence over its fresh K/V alone (a prefill with no
-        cached prefix): q [T, Hq, D], k, v [T, Hkv, D], split by `metadata.cu_seqlens_q`."""
+        cached prefix): q [T, Hq, D], k, v [T, Hkv, D], split by `metadata.cu_seqlens_q`. With
+        a sliding `window` W (causal only), the query at position p sees keys p - W < j <= p."""
 
     @abc.abstractmethod
     def paged_attention(
@@ -106,11 +108,13 @@ class Backend(abc.ABC):
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """Packed queries q [T, Hq, D] over each sequence's paged context (one layer's caches,
         which already hold the new tokens); sequence b's queries are its last
         `cu_seqlens_q[b+1] - cu_seqlens_q[b]` positions of `seq_lens[b]`, causal, its keys
-        read through `block_tables[b]`."""
+        read through `block_tables[b]`; with a sliding `window` W, the query at position p
+        sees keys p - W < j <= p only, and blocks wholly before them are not read."""
 
     def __repr__(self) -> str:
         return f"<{self.name} kernels>"
@@ -153,9 +157,10 @@ class TorchBackend(Backend):
         metadata: AttentionMetadata,
         scale: float | None = None,
         causal: bool = True,
+        window: int | None = None,
     ) -> torch.Tensor:
         return attention.flash_attention_varlen_reference(
-            q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal
+            q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal, window
         )
 
     def paged_attention(
@@ -165,12 +170,15 @@ class TorchBackend(Backend):
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """The decode rows of a step in a few SDPA calls (`paged_attention_cpu`), grouped by a
-        plan made once per step (`metadata.cpu_plan`) and reused by every layer."""
-        plan = metadata.cpu_plan(k_cache.shape[1])
+        plan made once per step and window (`metadata.cpu_plan`) and reused by every layer with
+        that window."""
+        m = metadata
+        plan = m.cpu_plan(k_cache.shape[1], window)
         return attention.paged_attention_cpu(
-            q, k_cache, v_cache, metadata.block_tables, metadata.seq_lens, metadata.cu_seqlens_q, scale, plan=plan
+            q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, scale, window=window, plan=plan
         )
 
 
@@ -212,9 +220,10 @@ class TritonBackend(Backend):
         metadata: AttentionMetadata,
         scale: float | None = None,
         causal: bool = True,
+        window: int | None = None,
     ) -> torch.Tensor:
         return _triton("attention_triton").flash_attention_varlen_triton(
-            q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal
+            q, k, v, metadata.cu_seqlens_q, metadata.max_seqlen_q, scale, causal, window=window
         )
 
     def paged_attention(
@@ -224,12 +233,13 @@ class TritonBackend(Backend):
         v_cache: torch.Tensor,
         metadata: AttentionMetadata,
         scale: float | None = None,
+        window: int | None = None,
     ) -> torch.Tensor:
         """`max_seqlen_q` 1 selects the split-K decode kernel (in `decode_workspace` when given).
         Otherwise the first `num_decode_seqs` sequences (one query each, packed first in a mixed
         step) go through the decode kernel and the rest through the prefill kernel, into one
-        output; 0 sends every sequence through the prefill kernel. No host sync: every value
-        read on the host is a host int of the metadata."""
+        output; 0 sends every sequence through the prefill kernel. Both take the `window`. No
+        host sync: every value read on the host is a host int of the metadata."""
         m = metadata
         prefill = _triton("attention_triton")
         prefill.check_paged_inputs(q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q)
@@ -237,12 +247,20 @@ class TritonBackend(Backend):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         if m.max_seqlen_q == 1:
             return decode(
-                q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, scale, workspace=m.decode_workspace
+                q,
+                k_cache,
+                v_cache,
+                m.block_tables,
+                m.seq_lens,
+                m.cu_seqlens_q,
+                scale,
+                workspace=m.decode_workspace,
+                window=window,
             )
         batch, n = m.seq_lens.shape[0], m.num_decode_seqs
         if not 0 < n < batch:
             return prefill.paged_prefill_attention_triton(
-                q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, m.max_seqlen_q, scale
+                q, k_cache, v_cache, m.block_tables, m.seq_lens, m.cu_seqlens_q, m.max_seqlen_q, scale, window=window
             )
         # Both kernels read and write their rows at cu_seqlens_q[seq] (absolute token offsets), so
         # each gets its slice of the metadata and they fill disjoint rows of one output.
@@ -257,6 +275,7 @@ class TritonBackend(Backend):
             scale,
             out=out,
             workspace=m.decode_workspace,
+            window=window,
         )
         prefill.paged_prefill_attention_triton(
             q,
@@ -268,6 +287,7 @@ class TritonBackend(Backend):
             m.max_seqlen_q,
             scale,
             out=out,
+            window=window,
         )
         return out
 

@@ -43,17 +43,21 @@ class AttentionMetadata:
     has_cached_prefix: bool = False
     num_decode_seqs: int = 0
     decode_workspace: torch.Tensor | None = None
-    _cpu_plan: PagedAttentionPlan | None = field(default=None, init=False, repr=False)
+    _cpu_plans: dict[int | None, PagedAttentionPlan] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
 
-    def cpu_plan(self, block_size: int) -> PagedAttentionPlan:
-        """How the CPU path (`paged_attention_cpu`) splits this batch, made on first use and then
-        shared by every layer, as in FlashInfer's plan/run split: the planning is host work
-        (lengths read back, decode rows grouped) that would otherwise repeat in each layer. The
+    def cpu_plan(self, block_size: int, window: int | None = None) -> PagedAttentionPlan:
+        """How the CPU path (`paged_attention_cpu`) splits this batch for layers with sliding
+        `window` (None: full attention), made on first use and then shared by every layer with
+        that window, as in FlashInfer's plan/run split: the planning is host work (lengths read
+        back, decode rows grouped, the window's blocks picked) that would otherwise repeat in each
+        layer. A model whose layers alternate between windows keeps one plan per window. The
         Triton kernels need no plan: they read lengths and tables on the device."""
-        if self._cpu_plan is None:
-            self._cpu_plan = plan_paged_attention_cpu(self.block_tables, self.seq_lens, self.cu_seqlens_q, block_size)
-        return self._cpu_plan
+        plan = self._cpu_plans.get(window)
+        if plan is None:
+            plan = plan_paged_attention_cpu(self.block_tables, self.seq_lens, self.cu_seqlens_q, block_size, window)
+            self._cpu_plans[window] = plan
+        return plan

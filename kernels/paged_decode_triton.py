@@ -2,9 +2,13 @@
 
 Stage 1, grid (sequences, KV heads, splits): each program stacks the query heads of
 one KV group on the M dimension of `tl.dot` (padded to 16, masked) and attends over
-one slice of the context, read through the block table; it writes the slice's
+one slice of the visible keys, read through the block table; it writes the slice's
 normalised output and log-sum-exp to fp32 scratch. Stage 2, grid (sequences, query
 heads), merges the slices by LSE. With one split, stage 1 writes the output directly.
+The visible keys of a sequence of length L are positions [0, L), or with SLIDING (a
+sliding window W) [max(0, L - W), L): the splits divide that range, so under a small
+window a long context costs what the window costs. Without SLIDING the binaries are the
+plain ones.
 
 The grid depends only on the batch size and constants (never on the lengths, which
 stay on the device), so a CUDA graph captured for a batch size stays valid: slices
@@ -17,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from splitinfer.kernels.attention import check_window
 from splitinfer.kernels.attention_triton import LOG2E, block_d, dot_precision
 from splitinfer.kernels.dispatch import MAX_DECODE_SPLITS
 
@@ -24,15 +29,22 @@ BLOCK_N = 64
 
 
 @triton.jit
-def _split_bounds(kv_len, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split_bounds(kv_len, window, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """Keys [start, end) of slice `split`: the splits divide the visible keys [first, kv_len).
+    Both kernels call it, so the merge reads exactly the slices the split kernel wrote."""
+    if SLIDING:
+        first = tl.maximum(kv_len - window, 0)
+    else:
+        first = 0
     # Slices are whole BLOCK_N tiles so every program but the last runs unmasked loads.
-    per_split = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * per_split
+    per_split = tl.cdiv(tl.cdiv(kv_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * per_split
     return start, tl.minimum(start + per_split, kv_len)
 
 
-# The block-table width changes from step to step outside CUDA graphs: not a specialisation key.
-@triton.jit(do_not_specialize=["stride_bt"])
+# The block-table width changes from step to step outside CUDA graphs: not a specialisation key;
+# nor is the window (one value per layer; its divisibility by 16 would buy nothing).
+@triton.jit(do_not_specialize=["stride_bt", "window"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -58,7 +70,9 @@ def _decode_split_kernel(
     qk_scale,
     group,
     head_dim,
+    window,  # SLIDING only
     NUM_SPLITS: tl.constexpr,
+    SLIDING: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -68,7 +82,7 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     kv_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    start, end = _split_bounds(kv_len, split, NUM_SPLITS, BLOCK_N)
+    start, end = _split_bounds(kv_len, window, split, NUM_SPLITS, BLOCK_N, SLIDING)
 
     token = tl.load(cu_seqlens_q_ptr + seq).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
@@ -122,7 +136,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row, lse, mask=offs_h < group)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window"])
 def _decode_merge_kernel(
     part_o_ptr,
     part_lse_ptr,
@@ -132,7 +146,9 @@ def _decode_merge_kernel(
     stride_ot,
     stride_oh,
     head_dim,
+    window,  # SLIDING only
     NUM_SPLITS: tl.constexpr,
+    SLIDING: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -147,8 +163,8 @@ def _decode_merge_kernel(
     total = 0.0
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for split in range(NUM_SPLITS):
-        start, end = _split_bounds(kv_len, split, NUM_SPLITS, BLOCK_N)
-        if start < end:  # empty slices wrote nothing
+        start, end = _split_bounds(kv_len, window, split, NUM_SPLITS, BLOCK_N, SLIDING)
+        if start < end:  # an empty slice's LSE is -inf: merged while m is -inf too, it would give NaN
             lse = tl.load(part_lse_ptr + base + split)
             part = tl.load(part_o_ptr + (base + split) * head_dim + offs_d, mask=d_mask, other=0.0)
             m_new = tl.maximum(m, lse)
@@ -202,12 +218,15 @@ def paged_decode_attention_triton(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its paged context: q [B, Hq, D] -> [B, Hq, D].
 
     `workspace`: preallocated fp32 scratch (`dispatch.decode_workspace_numel` elements) for the
-    split partials; allocated per call when None.
+    split partials; allocated per call when None. `window`: a sliding window W, under which a
+    sequence of length L attends to its keys [max(0, L - W), L) only.
     """
+    check_window(window)
     batch = seq_lens.shape[0]
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // kv_heads
@@ -244,7 +263,9 @@ def paged_decode_attention_triton(
         scale * LOG2E,
         group,
         head_dim,
+        window or 0,
         NUM_SPLITS=splits,
+        SLIDING=window is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=BLOCK_N,
         BLOCK_D=block_d(head_dim),
@@ -262,7 +283,9 @@ def paged_decode_attention_triton(
             out.stride(0),
             out.stride(1),
             head_dim,
+            window or 0,
             NUM_SPLITS=splits,
+            SLIDING=window is not None,
             BLOCK_N=BLOCK_N,
             BLOCK_D=block_d(head_dim),
             num_warps=4,

@@ -26,14 +26,20 @@ def paged_metadata(
     )
 
 
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [Lq, Hq, D] as the last Lq positions of k, v [Lk, Hkv, D]; K/V repeated per group."""
+def naive_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """q [Lq, Hq, D] as the last Lq positions of k, v [Lk, Hkv, D]; K/V repeated per group. With a
+    `window`, the query at position p sees keys p - window < j <= p (transformers' sliding window)."""
     lq, lk = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
-    allowed = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
+    key_pos, query_pos = torch.arange(lk)[None, :], torch.arange(lk - lq, lk)[:, None]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v.double()).to(q.dtype)
 
@@ -142,22 +148,13 @@ def test_paged_attention_reads_context_through_shuffled_block_tables(group: int)
         torch.testing.assert_close(out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, dim**-0.5))
 
 
-@pytest.mark.parametrize("group", [1, 3, 8])
-def test_cpu_paged_attention_batches_decodes_with_the_reference_result(
-    group: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The CPU path attends every single-query row together: odd lengths, padding rows (length
-    0), -1 and stale table entries past each sequence's blocks, a NaN-poisoned cache beyond
-    every length, prefill chunks among the decodes, and groups split by the gather budget."""
-    from splitinfer.kernels import attention
-
-    torch.manual_seed(1)
-    block_size, num_blocks, kv_heads, dim = 4, 64, 2, 16
+def scattered_context(
+    seq_lens: list[int], block_size: int, kv_heads: int, dim: int, num_blocks: int = 64, width: int = 8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k_cache, v_cache, tables): each sequence's blocks at random ids, numbers at the positions
+    it owns and NaN everywhere else; past its blocks, a table row holds -1 (odd rows) or stale ids."""
     k_cache = torch.full((num_blocks, block_size, kv_heads, dim), float("nan"))
     v_cache = torch.full((num_blocks, block_size, kv_heads, dim), float("nan"))
-    seq_lens = [5, 0, 17, 1, 9, 4, 23, 0, 13]
-    query_lens = [1, 1, 1, 1, 3, 1, 1, 1, 1]
-    width = 8
     free = torch.randperm(num_blocks).tolist()
     tables = torch.randint(0, num_blocks, (len(seq_lens), width), dtype=torch.int32)  # stale entries
     for b, length in enumerate(seq_lens):
@@ -168,6 +165,31 @@ def test_cpu_paged_attention_batches_decodes_with_the_reference_result(
         for pos in range(length):  # only the positions a sequence owns hold numbers
             k_cache[owned[pos // block_size], pos % block_size] = torch.randn(kv_heads, dim)
             v_cache[owned[pos // block_size], pos % block_size] = torch.randn(kv_heads, dim)
+    return k_cache, v_cache, tables
+
+
+def sequence_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `length` keys and values, read block by block through its table row."""
+    blocks = table[: -(-length // k_cache.shape[1])].long()
+    return tuple(cache[blocks].reshape(-1, *cache.shape[2:])[:length] for cache in (k_cache, v_cache))
+
+
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_cpu_paged_attention_batches_decodes_with_the_reference_result(
+    group: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path attends every single-query row together: odd lengths, padding rows (length
+    0), -1 and stale table entries past each sequence's blocks, a NaN-poisoned cache beyond
+    every length, prefill chunks among the decodes, and groups split by the gather budget."""
+    from splitinfer.kernels import attention
+
+    torch.manual_seed(1)
+    block_size, kv_heads, dim = 4, 2, 16
+    seq_lens = [5, 0, 17, 1, 9, 4, 23, 0, 13]
+    query_lens = [1, 1, 1, 1, 3, 1, 1, 1, 1]
+    k_cache, v_cache, tables = scattered_context(seq_lens, block_size, kv_heads, dim)
     cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
     q = torch.randn(int(cu[-1]), kv_heads * group, dim)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -179,15 +201,59 @@ def test_cpu_paged_attention_batches_decodes_with_the_reference_result(
         if length == 0:
             assert torch.equal(out[start : start + n_q], torch.zeros(n_q, kv_heads * group, dim))
             continue
-        blocks = tables[b][: -(-length // block_size)].long()
-        k = k_cache[blocks].reshape(-1, kv_heads, dim)[:length]
-        v = v_cache[blocks].reshape(-1, kv_heads, dim)[:length]
+        k, v = sequence_kv(k_cache, v_cache, tables[b], length)
         torch.testing.assert_close(
             out[start : start + n_q], naive_attention(q[start : start + n_q], k, v, 0.25), atol=1e-5, rtol=1e-5
         )
     monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 1 << 16)
     whole = attention.paged_attention_cpu(q[:4], k_cache, v_cache, tables[:4], lens[:4], cu[:5], scale=0.25)
     torch.testing.assert_close(whole, out[:4])  # a batch of decodes only, in one group
+
+
+@pytest.mark.parametrize("window", [1, 3, 6, 8, 100])
+@pytest.mark.parametrize("group", [1, 3])
+def test_cpu_paged_attention_with_a_window_reads_nothing_outside_it(
+    group: int, window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sliding window W over block size 4 (W = 1, below a block, not a multiple of it, a
+    multiple, larger than every context): decode rows of mixed lengths (0, shorter and longer
+    than W) in several groups, and prefill chunks whose first queries see back to position 0 or
+    not. Every position no query of its sequence sees is NaN in the cache, so reading one
+    would show; and a decode group gathers at most the blocks a window spans, whatever the
+    context. The reference gets the same answer from the same poisoned cache."""
+    from splitinfer.kernels import attention
+
+    torch.manual_seed(5)
+    block_size, kv_heads, dim = 4, 2, 16
+    seq_lens = [5, 0, 23, 1, 17, 6, 30, 0, 13, 9]
+    query_lens = [1, 1, 1, 1, 9, 1, 1, 1, 1, 4]
+    k_cache, v_cache, tables = scattered_context(seq_lens, block_size, kv_heads, dim)
+    cu = torch.tensor([0] + torch.tensor(query_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), kv_heads * group, dim)
+    expected = [
+        naive_attention(q[cu[b] : cu[b + 1]], *sequence_kv(k_cache, v_cache, tables[b], length), 0.25, window)
+        for b, length in enumerate(seq_lens)
+    ]
+    for b, (length, n_q) in enumerate(zip(seq_lens, query_lens)):
+        for pos in range(length - n_q + 1 - window):  # before the first query's window
+            for cache in (k_cache, v_cache):
+                cache[tables[b, pos // block_size], pos % block_size] = float("nan")
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    monkeypatch.setattr(attention, "DECODE_GATHER_TOKENS", 24)  # several decode groups
+    plan = attention.plan_paged_attention_cpu(tables, lens, cu, block_size, window)
+    assert len(plan.decode_groups) > 1
+    assert max(g.context for g in plan.decode_groups) <= -(-(window + block_size - 1) // block_size) * block_size
+    for out in (
+        attention.paged_attention_cpu(q, k_cache, v_cache, tables, lens, cu, scale=0.25, window=window, plan=plan),
+        attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu, scale=0.25, window=window),
+    ):
+        assert not out.isnan().any()
+        for b, length in enumerate(seq_lens):
+            rows = out[cu[b] : cu[b + 1]]
+            if length == 0:
+                assert torch.equal(rows, torch.zeros_like(rows))
+            else:
+                torch.testing.assert_close(rows, expected[b], atol=1e-5, rtol=1e-5)
 
 
 def test_decode_groups_cover_every_row_once_with_bounded_padding() -> None:
@@ -206,7 +272,10 @@ def test_decode_groups_cover_every_row_once_with_bounded_padding() -> None:
     assert [b for g in groups for b in g if lengths[b] == 700] == [2, 6], "equal lengths keep their order"
 
 
-def test_a_plan_made_once_serves_every_layer_of_the_batch() -> None:
+def test_a_plan_made_once_per_window_serves_every_layer_with_that_window() -> None:
+    """Layers alternating full and sliding-window attention (as Mistral-style and Qwen checkpoints
+    mix them): one plan per window, made once, each reused by its layers; a plan is refused for
+    another window, whose decode rows it would gather wrongly."""
     from splitinfer.kernels import attention
 
     torch.manual_seed(2)
@@ -215,14 +284,53 @@ def test_a_plan_made_once_serves_every_layer_of_the_batch() -> None:
     lens = torch.tensor([13, 6, 9], dtype=torch.int32)
     cu = torch.tensor([0, 1, 4, 5], dtype=torch.int32)
     step = paged_metadata(tables, lens, cu)
-    plan = step.cpu_plan(block_size=4)
-    for _ in range(2):  # two "layers": other queries, the same plan
-        q = torch.randn(5, 4, 8)
-        torch.testing.assert_close(
-            TORCH.paged_attention(q, k_cache, v_cache, step),
-            attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu),
-        )
-    assert step.cpu_plan(block_size=4) is plan, "the step's plan was made again"
+    plans = {window: step.cpu_plan(4, window) for window in (None, 5)}
+    assert plans[None] is not plans[5]
+    for _ in range(2):  # four "layers": other queries, the plan of their window
+        for window in (None, 5):
+            q = torch.randn(5, 4, 8)
+            torch.testing.assert_close(
+                TORCH.paged_attention(q, k_cache, v_cache, step, window=window),
+                attention.paged_attention_reference(q, k_cache, v_cache, tables, lens, cu, window=window),
+            )
+    assert step.cpu_plan(block_size=4) is plans[None], "the step's plan was made again"
+    assert step.cpu_plan(4, window=5) is plans[5], "the step's windowed plan was made again"
+    with pytest.raises(ValueError, match="window"):
+        attention.paged_attention_cpu(q, k_cache, v_cache, tables, lens, cu, window=3, plan=plans[5])
+
+
+@pytest.mark.parametrize("window", [1, 4, 6, 50])
+def test_flash_attention_varlen_with_a_window_sees_only_the_last_window_keys(window: int) -> None:
+    """Each query at position p attends to keys p - W < j <= p of its own sequence (W = 1 is the
+    query's own value; W = 50, longer than every sequence, is plain causal attention)."""
+    torch.manual_seed(4)
+    lengths = [1, 6, 13]
+    q = torch.randn(sum(lengths), 8, 32)
+    k, v = torch.randn(sum(lengths), 2, 32), torch.randn(sum(lengths), 2, 32)
+    cu = torch.tensor([0, 1, 7, 20], dtype=torch.int32)
+    step = AttentionMetadata(
+        cu_seqlens_q=cu, seq_lens=torch.tensor(lengths, dtype=torch.int32), max_seqlen_q=max(lengths)
+    )
+    out = TORCH.flash_attention_varlen(q, k, v, step, scale=0.3, window=window)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        expected = naive_attention(q[start:end], k[start:end], v[start:end], 0.3, window)
+        torch.testing.assert_close(out[start:end], expected)
+    if window == 1:
+        torch.testing.assert_close(out, v.repeat_interleave(4, dim=1))
+
+
+def test_a_window_must_be_a_positive_int_over_causal_attention() -> None:
+    from splitinfer.kernels import attention
+
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    for bad in (0, -4, 2.0, True):
+        with pytest.raises(ValueError, match="window"):
+            attention.flash_attention_varlen_reference(q, k, k, cu, 3, window=bad)
+    with pytest.raises(ValueError, match="causal"):
+        attention.flash_attention_varlen_reference(q, k, k, cu, 3, causal=False, window=2)
+    with pytest.raises(ValueError, match="window"):
+        attention.plan_paged_attention_cpu(torch.zeros(1, 1, dtype=torch.int32), cu[1:], cu, 4, window=0)
 
 
 def test_references_take_q_k_v_as_strided_views_of_one_qkv_projection() -> None:

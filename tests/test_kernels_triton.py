@@ -139,6 +139,24 @@ def test_flash_attention_varlen(dtype: torch.dtype, tokens: int, group: int, hea
     torch.testing.assert_close(out.float(), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("window", [1, 17, 200])
+def test_flash_attention_varlen_with_sliding_window(dtype: torch.dtype, group: int, window: int) -> None:
+    """Fresh sequences up to 70 tokens under a window W: W = 1 (each query its own key), W = 17
+    (the second query block starts past the key tiles wholly before its window, and the first
+    block's last rows see no key in its first tile), W = 200, longer than every sequence."""
+    kv_heads, head_dim, lengths = 2, 32, [1, 9, 70, 50]
+    q = randn(sum(lengths), kv_heads * group, head_dim, dtype=dtype)
+    k, v = (randn(sum(lengths), kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    cu = cu_seqlens(lengths)
+    out = flash_attention_varlen_triton(q, k, v, cu, max(lengths), out=poisoned(q.shape, dtype), window=window)
+    expected = attention.flash_attention_varlen_reference(
+        q.float(), k.float(), v.float(), cu, max(lengths), window=window
+    )
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
 def paged_case(
     lengths_q: list[int],
     context: list[int],
@@ -185,6 +203,25 @@ def test_paged_prefill_over_cached_prefix(dtype: torch.dtype, group: int, head_d
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("window", [1, 45])
+def test_paged_prefill_with_sliding_window(dtype: torch.dtype, group: int, window: int) -> None:
+    """Chunks over cached prefixes under a window W: one chunk (positions 30-59) starts before
+    position W, so its first queries see back to 0 and its last do not; one (85-89) sees only
+    part of its prefix; a single query at 199; whole prompts (37 and 12 tokens) with no prefix."""
+    lengths_q, context = [37, 5, 1, 30, 12], [37, 90, 200, 60, 12]
+    k_cache, v_cache, tables, seq_lens, cu = paged_case(lengths_q, context, 2, 32, dtype, seed=group + window)
+    q = randn(sum(lengths_q), 2 * group, 32, dtype=dtype)
+    out = paged_prefill_attention_triton(
+        q, k_cache, v_cache, tables, seq_lens, cu, max(lengths_q), 0.2, out=poisoned(q.shape, dtype), window=window
+    )
+    expected = attention.paged_attention_reference(
+        q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, cu, 0.2, window=window
+    )
+    torch.testing.assert_close(out.float(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 4, 8])
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("num_splits", [1, 4])
@@ -201,6 +238,52 @@ def test_paged_decode(dtype: torch.dtype, group: int, head_dim: int, num_splits:
     )
     expected = attention.paged_attention_reference(
         q[:4].float(), k_cache.float(), v_cache.float(), tables[:4], seq_lens[:4], cu[:5]
+    )
+    torch.testing.assert_close(out[:4].float(), expected, **TOL[dtype])
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+
+
+def poison_before_window(
+    caches: tuple[torch.Tensor, ...], tables: torch.Tensor, context: list[int], window: int
+) -> None:
+    """NaN at every cached position before each single-query sequence's window, which a kernel
+    that read one would carry into its output."""
+    block_size = caches[0].shape[1]
+    for b, length in enumerate(context):
+        positions = torch.arange(max(0, length - window), device=DEVICE)
+        for cache in caches:
+            cache[tables[b, positions // block_size].long(), positions % block_size] = float("nan")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [1, 64, 100])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_paged_decode_with_sliding_window(dtype: torch.dtype, window: int, num_splits: int) -> None:
+    """Split-K decode over the last W keys of contexts shorter than, equal to (64) and much longer
+    than W (300), and a padding row: the splits divide [max(0, L - W), L) (with W = 100 and 4
+    splits, two slices are empty), the merge reads the same slices, and no position before
+    the window is read (each holds NaN)."""
+    context, head_dim = [1, 17, 300, 64, 0], 64
+    k_cache, v_cache, tables, seq_lens, cu = paged_case(
+        [1] * 5, [max(n, 1) for n in context], 2, head_dim, dtype, seed=window
+    )
+    seq_lens[4] = 0  # a CUDA-graph padding row: attends to nothing, must write zeros
+    q = randn(5, 8, head_dim, dtype=dtype)
+    expected = attention.paged_attention_reference(
+        q[:4].float(), k_cache.float(), v_cache.float(), tables[:4], seq_lens[:4], cu[:5], window=window
+    )
+    poison_before_window((k_cache, v_cache), tables, context, window)
+    out = paged_decode_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        seq_lens,
+        cu,
+        head_dim**-0.5,
+        num_splits=num_splits,
+        out=poisoned(q.shape, dtype),
+        window=window,
     )
     torch.testing.assert_close(out[:4].float(), expected, **TOL[dtype])
     assert torch.equal(out[4], torch.zeros_like(out[4]))
@@ -421,9 +504,14 @@ def test_per_step_values_do_not_compile_new_kernel_variants(monkeypatch: pytest.
     assert len(specialization_keys(decode, decode_kernel)) == 1
 
 
-def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("window", [None, 20])
+def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(
+    window: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Decodes packed first, then prefill chunks: the decode kernel takes the first rows, the
-    prefill kernel the rest (absolute token offsets), both into one output equal to the reference."""
+    prefill kernel the rest (absolute token offsets), both into one output equal to the reference;
+    a layer's sliding window reaches both kernels (a decode at 69 sees 50-69, one at 16 all 17
+    keys; the chunk at 24-29 sees from 5-10 on), and no window compiles neither's SLIDING path."""
     from launch_spy import LaunchSpy
 
     from splitinfer.kernels import attention_triton, paged_decode_triton, select_backend
@@ -443,8 +531,45 @@ def test_mixed_step_attention_gives_decodes_to_the_decode_kernel(monkeypatch: py
         has_cached_prefix=True,
         num_decode_seqs=3,
     )
-    out = backend.paged_attention(q, k_cache, v_cache, metadata, 0.2)
-    expected = attention.paged_attention_reference(q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, 0.2)
+    out = backend.paged_attention(q, k_cache, v_cache, metadata, 0.2, window=window)
+    expected = attention.paged_attention_reference(
+        q.contiguous(), k_cache, v_cache, tables, seq_lens, cu, 0.2, window=window
+    )
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
     assert [grid[0] for grid, _, _ in decode.launches] == [3]
     assert [grid[2] for grid, _, _ in prefill.launches] == [2]
+    assert [kwargs["SLIDING"] for _, _, kwargs in prefill.launches + decode.launches] == [window is not None] * 2
+
+
+def test_every_window_shares_one_binary_per_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window is a runtime argument: windows of any value (1, a multiple of 16, odd, large)
+    compile one SLIDING binary per kernel, and no window the plain one."""
+    from launch_spy import LaunchSpy
+
+    from splitinfer.kernels import attention_triton, paged_decode_triton
+
+    kernels = {
+        "prefill": attention_triton._attention_kernel,
+        "split": paged_decode_triton._decode_split_kernel,
+        "merge": paged_decode_triton._decode_merge_kernel,
+    }
+    spies = {
+        "prefill": LaunchSpy.install(monkeypatch, attention_triton, "_attention_kernel", run=False),
+        "split": LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_split_kernel", run=False),
+        "merge": LaunchSpy.install(monkeypatch, paged_decode_triton, "_decode_merge_kernel", run=False),
+    }
+    k_cache, v_cache, tables, seq_lens, cu = paged_case([1, 3], [40, 9], 2, 16, torch.float32)
+    q = randn(4, 4, 16, dtype=torch.float32)
+    decode_cu = cu_seqlens([1, 1])
+    for window in (None, 1, 16, 33, 4096):
+        paged_prefill_attention_triton(q, k_cache, v_cache, tables, seq_lens, cu, 3, 0.25, window=window)
+        flash_attention_varlen_triton(q, q[:, :2], q[:, :2], cu, 3, 0.25, window=window)
+        paged_decode_attention_triton(
+            q[:2], k_cache, v_cache, tables, seq_lens, decode_cu, 0.25, num_splits=4, window=window
+        )
+    launches_per_window = {"prefill": 2, "split": 1, "merge": 1}  # prefill: paged, then fresh
+    for name, spy in spies.items():
+        per_window = launches_per_window[name]
+        flags = [kwargs["SLIDING"] for _, _, kwargs in spy.launches]
+        assert flags == [False] * per_window + [True] * 4 * per_window
+        assert len(specialization_keys(spy, kernels[name])) == 2 * per_window, name
