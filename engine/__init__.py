@@ -13,10 +13,11 @@ import os
 # model). Setting OMP_WAIT_POLICY yourself overrides this default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from splitinfer.engine.config import EngineConfig, ModelConfig  # noqa: E402
+from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.engine_core import EngineCore, EngineStats
 from splitinfer.engine.errors import CheckpointError, ConfigError, EngineDeadError, RequestError
 from splitinfer.engine.llm import LLM, Generation
+from splitinfer.engine.model_config import ModelConfig  # noqa: E402
 from splitinfer.protocol.sampling_params import SamplingParams
 
 __all__ = [

@@ -28,6 +28,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     for field in mi.type_info(EngineConfig).fields:
         meta = field.type if isinstance(field.type, mi.Metadata) else None
         help_text = (meta.extra_json_schema or {}).get("description", "") if meta else ""
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %: a '{%' is text
         extra = (meta.extra or {}) if meta else {}
         group_name = extra.get("group")
         target = parser if group_name is None else groups.setdefault(group_name, parser.add_argument_group(group_name))

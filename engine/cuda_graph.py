@@ -33,7 +33,7 @@ import torch
 
 from splitinfer import kernels
 from splitinfer.engine.forward_batch import ForwardBatch
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -212,12 +212,12 @@ class TableSlots:
 class DecodeGraphRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         max_num_seqs: int,
         max_blocks_per_seq: int,
         use_cuda_graphs: bool,
     ) -> None:
-        """`model` with its KV cache bound (`LlamaForCausalLM.bind_kv_cache`): the graphs write and
+        """`model` with its KV cache bound (`CausalLM.bind_kv_cache`): the graphs write and
         read K/V through the layers' views as they are at capture."""
         self.model = model
         self.device = model.rope_cache.device

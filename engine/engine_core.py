@@ -30,7 +30,7 @@ import torch
 from splitinfer import kernels
 from splitinfer.engine import cpu_linear
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
-from splitinfer.engine.config import EngineConfig, ModelConfig
+from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.cuda_graph import decode_buckets
 from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
@@ -39,7 +39,8 @@ from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.kv_manager import KVCacheManager
 from splitinfer.engine.loader import load_weights
 from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
+from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.sampler import Sampler
@@ -139,7 +140,7 @@ class EngineCore:
             )
         self.max_model_len = config.max_model_len or c.max_position_embeddings
 
-        self.model = LlamaForCausalLM.build(c, self.device, self.dtype)
+        self.model = CausalLM.build(c, self.device, self.dtype)
         load_weights(self.model, c.path)
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()

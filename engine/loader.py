@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from splitinfer.engine.errors import CheckpointError
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _open(file: Path):
         raise CheckpointError(file, f"cannot be read: {exc}") from exc
 
 
-def load_weights(model: LlamaForCausalLM, path: str | Path) -> LoadReport:
+def load_weights(model: CausalLM, path: str | Path) -> LoadReport:
     """Fill every parameter of `model` from the checkpoint in `path`.
 
     Raises CheckpointError, before copying anything, when a tensor is missing, has the
@@ -151,20 +151,22 @@ def load_weights(model: LlamaForCausalLM, path: str | Path) -> LoadReport:
     return report
 
 
-def _plan(model: LlamaForCausalLM, files: WeightFiles, handles: dict) -> dict[Path, list[_Copy]]:
+def _plan(model: CausalLM, files: WeightFiles, handles: dict) -> dict[Path, list[_Copy]]:
     """Check every needed tensor against the headers; group the copies by file, in file order."""
     plan: dict[Path, list[_Copy]] = {file: [] for file in handles}
+    # Which family's rules made the expectation, since config.json decides what a checkpoint must hold.
+    why = f"a {model.config.architecture} with this config.json"
     for name, dest in model.weight_sources():
         file = files.tensor_files.get(name)
         if file is None:
-            raise CheckpointError(files.source, f"missing tensor '{name}'")
+            raise CheckpointError(files.source, f"missing tensor '{name}', which {why} has")
         handle = handles[file]
         if name not in handle.keys():
             raise CheckpointError(file, f"missing tensor '{name}' ({INDEX_FILE} says it is in this file)")
         sliced = handle.get_slice(name)
         shape = list(sliced.get_shape())
         if shape != list(dest.shape):
-            raise CheckpointError(file, f"tensor '{name}' has shape {shape}, expected {list(dest.shape)}")
+            raise CheckpointError(file, f"tensor '{name}' has shape {shape}, expected {list(dest.shape)} for {why}")
         plan[file].append(_Copy(name, dest, dest.numel() * _DTYPE_BYTES.get(sliced.get_dtype(), 4)))
     return {file: copies for file, copies in plan.items() if copies}
 

@@ -1,9 +1,13 @@
-"""Llama for causal LM over packed batches, shaped like the Hugging Face checkpoint.
+"""The one decoder every supported family runs, over packed batches, shaped like the Hugging
+Face checkpoint.
 
-Module and parameter names follow `LlamaForCausalLM` so every checkpoint tensor maps
-to one place; q/k/v and gate/up are fused into single matmuls and `weight_sources()`
-says which checkpoint tensor fills which rows. All hot ops go through one
-`splitinfer.kernels.Backend` (Triton or torch), picked once when the model is built.
+What a family changes (projection biases, per-head q/k norms, sliding windows, tied
+embeddings, rope variants) is data on `ModelConfig` (see `families.py`), read here when the
+modules are built; there is no model class per family. Module and parameter names follow
+Hugging Face's (`model.layers.N.self_attn.q_proj`, ...) so every checkpoint tensor maps to
+one place; q/k/v and gate/up are fused into single matmuls and `weight_sources()` says which
+checkpoint tensor fills which rows. All hot ops go through one `splitinfer.kernels.Backend`
+(Triton or torch), picked once when the model is built.
 
 What does not change from step to step is bound to the modules instead of passed down
 each forward: every module keeps the backend, every attention layer the rope table, and,
@@ -21,15 +25,15 @@ from torch import nn
 
 from splitinfer import kernels
 from splitinfer.engine import cpu_linear
-from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
+from splitinfer.engine.model_config import ModelConfig
 from splitinfer.kernels import AttentionMetadata, Backend
 
 
 def _empty_param(*shape: int) -> nn.Parameter:
     # Uninitialised on purpose: the model is built on the meta device and materialised
-    # on the target device by `LlamaForCausalLM.build`; the loader fills every element.
+    # on the target device by `CausalLM.build`; the loader fills every element.
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
@@ -70,8 +74,9 @@ class RMSNorm(nn.Module):
         return self.backend.rms_norm(x, self.weight, self.eps, residual)
 
 
-class LlamaAttention(nn.Module):
-    """Self-attention of one layer over the paged KV cache.
+class Attention(nn.Module):
+    """Self-attention of one layer over the paged KV cache, through the layer's sliding window
+    if it has one, with q and k RMS-normalised per head before RoPE if the family does so.
 
     Built with the backend and the rope table (fp32 [max_positions, D], shared by every layer);
     its own layer's K/V cache views are bound once the cache exists (`bind_kv_cache`). Until
@@ -93,8 +98,11 @@ class LlamaAttention(nn.Module):
         self.q_size = config.q_size
         self.kv_size = config.kv_size
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.window = config.layer_windows[layer_index]
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         """Keep this layer's views of `kv_cache`. CUDA graphs captured afterwards read and write
@@ -110,6 +118,9 @@ class LlamaAttention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # new dense tensors, which RoPE then rotates in place
+            q = self._norm_heads(self.q_norm, q)
+            k = self._norm_heads(self.k_norm, k)
         self.backend.apply_rope_(q, k, positions, self.rope_cache)
         if self.k_cache is None:
             if batch.has_cached_prefix:
@@ -117,13 +128,20 @@ class LlamaAttention(nn.Module):
         elif batch.slot_mapping is not None:  # a batch without slots (for_prefill) writes nothing
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, batch)
         if batch.has_cached_prefix:
-            out = self.backend.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale)
+            out = self.backend.paged_attention(q, self.k_cache, self.v_cache, batch, self.scale, window=self.window)
         else:
-            out = self.backend.flash_attention_varlen(q, k, v, batch, self.scale)
+            out = self.backend.flash_attention_varlen(q, k, v, batch, self.scale, window=self.window)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
+    @staticmethod
+    def _norm_heads(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """RMSNorm over each head's `head_dim` values of x [T, H, D] (a strided view of the qkv
+        output: the norm kernels take rows, so the heads become rows of a dense copy)."""
+        tokens, heads, dim = x.shape
+        return norm(x.reshape(tokens * heads, dim)).view(tokens, heads, dim)
 
-class LlamaMLP(nn.Module):
+
+class MLP(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
@@ -134,13 +152,13 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
 
 
-class LlamaDecoderLayer(nn.Module):
+class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.self_attn = LlamaAttention(config, layer_index, backend, rope_cache)
+        self.self_attn = Attention(config, layer_index, backend, rope_cache)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.mlp = LlamaMLP(config, backend)
+        self.mlp = MLP(config, backend)
 
     def forward(
         self,
@@ -160,15 +178,15 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
+class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, backend, rope_cache) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend, rope_cache) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
 
-class LlamaForCausalLM(nn.Module):
+class CausalLM(nn.Module):
     """The whole model. Create it with `build`, fill it with `engine.loader.load_weights`, and
     bind the KV cache once it is allocated (`bind_kv_cache`; `ModelRunner` does)."""
 
@@ -181,12 +199,12 @@ class LlamaForCausalLM(nn.Module):
         # late positions need the precision).
         self.rope_cache = rope_cache
         self.kv_cache: KVCache | None = None
-        self.model = LlamaModel(config, backend, rope_cache)
+        self.model = DecoderModel(config, backend, rope_cache)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.packed_lm_head: cpu_linear.PackedWeight | None = None  # the (tied or not) lm_head weight, prepacked
 
     @classmethod
-    def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaForCausalLM:
+    def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
         """Allocate the (uninitialised) model directly on `device` in `dtype`: no host copy, no init.
         The kernel backend is chosen here, once, from the device and SPLITINFER_KERNELS."""
         backend = kernels.select_backend(device)
@@ -267,6 +285,9 @@ class LlamaForCausalLM(nn.Module):
             yield f"{prefix}.self_attn.o_proj.weight", attn.o_proj.weight
             if attn.o_proj.bias is not None:
                 yield f"{prefix}.self_attn.o_proj.bias", attn.o_proj.bias
+            if attn.q_norm is not None and attn.k_norm is not None:
+                yield f"{prefix}.self_attn.q_norm.weight", attn.q_norm.weight
+                yield f"{prefix}.self_attn.k_norm.weight", attn.k_norm.weight
             for j, name in enumerate(("gate_proj", "up_proj")):
                 rows = (j * c.intermediate_size, c.intermediate_size)
                 yield f"{prefix}.mlp.{name}.weight", mlp.gate_up_proj.weight.narrow(0, *rows)

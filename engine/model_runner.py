@@ -20,7 +20,7 @@ from splitinfer import kernels
 from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
 from splitinfer.engine.sampler import Sampler, SamplerOutput
 from splitinfer.engine.scheduler import SchedulerOutput
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_cache: KVCache,
         sampler: Sampler,
         max_num_seqs: int,

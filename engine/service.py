@@ -43,7 +43,7 @@ from msgspec.structs import force_setattr
 from splitinfer.engine.clients import ClientRegistry, ClientSession
 from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.engine_core import EngineCore
-from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
+from splitinfer.engine.errors import ConfigError, ContextLengthError, EngineDeadError, RequestError
 from splitinfer.protocol import (
     DEFAULT_LIMITS,
     Abort,
@@ -66,6 +66,7 @@ from splitinfer.protocol import (
     encode,
     parse_address,
 )
+from splitinfer.protocol.chat_template import ChatTemplateError, compile_chat_template, find_chat_template
 from splitinfer.protocol.tokenizer import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,56 @@ def claim_ipc_path(path: Path) -> None:
     raise OSError(f"another engine is already serving on ipc://{path}; stop it or pick another --address")
 
 
+def served_chat_template(config: EngineConfig) -> str | None:
+    """The chat template the engine sends its clients: --chat-template's, else the checkpoint's
+    (`find_chat_template`); None when there is neither. It is compiled here, in the servers'
+    own environment, so that a template that cannot work stops the engine at start instead of
+    failing every chat request.
+
+    Raises `ConfigError` (field `chat_template`) for a --chat-template that is neither a file
+    nor a template and for a template that does not compile, `TokenizerFilesError` for a
+    checkpoint whose template files cannot be read.
+    """
+    option = config.chat_template
+    source = chat_template_option(option) if option is not None else find_chat_template(config.model)
+    from_flag = option is not None
+    if source is None:
+        logger.info("no chat template: servers use Llama 3's format for a Llama 3 tokenizer and refuse chat otherwise")
+        return None
+    try:
+        compile_chat_template(source)
+    except ChatTemplateError as exc:
+        where, remedy = (
+            ("--chat-template", "") if from_flag else (config.model, "; pass one that works with --chat-template")
+        )
+        raise ConfigError(f"{where}: {exc}{remedy}", "chat_template") from None
+    logger.info(
+        "chat template: %s (%d characters)", "--chat-template's" if from_flag else "the checkpoint's", len(source)
+    )
+    return source
+
+
+def chat_template_option(value: str) -> str:
+    """--chat-template's template: the contents of the file `value` names, else `value` itself
+    when it looks like a Jinja template; raises `ConfigError` when it is neither."""
+    path = Path(value)
+    try:
+        is_file = path.is_file()
+    except OSError:  # an inline template longer than a file name may be
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--chat-template {value}: cannot read the file: {exc}", "chat_template") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise ConfigError(
+        f"--chat-template {value!r:.200}: no such file, nor an inline Jinja template (no '{{{{' or '{{%' in it)",
+        "chat_template",
+    )
+
+
 class EngineService:
     def __init__(
         self,
@@ -146,6 +197,7 @@ class EngineService:
         lease_s: float,
         served_model_name: str,
         limits: Limits,
+        chat_template: str | None,
     ) -> None:
         self.core = core
         self.socket = sock
@@ -154,7 +206,7 @@ class EngineService:
         self.limits = limits
         self.clients = ClientRegistry(lease_s)
         self.engine_id = uuid.uuid4().hex
-        self.hello_reply = self._build_hello_reply(served_model_name, lease_s)
+        self.hello_reply = self._build_hello_reply(served_model_name, lease_s, chat_template)
         # engine-core request id -> (owning session, the client's request id)
         self._owners: dict[str, tuple[ClientSession, str]] = {}
         self._next_id = itertools.count()
@@ -192,10 +244,18 @@ class EngineService:
         ipc_path = Path(parsed.path) if parsed.path is not None else None
         if ipc_path is not None:
             claim_ipc_path(ipc_path)  # before the (slow) model load: fail fast on a busy address
+        chat_template = served_chat_template(config)  # and on a chat template that cannot work
         core = EngineCore(config)
         sock = cls._bind(address, ipc_path, limits)
         service = cls(
-            core, sock, address, ipc_path, lease_s, served_model_name or Path(config.model).resolve().name, limits
+            core,
+            sock,
+            address,
+            ipc_path,
+            lease_s,
+            served_model_name or Path(config.model).resolve().name,
+            limits,
+            chat_template,
         )
         kv = core.stats().kv
         logger.info(
@@ -232,17 +292,9 @@ class EngineService:
             os.chmod(ipc_path, 0o600)
         return sock
 
-    def _build_hello_reply(self, served_model_name: str, lease_s: float) -> HelloReply:
+    def _build_hello_reply(self, served_model_name: str, lease_s: float, chat_template: str | None) -> HelloReply:
         c = self.core.model_config
         files = read_tokenizer_files(c.path)
-        template = None
-        if "tokenizer_config.json" in files:
-            import json
-
-            try:
-                template = json.loads(files["tokenizer_config.json"]).get("chat_template")
-            except (ValueError, AttributeError):
-                logger.warning("%s/tokenizer_config.json is not valid JSON; no chat template sent", c.path)
         kv = self.core.stats().kv
         return HelloReply(
             engine_id=self.engine_id,
@@ -250,7 +302,7 @@ class EngineService:
             max_model_len=self.core.max_model_len,
             vocab_size=c.vocab_size,
             eos_token_ids=list(c.eos_token_ids),
-            chat_template=template if isinstance(template, str) else None,
+            chat_template=chat_template,
             tokenizer_files=files,
             kv_capacity_tokens=kv.total_blocks * self.core.config.block_size,
             block_size=self.core.config.block_size,

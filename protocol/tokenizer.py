@@ -4,20 +4,26 @@ checkpoint), or from a checkpoint directory.
 
     tokenizer = Tokenizer.from_files(hello_reply.tokenizer_files)     # a server
     tokenizer = Tokenizer.from_dir("path/to/checkpoint")              # in-process
-    ids = tokenizer.encode_chat_prompt(template.render(messages))   # BOS exactly once
+    ids = tokenizer.encode_chat_prompt(template.render(messages))   # the template's special tokens only
     text = tokenizer.decode(output_ids)
 
 A thin layer over Hugging Face `tokenizers` (Rust, no torch): `tokenizer.json` is the
 whole tokenizer (normalizer, pre-tokenizer, model, post-processor, decoder);
-`tokenizer_config.json`, when present, adds the names of the BOS/EOS tokens and the
-`add_bos_token` hint. Streaming text out of token ids is `detokenizer.py`'s job.
+`tokenizer_config.json`, when present, adds the names of the special tokens (what chat
+templates see as `bos_token`, `eos_token`, ...). Prompts encode exactly as transformers 5
+encodes them for every family we load (Llama 3, Qwen2/3, Mistral): BOS or EOS is added by
+tokenizer.json's post-processor or not at all. transformers 5 drops `add_bos_token` and
+`add_eos_token` from tokenizer_config.json whenever a tokenizer.json exists (which it
+always does here) and keeps tokenizer.json's post-processor, so those flags change
+nothing here either. Streaming text out of token ids is `detokenizer.py`'s job.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
@@ -26,6 +32,10 @@ TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 # The checkpoint files a server needs to tokenize and render chat templates by itself.
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG_JSON, "special_tokens_map.json", "generation_config.json")
+# The named special tokens transformers always knows; a checkpoint may name more (`image_token`).
+STANDARD_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+logger = logging.getLogger(__name__)
 
 
 def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
@@ -44,10 +54,10 @@ class TokenizerFilesError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class SpecialTokenNames:
-    """What tokenizer_config.json says about special tokens (each None when it says nothing)."""
+    """What tokenizer_config.json says about special tokens: each named one ("bos_token" ->
+    "<s>"), as transformers' `special_tokens_map` has them, and the `add_bos_token` hint."""
 
-    bos_token: str | None = None
-    eos_token: str | None = None
+    tokens: Mapping[str, str] = field(default_factory=dict)
     add_bos_token: bool | None = None
 
 
@@ -99,15 +109,22 @@ class Tokenizer:
 
     @property
     def bos_token(self) -> str | None:
-        return self._names.bos_token
+        return self._names.tokens.get("bos_token")
 
     @property
     def eos_token(self) -> str | None:
-        return self._names.eos_token
+        return self._names.tokens.get("eos_token")
+
+    @property
+    def special_tokens_map(self) -> Mapping[str, str]:
+        """Every named special token ("bos_token" -> "<s>", "pad_token", a checkpoint's own
+        "*_token"), as transformers' `special_tokens_map`: the variables a chat template sees."""
+        return self._names.tokens
 
     @property
     def add_bos_token(self) -> bool | None:
-        """tokenizer_config.json's hint; None when absent (Llama 3 leaves BOS to the post-processor)."""
+        """tokenizer_config.json's hint, None when absent. Informative only: as in transformers
+        5, tokenizer.json's post-processor alone decides whether BOS is added (module docstring)."""
         return self._names.add_bos_token
 
     # Encoding and decoding ---------------------------------------------------------------
@@ -118,16 +135,16 @@ class Tokenizer:
         return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_chat_prompt(self, text: str) -> list[int]:
-        """Token ids of a rendered chat template, with BOS exactly once.
+        """Token ids of a rendered chat template: its text only, without the post-processor,
+        as transformers' `apply_chat_template(..., tokenize=True)` encodes it.
 
-        Chat templates write `{{ bos_token }}` themselves, so running the post-processor too
-        would put a second BOS in front. When the text starts with the BOS token it is
-        encoded without special tokens; otherwise the post-processor decides, as for a plain
-        prompt.
+        Chat templates write `{{ bos_token }}` themselves where the model wants it, so the
+        post-processor would put a second BOS in front. Guessing instead from whether the text
+        starts with BOS (as this did before) differs from transformers for a template that
+        writes no BOS, e.g. a --chat-template without one on a Llama or Mistral tokenizer,
+        which would get a BOS it did not ask for.
         """
-        bos = self._names.bos_token
-        starts_with_bos = bool(bos) and text.startswith(bos)
-        return self.encode(text, add_special_tokens=not starts_with_bos)
+        return self.encode(text, add_special_tokens=False)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of token ids. Ids unknown to the vocabulary decode to nothing; an incomplete
@@ -135,28 +152,35 @@ class Tokenizer:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
 
-def _special_token_names(raw: bytes) -> SpecialTokenNames:
+def json_object(raw: bytes) -> dict:
     try:
         config = json.loads(raw)
     except ValueError as exc:  # UnicodeDecodeError is a ValueError too
         raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"not valid JSON ({exc})") from None
     if not isinstance(config, dict):
         raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _special_token_names(raw: bytes) -> SpecialTokenNames:
+    config = json_object(raw)
     add_bos = config.get("add_bos_token")
     if add_bos is not None and not isinstance(add_bos, bool):
         raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"add_bos_token must be true or false, got {add_bos!r}")
-    return SpecialTokenNames(
-        bos_token=_token_name(config, "bos_token"),
-        eos_token=_token_name(config, "eos_token"),
-        add_bos_token=add_bos,
-    )
+    names = [key for key in config if key.endswith("_token")]
+    tokens = {key: token for key in names if (token := _token_name(config, key)) is not None}
+    return SpecialTokenNames(tokens=tokens, add_bos_token=add_bos)
 
 
-def _token_name(config: dict, field: str) -> str | None:
+def _token_name(config: dict, key: str) -> str | None:
     # transformers writes a special token either as its string or as a serialised AddedToken.
-    value = config.get(field)
+    # It refuses any other value of a standard name, and does not take one of another
+    # `*_token` key (such as `add_bos_token`) as a token.
+    value = config.get(key)
     if isinstance(value, dict):
         value = value.get("content")
-    if value is not None and not isinstance(value, str):
-        raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"{field} must be a string or an AddedToken, got {value!r}")
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    if key in STANDARD_SPECIAL_TOKENS:
+        raise TokenizerFilesError(TOKENIZER_CONFIG_JSON, f"{key} must be a string or an AddedToken, got {value!r}")
+    return None

@@ -174,10 +174,12 @@ class Ours:
 
 class Transformers:
     def __init__(self, model: str, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
         self.device = device
-        self.model = LlamaForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+        )
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -280,6 +282,13 @@ def main() -> None:
         help="CUDA: the share of the GPU our engine sizes its KV cache to; the rest holds transformers' "
         "model and, with graphs off, a second engine of the same size (default: %(default)s).",
     )
+    p.add_argument(
+        "--compare-dtypes",
+        metavar="D1,D2",
+        help="Run the whole comparison in each of these dtypes, one after the other in this process (e.g. "
+        "float32,bfloat16), then print every measure side by side with ours in each dtype against ours in "
+        "the first; --dtype is then ignored.",
+    )
     p.add_argument("--json", type=Path, help="Also write the results as JSON to this file.")
     p.add_argument(
         "--cpu-prepack-ab",
@@ -294,20 +303,51 @@ def main() -> None:
     if args.cpu_prepack_ab:
         prepack_ab(model, args)
         return
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    results: dict = {"model": model, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
+    if not args.compare_dtypes:
+        results = compare(model, args, args.dtype)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
+    dtypes = args.compare_dtypes.split(",")
+    runs = {}
+    for name in dtypes:
+        runs[name] = compare(model, args, name)
+        gc.collect()
+    print_dtype_table(runs)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs}, indent=2))
+
+
+def print_dtype_table(runs: dict[str, dict]) -> None:
+    """Each measure in every dtype, ours and transformers', and ours against ours in the first dtype."""
+    first, *others = runs
+    print(f"\n{'measure':<50} " + " ".join(f"{f'ours {d}':>16} {f'HF {d}':>14}" for d in runs), end="")
+    print("".join(f" {f'{d}/{first}':>18}" for d in others))
+    for i, row in enumerate(runs[first]["rows"]):
+        line = f"{row['measure']:<50} "
+        line += " ".join(
+            f"{runs[d]['rows'][i]['ours']:>16.1f} {runs[d]['rows'][i]['transformers']:>14.1f}" for d in runs
+        )
+        line += "".join(f" {runs[d]['rows'][i]['ours'] / row['ours']:>17.2f}x" for d in others)
+        print(line)
+
+
+def compare(model: str, args: argparse.Namespace, dtype_name: str) -> dict:
+    """Every measure of ours and transformers' in one dtype; prints its table and returns the results."""
+    device, dtype = torch.device(args.device), getattr(torch, dtype_name)
+    results: dict = {"model": model, "device": str(device), "dtype": dtype_name, "threads": torch.get_num_threads()}
 
     bandwidth, matmul = measure_peaks(device, dtype)
     results |= {"copy_gbps": bandwidth, "matmul_gflops": matmul}
     print(
-        f"device {device} ({torch.get_num_threads()} threads), {args.dtype}: copy {bandwidth:.1f} GB/s, "
+        f"device {device} ({torch.get_num_threads()} threads), {dtype_name}: copy {bandwidth:.1f} GB/s, "
         f"matmul {matmul:.1f} GFLOP/s"
     )
     concurrency = [int(c) for c in args.concurrency.split(",")]
     ours = Ours(
         model,
         args.device,
-        args.dtype,
+        dtype_name,
         enforce_eager=False,
         max_num_seqs=max(concurrency),
         gpu_memory_utilization=args.gpu_memory_utilization,
@@ -338,7 +378,7 @@ def main() -> None:
         eager = Ours(
             model,
             args.device,
-            args.dtype,
+            dtype_name,
             enforce_eager=True,
             max_num_seqs=max(concurrency),
             num_kv_blocks=ours.core.block_pool.num_blocks,
@@ -384,8 +424,7 @@ def main() -> None:
         {"measure": n, "ours": a, "transformers": b, "ratio": a / b, "notes": note, "roofline_pct": roofline_pct(n, a)}
         for n, a, b, note in rows
     ]
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    return results  # the engines go with this frame, before the next dtype loads its own
 
 
 def prepack_ab(model: str, args: argparse.Namespace) -> None:

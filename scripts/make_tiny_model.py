@@ -1,10 +1,22 @@
 #!/usr/bin/env python3
-"""Write a small, deterministic Hugging Face Llama checkpoint for tests and benchmarks.
+"""Write a small, deterministic Hugging Face checkpoint of one model family for tests and benchmarks.
 
-The directory it writes (config, safetensors weights, byte-level BPE tokenizer with the
-Llama 3 special tokens and chat template, generation config) has the layout of a real
-Llama 3 checkpoint and loads in ``transformers``, so splitinfer can be compared with it token
-for token. The same arguments always give byte-identical files.
+The directory it writes (config, safetensors weights, a BPE tokenizer with the family's
+special tokens and conventions, a chat template in the family's style, generation config)
+has the layout of a real checkpoint of that family and loads in ``transformers``, so
+splitinfer can be compared with it token for token:
+
+- llama: Llama 3 (byte-level BPE, BOS added by the post-processor, template in
+  tokenizer_config.json);
+- qwen2: Qwen2.5 (biases on q/k/v, Qwen's NFC + regex byte-level BPE, no BOS, ChatML template
+  using namespace, loop controls, raise_exception and tools, several eos ids, a config
+  vocabulary larger than the tokenizer's);
+- qwen3: Qwen3 (per-head q/k norms, head_dim not hidden/heads, the template in
+  chat_template.jinja as transformers 5 writes it);
+- mistral: Mistral (sliding window, SentencePiece-style BPE with byte fallback and the
+  "▁" space marker, add_bos_token, [INST] template as a list of named templates).
+
+The same arguments always give byte-identical files.
 """
 
 from __future__ import annotations
@@ -16,11 +28,12 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=512, max_position=2048),
@@ -38,7 +51,6 @@ PRESET_OPTIONS: dict[str, dict[str, str]] = {
     "bench": dict(dtype="float32", rope_scaling="none"),
     "llama-3.2-1b": dict(dtype="bfloat16", rope_scaling="llama3"),
 }
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Weight scales, relative to 1/sqrt(fan_in) so every preset behaves alike. A gain of 2 keeps each
 # layer's output larger than its input: with smaller weights random models fall into greedy
@@ -47,10 +59,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MATRIX_GAIN = 2.0
 EMBED_GAIN = 2.0
 JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"  # where transformers 5 writes a checkpoint's template
 BYTE_ALPHABET = 256  # ByteLevel maps every byte to one printable character.
 
 # The Llama 3 Instruct template: BOS once, then one header/content/eot block per message.
-CHAT_TEMPLATE = (
+LLAMA3_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first %}{{ bos_token }}{% endif %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
@@ -58,6 +71,148 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
+# ChatML as Qwen2.5 writes it: a default system prompt, tools listed in the system turn, and
+# the jinja features real Qwen templates rely on (namespace, loop controls, raise_exception).
+QWEN2_TEMPLATE = """\
+{%- if messages[0].role == 'system' %}
+    {%- set system = messages[0].content %}
+{%- else %}
+    {%- set system = 'You are a helpful assistant.' %}
+{%- endif %}
+{{- '<|im_start|>system\\n' + system }}
+{%- if tools %}
+    {{- '\\n\\n# Tools\\n\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + (tool | tojson) }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nCall a function with <tool_call>{"name": ..., "arguments": ...}</tool_call>.' }}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- set ns = namespace(turns=0) %}
+{%- for message in messages %}
+    {%- if message.role == 'system' %}
+        {%- if not loop.first %}
+            {{- raise_exception('The system message must come first.') }}
+        {%- endif %}
+        {%- continue %}
+    {%- endif %}
+    {%- set ns.turns = ns.turns + 1 %}
+    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if ns.turns == 0 %}
+    {{- raise_exception('A conversation needs a user message.') }}
+{%- endif %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+# Qwen3's ChatML: no default system prompt, earlier assistant turns stripped of their
+# <think> blocks, and an empty think block opened when thinking is turned off.
+QWEN3_TEMPLATE = """\
+{%- set ns = namespace(last_user=-1) %}
+{%- for message in messages %}
+    {%- if message.role == 'user' %}
+        {%- set ns.last_user = loop.index0 %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- set content = message.content %}
+    {%- if message.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}
+"""
+# Mistral Instruct: BOS, then [INST] user [/INST] assistant</s>, roles alternating; a system
+# message is prepended to the last user turn.
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
+    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}"
+    "{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate "
+    "user/assistant/user/assistant...') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+# Qwen's pre-tokenizer split, as its tokenizer.json (and transformers' Qwen2Tokenizer) has it.
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one model family writes: its architecture, its config conventions and its tokenizer's."""
+
+    architecture: str
+    model_type: str
+    tokenizer: str  # "llama3", "qwen" or "sentencepiece": which build_*_tokenizer
+    template: str
+    template_file: str  # "tokenizer_config" (a string), "named" (a list of named templates) or "jinja"
+    rope_theta: float
+    qkv_bias: bool = False  # always (Qwen2); otherwise --attention-bias decides, where the family has the field
+    has_attention_bias_field: bool = False
+    qk_norm: bool = False
+    head_dim_factor: float = 1.0  # default head_dim, relative to hidden / heads
+    sliding_window: int | None = None  # default --sliding-window
+    config_vocab_extra: int = 0  # config.json's vocab_size exceeds the tokenizer's by this much
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(
+        "LlamaForCausalLM",
+        "llama",
+        "llama3",
+        LLAMA3_TEMPLATE,
+        "tokenizer_config",
+        500000.0,
+        has_attention_bias_field=True,
+    ),
+    "qwen2": Family(
+        "Qwen2ForCausalLM",
+        "qwen2",
+        "qwen",
+        QWEN2_TEMPLATE,
+        "tokenizer_config",
+        1000000.0,
+        qkv_bias=True,
+        config_vocab_extra=8,
+    ),
+    "qwen3": Family(
+        "Qwen3ForCausalLM",
+        "qwen3",
+        "qwen",
+        QWEN3_TEMPLATE,
+        "jinja",
+        1000000.0,
+        has_attention_bias_field=True,
+        qk_norm=True,
+        head_dim_factor=1.5,
+        config_vocab_extra=8,
+    ),
+    "mistral": Family(
+        "MistralForCausalLM", "mistral", "sentencepiece", MISTRAL_TEMPLATE, "named", 1000000.0, sliding_window=40
+    ),
+}
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_PLAIN_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>"]  # added, but not special (as in Qwen3)
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+SP_CONTROL = ["[INST]", "[/INST]"]
 
 ENGLISH_TEXT = """\
 The morning train was late again, so Maria walked to the station café and ordered a cup of
@@ -97,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p.add_argument("out", type=Path, help="Directory to write the checkpoint into (created if missing).")
     p.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        default="llama",
+        help="Model family: its architecture, tokenizer conventions and chat template (default: %(default)s).",
+    )
+    p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         default="tiny",
@@ -113,9 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     size("--hidden", "Hidden (model) dimension")
     size("--heads", "Number of query attention heads")
     size("--kv-heads", "Number of key/value heads, for grouped-query attention")
-    p.add_argument("--head-dim", type=int, help="Dimension of one attention head (default: hidden / heads).")
+    p.add_argument(
+        "--head-dim",
+        type=int,
+        help="Dimension of one attention head (default: hidden / heads; qwen3: 1.5 times that, as Qwen3's "
+        "head_dim is not hidden / heads either).",
+    )
     size("--intermediate", "Hidden dimension of the SwiGLU MLP")
-    size("--vocab", "Vocabulary size including the 5 special tokens, at least 300")
+    size("--vocab", "config.json's vocab_size, special tokens included (qwen: the tokenizer has 8 fewer), at least 300")
     size("--max-position", "max_position_embeddings in config.json and the tokenizer's model_max_length")
     p.add_argument(
         "--shards",
@@ -141,8 +307,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-position), linear (factor 2), or none (default: the preset's, none but for "
         "llama-3.2-1b).",
     )
-    p.add_argument("--rope-theta", type=float, default=500000.0, help="RoPE base frequency (default: %(default)s).")
-    p.add_argument("--attention-bias", action="store_true", help="Give the q/k/v/o projections bias vectors.")
+    p.add_argument(
+        "--rope-theta", type=float, help="RoPE base frequency (default: 500000 for llama, 1000000 for the others)."
+    )
+    p.add_argument(
+        "--attention-bias",
+        action="store_true",
+        help="Give the q/k/v/o projections bias vectors (llama and qwen3, which have the config field; qwen2 "
+        "always has q/k/v biases, mistral never any).",
+    )
+    p.add_argument(
+        "--sliding-window",
+        type=int,
+        help="Sliding attention window in tokens, 0 for none (mistral: every layer, default 40; qwen2/qwen3: "
+        "use_sliding_window with every layer after the first sliding, default none; llama has none).",
+    )
     p.add_argument("--force", action="store_true", help="Write into OUT even if it already holds files.")
     return p
 
@@ -155,6 +334,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in (PRESETS[args.preset] | PRESET_OPTIONS[args.preset]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    family = FAMILIES[args.family]
+    if args.rope_theta is None:
+        args.rope_theta = family.rope_theta
+    if args.sliding_window is None:
+        args.sliding_window = family.sliding_window or 0
+    if args.sliding_window < 0:
+        p.error(f"--sliding-window must be 0 (none) or positive, got {args.sliding_window}")
+    if args.sliding_window and args.family == "llama":
+        p.error("--sliding-window: llama has no sliding window")
+    if args.attention_bias and not family.has_attention_bias_field:
+        p.error(f"--attention-bias: {args.family} has no attention_bias field")
     for flag in ("layers", "hidden", "heads", "kv_heads", "intermediate", "vocab", "max_position"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -162,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}")
     if args.head_dim is None:
-        args.head_dim = args.hidden // args.heads
+        args.head_dim = 2 * round(family.head_dim_factor * args.hidden / args.heads / 2)
     if args.head_dim < 2 or args.head_dim % 2:
         p.error(f"--head-dim must be even and positive (RoPE rotates pairs), got {args.head_dim}")
     if args.heads % args.kv_heads:
@@ -185,14 +375,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def tensor_shapes(args: argparse.Namespace) -> dict[str, tuple[int, ...]]:
     """Return every weight name and shape, in the fixed order the random values are drawn."""
+    family = FAMILIES[args.family]
     h, q_dim, kv_dim = args.hidden, args.heads * args.head_dim, args.kv_heads * args.head_dim
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (args.vocab, h)}
     for i in range(args.layers):
         pre = f"model.layers.{i}."
         for proj, (rows, cols) in {"q": (q_dim, h), "k": (kv_dim, h), "v": (kv_dim, h), "o": (h, q_dim)}.items():
             shapes[f"{pre}self_attn.{proj}_proj.weight"] = (rows, cols)
-            if args.attention_bias:
+            if args.attention_bias or (family.qkv_bias and proj != "o"):
                 shapes[f"{pre}self_attn.{proj}_proj.bias"] = (rows,)
+        if family.qk_norm:
+            shapes[f"{pre}self_attn.q_norm.weight"] = (args.head_dim,)
+            shapes[f"{pre}self_attn.k_norm.weight"] = (args.head_dim,)
         shapes[f"{pre}mlp.gate_proj.weight"] = (args.intermediate, h)
         shapes[f"{pre}mlp.up_proj.weight"] = (args.intermediate, h)
         shapes[f"{pre}mlp.down_proj.weight"] = (h, args.intermediate)
@@ -255,14 +449,13 @@ def save_weights(out: Path, tensors: dict[str, torch.Tensor], n_shards: int) -> 
     write_json(out / "model.safetensors.index.json", index)
 
 
-def training_text(target: int, seed: int) -> list[str]:
+def training_text(target: int, seed: int, pre: pre_tokenizers.PreTokenizer, space: str) -> list[str]:
     """Return the English prose plus enough distinct synthetic words for BPE to reach target entries.
 
     BPE keeps merging until every distinct pre-token is one token, so the final vocabulary holds at
-    least 256 byte tokens plus one entry per distinct multi-character pre-token: counting those
-    tells how many invented words are needed.
+    least the alphabet plus one entry per distinct multi-character pre-token: counting those
+    tells how many invented words are needed. `space` is how `pre` marks a leading space.
     """
-    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
     seen = {piece for line in ENGLISH_TEXT.splitlines() for piece, _ in pre.pre_tokenize_str(line) if len(piece) > 1}
     rng = random.Random(seed)
     onsets = "b c d f g h j k l m n p r s t v w z ch sh th st tr pl br".split()
@@ -273,26 +466,37 @@ def training_text(target: int, seed: int) -> list[str]:
             rng.choice(onsets) + rng.choice(vowels) + rng.choice(["", "n", "r", "s", "t"])
             for _ in range(rng.randint(1, 4))
         )
-        if "Ġ" + word not in seen:  # Each word follows a space, hence the ByteLevel space marker.
-            seen.add("Ġ" + word)
+        if space + word not in seen:  # Each word follows a space.
+            seen.add(space + word)
             words.append(word)
     synthetic = [" " + " ".join(words[i : i + 16]) for i in range(0, len(words), 16)]
     return ENGLISH_TEXT.splitlines() * ENGLISH_REPEATS + synthetic
 
 
-def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
-    """Train a byte-level BPE to vocab - 5 entries and append the Llama 3 special tokens last."""
-    target = vocab - len(SPECIAL_TOKENS)
+def train_bpe(tok: Tokenizer, target: int, seed: int, space: str, alphabet: list[str]) -> None:
+    """Train tok's BPE model on the English prose and synthetic words, to at most `target` entries."""
+    trainer = trainers.BpeTrainer(vocab_size=target, initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator(training_text(target, seed, tok.pre_tokenizer, space), trainer)
+
+
+def reserved(count: int, name: str) -> list[str]:
+    """Padding tokens (as Llama 3 reserves), so every id below the vocabulary size decodes even if
+    training fell short of the target."""
+    return [f"<|{name}_{k}|>" for k in range(count)]
+
+
+def special(tokens: list[str]) -> list[AddedToken]:
+    return [AddedToken(t, special=True, normalized=False) for t in tokens]
+
+
+def build_llama3_tokenizer(vocab: int, seed: int) -> Tokenizer:
+    """Llama 3's: byte-level BPE, the special tokens last, BOS prepended by the post-processor."""
+    target = vocab - len(LLAMA3_SPECIALS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=target, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(training_text(target, seed), trainer)
-    # Llama 3 style padding, so every id below vocab decodes even if training fell short.
-    reserved = [f"<|reserved_special_token_{k}|>" for k in range(target - tok.get_vocab_size())]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in reserved + SPECIAL_TOKENS])
+    train_bpe(tok, target, seed, "Ġ", pre_tokenizers.ByteLevel.alphabet())
+    tok.add_special_tokens(special(reserved(target - tok.get_vocab_size(), "reserved_special_token") + LLAMA3_SPECIALS))
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.Sequence(
         [
@@ -305,8 +509,95 @@ def build_tokenizer(vocab: int, seed: int) -> Tokenizer:
     return tok
 
 
-def tokenizer_config(tok: Tokenizer, max_position: int) -> dict:
-    """Return tokenizer_config.json as transformers writes it for a Llama 3 fast tokenizer."""
+def build_qwen_tokenizer(vocab: int, seed: int) -> Tokenizer:
+    """Qwen's: NFC, a regex split then byte-level BPE, no BOS; ChatML specials, then tokens that
+    are added but not special (tool calls, think blocks)."""
+    added = QWEN_SPECIALS + QWEN_PLAIN_ADDED
+    target = vocab - len(added)
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    train_bpe(tok, target, seed, "Ġ", pre_tokenizers.ByteLevel.alphabet())
+    tok.add_special_tokens(special(reserved(target - tok.get_vocab_size(), "reserved") + QWEN_SPECIALS))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_PLAIN_ADDED])
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tok
+
+
+def build_sentencepiece_tokenizer(vocab: int, seed: int) -> Tokenizer:
+    """Mistral's (and Llama 2's): <unk> <s> </s>, the 256 byte-fallback tokens <0x00>..<0xFF>,
+    then BPE over text whose spaces are "▁" (prepended to the first word), BOS prepended by the
+    post-processor, and control tokens last. Characters outside the vocabulary encode as bytes."""
+    target = vocab - len(SP_SPECIALS) - BYTE_ALPHABET - len(SP_CONTROL)
+    trainer_tok = Tokenizer(models.BPE())
+    # Trained word by word (split=True); the tokenizer written splits nothing, as Mistral's does,
+    # which gives the same tokens since no merge crosses a "▁".
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    train_bpe(trainer_tok, target, seed, "▁", [])
+    trained = json.loads(trainer_tok.to_str())["model"]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(BYTE_ALPHABET)]
+    learned = sorted(trained["vocab"], key=trained["vocab"].get)
+    entries = SP_SPECIALS + byte_tokens + learned + reserved(target - len(learned), "reserved")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(entries)},
+            merges=merges,
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    tok.add_special_tokens(special(SP_SPECIALS + SP_CONTROL))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return tok
+
+
+TOKENIZER_BUILDERS = {
+    "llama3": build_llama3_tokenizer,
+    "qwen": build_qwen_tokenizer,
+    "sentencepiece": build_sentencepiece_tokenizer,
+}
+
+
+def build_tokenizer(family: Family, vocab: int, seed: int) -> Tokenizer:
+    """The family's tokenizer, with `vocab` entries less the family's config surplus."""
+    return TOKENIZER_BUILDERS[family.tokenizer](vocab - family.config_vocab_extra, seed)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids config.json and generation_config.json name."""
+
+    bos: int | None  # config.json's bos_token_id (Qwen names <|endoftext|>, which it never prepends)
+    eos: list[int]  # config.json's
+    generation_eos: list[int]  # generation_config.json's
+
+
+def special_ids(family: Family, tok: Tokenizer) -> SpecialIds:
+    ids = tok.token_to_id
+    if family.tokenizer == "llama3":
+        eos = [ids("<|end_of_text|>"), ids("<|eot_id|>")]
+        return SpecialIds(ids("<|begin_of_text|>"), eos, eos)
+    if family.tokenizer == "qwen":
+        return SpecialIds(ids("<|endoftext|>"), [ids("<|im_end|>")], [ids("<|im_end|>"), ids("<|endoftext|>")])
+    return SpecialIds(ids("<s>"), [ids("</s>")], [ids("</s>")])
+
+
+def tokenizer_config(family: Family, tok: Tokenizer, max_position: int) -> dict:
+    """Return tokenizer_config.json as transformers writes it for the family's fast tokenizer."""
     added = {
         str(i): {
             "content": t.content,
@@ -314,24 +605,53 @@ def tokenizer_config(tok: Tokenizer, max_position: int) -> dict:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": True,
+            "special": t.special,
         }
         for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
-    return {
-        "added_tokens_decoder": added,
-        "bos_token": "<|begin_of_text|>",
-        "chat_template": CHAT_TEMPLATE,
+    config: dict = {"added_tokens_decoder": added}
+    if family.tokenizer == "llama3":
+        config |= {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
+    elif family.tokenizer == "qwen":
+        config |= {
+            "add_bos_token": False,
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "errors": "replace",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+        }
+    else:
+        config |= {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "legacy": False,
+            "tokenizer_class": "LlamaTokenizer",
+        }
+    if family.template_file == "tokenizer_config":
+        config["chat_template"] = family.template
+    elif family.template_file == "named":
+        config["chat_template"] = [{"name": "default", "template": family.template}]
+    config |= {
         "clean_up_tokenization_spaces": False,
-        "eos_token": "<|eot_id|>",
         "model_input_names": ["input_ids", "attention_mask"],
         "model_max_length": max_position,
-        "tokenizer_class": "PreTrainedTokenizerFast",
     }
+    return config
 
 
-def model_config(args: argparse.Namespace, bos_id: int, eos_ids: list[int]) -> dict:
-    """Return config.json in the Llama 3 layout (legacy rope_theta/rope_scaling keys)."""
+def model_config(args: argparse.Namespace, ids: SpecialIds) -> dict:
+    """Return config.json in the family's layout (legacy rope_theta/rope_scaling keys)."""
+    family = FAMILIES[args.family]
     rope_scaling = {
         "none": None,
         # original_max_position_embeddings below max_position, so the scaling really changes frequencies.
@@ -344,9 +664,9 @@ def model_config(args: argparse.Namespace, bos_id: int, eos_ids: list[int]) -> d
         },
         "linear": {"rope_type": "linear", "factor": 2.0},
     }[args.rope_scaling]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": args.hidden,
         "intermediate_size": args.intermediate,
         "num_hidden_layers": args.layers,
@@ -355,21 +675,32 @@ def model_config(args: argparse.Namespace, bos_id: int, eos_ids: list[int]) -> d
         "head_dim": args.head_dim,
         "vocab_size": args.vocab,
         "max_position_embeddings": args.max_position,
-        "rms_norm_eps": 1e-5,
+        "rms_norm_eps": 1e-5 if family.tokenizer == "llama3" else 1e-6,
         "rope_theta": args.rope_theta,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": not args.no_tie,
-        "attention_bias": args.attention_bias,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
         "hidden_act": "silu",
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_ids,
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.eos if len(ids.eos) > 1 else ids.eos[0],
         "torch_dtype": args.dtype,
         # Only used by transformers to initialise weights missing from a checkpoint; none are.
         "initializer_range": 0.02,
         "use_cache": True,
     }
+    if family.has_attention_bias_field:
+        config["attention_bias"] = args.attention_bias
+    if args.family == "llama":
+        config["mlp_bias"] = False
+    elif args.family == "mistral":
+        config["sliding_window"] = args.sliding_window or None
+    else:  # Qwen: a window only with use_sliding_window, on the layers from max_window_layers on
+        config |= {
+            "use_sliding_window": bool(args.sliding_window),
+            "sliding_window": args.sliding_window or None,
+            "max_window_layers": 1 if args.sliding_window else args.layers,
+        }
+    return config
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -381,19 +712,19 @@ def write_checkpoint(args: argparse.Namespace) -> tuple[int, int]:
     """Write every file of the checkpoint into args.out; return (parameter count, bytes written)."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("model*.safetensors*"):  # Left by an earlier --force run with other --shards.
-        stale.unlink()
+    for stale in [*out.glob("model*.safetensors*"), out / CHAT_TEMPLATE_JINJA]:  # left by an earlier --force run
+        stale.unlink(missing_ok=True)
 
-    tok = build_tokenizer(args.vocab, args.seed)
+    family = FAMILIES[args.family]
+    tok = build_tokenizer(family, args.vocab, args.seed)
     tok.save(str(out / "tokenizer.json"))
-    write_json(out / "tokenizer_config.json", tokenizer_config(tok, args.max_position))
-    bos_id = tok.token_to_id("<|begin_of_text|>")
-    eos_ids = [tok.token_to_id("<|end_of_text|>"), tok.token_to_id("<|eot_id|>")]
-    write_json(out / "config.json", model_config(args, bos_id, eos_ids))
-    write_json(
-        out / "generation_config.json",
-        {"bos_token_id": bos_id, "eos_token_id": eos_ids, "do_sample": True, "temperature": 0.6, "top_p": 0.9},
-    )
+    write_json(out / "tokenizer_config.json", tokenizer_config(family, tok, args.max_position))
+    if family.template_file == "jinja":
+        (out / CHAT_TEMPLATE_JINJA).write_text(family.template, encoding="utf-8")
+    ids = special_ids(family, tok)
+    write_json(out / "config.json", model_config(args, ids))
+    generation = {"bos_token_id": ids.bos, "eos_token_id": ids.generation_eos}
+    write_json(out / "generation_config.json", generation | {"do_sample": True, "temperature": 0.6, "top_p": 0.9})
 
     tensors = make_weights(args)
     save_weights(out, tensors, args.shards)

@@ -1,14 +1,15 @@
-"""Chat messages to prompt text, through the checkpoint's Jinja chat template.
+"""Chat messages to prompt text, through the chat template the engine serves.
 
-    template = ChatTemplate(hello_reply.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+    template = ChatTemplate.for_model(hello_reply.chat_template, tokenizer)  # None: chat is refused
     prompt = template.render([{"role": "user", "content": "Hi"}])   # then tokenizer.encode_chat_prompt
 
-The template runs the way `transformers`' `apply_chat_template` runs it, so a checkpoint
-renders here exactly as it does there: a sandboxed, immutable Jinja environment with
-`trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a `tojson` filter that
-leaves non-ASCII and HTML characters alone, and the globals `raise_exception` and
-`strftime_now` (Llama 3.1 templates date their system prompt with it). Templates come
-from checkpoints, i.e. from strangers, hence the sandbox.
+The template compiles and runs in the environment `protocol/chat_template.py` owns, the
+one transformers' `apply_chat_template` uses, with the tokenizer's named special tokens
+(`bos_token`, `eos_token`, `pad_token`, ...) as variables, absent ones undefined.
+
+A checkpoint without a template gets Llama 3's format when its tokenizer is recognisably
+Llama 3's (the header and eot tokens); any other gets none (`for_model` returns None) and
+its chat requests are refused, as a guessed format would only produce garbage.
 
 Messages are validated before rendering, so a bad request fails with a `ChatTemplateError`
 whose `param` names the field (`messages[2].content`) instead of as a template crash.
@@ -18,17 +19,18 @@ Only text is supported: no tools, no images or audio. A list of text parts is jo
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+import jinja2.nodes
+import jinja2.utils
 
+from splitinfer.protocol.chat_template import ChatTemplateError, compile_chat_template
 from splitinfer.protocol.errors import show
+from splitinfer.protocol.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,9 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+# Tokens only Llama 3's vocabulary has: a checkpoint with all of them speaks the format above.
+LLAMA3_FORMAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
 ROLES = frozenset({"system", "user", "assistant"})
 # OpenAI's newer API calls the system role "developer"; the model only knows "system".
 ROLE_ALIASES = {"developer": "system"}
@@ -52,35 +57,30 @@ UNSUPPORTED_ROLES = frozenset({"tool", "function", "ipython"})
 TEXT_PART_SEPARATOR = "\n"
 
 
-class ChatTemplateError(ValueError):
-    """A chat request the template cannot render. `param` names the offending field
-    (`messages`, `messages[1].role`, `messages[0].content[2].type`); it is None only when the
-    checkpoint's template itself does not compile, which is the server's problem, not the
-    client's."""
-
-    def __init__(self, message: str, param: str | None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
 class ChatTemplate:
     """A chat template compiled once, rendered once per request."""
 
-    __slots__ = ("_template", "_bos_token", "_eos_token", "_is_fallback")
+    __slots__ = ("_template", "_special_tokens", "_is_fallback")
 
-    def __init__(self, template: str | None, bos_token: str, eos_token: str) -> None:
-        """`template` is the checkpoint's (`HelloReply.chat_template`); None selects the Llama 3
-        format. Raises `ChatTemplateError` (param None) when the template does not compile."""
-        self._is_fallback = template is None
-        if template is None:
-            logger.info("the checkpoint has no chat template; using the Llama 3 Instruct format")
-            template = LLAMA3_CHAT_TEMPLATE
-        try:
-            self._template = _environment().from_string(template)
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"the chat template does not compile: {exc}", None) from None
-        self._bos_token = bos_token
-        self._eos_token = eos_token
+    def __init__(self, source: str, special_tokens: Mapping[str, str], is_fallback: bool = False) -> None:
+        """`source` is the template's text, `special_tokens` the tokenizer's named special tokens
+        (`Tokenizer.special_tokens_map`). Raises `ChatTemplateError` (param None) when the
+        template does not compile."""
+        self._template = compile_chat_template(source)
+        self._special_tokens = dict(special_tokens)
+        self._is_fallback = is_fallback
+
+    @classmethod
+    def for_model(cls, source: str | None, tokenizer: Tokenizer) -> ChatTemplate | None:
+        """The template to serve: `source` (`HelloReply.chat_template`) if there is one, else
+        Llama 3's format for a Llama 3 tokenizer, else None (chat is refused)."""
+        if source is not None:
+            return cls(source, tokenizer.special_tokens_map)
+        if not all(tokenizer.token_to_id(token) is not None for token in LLAMA3_FORMAT_TOKENS):
+            logger.warning("the engine serves no chat template and the tokenizer is not Llama 3's: chat is refused")
+            return None
+        logger.info("the engine serves no chat template; the tokenizer is Llama 3's, so using the Llama 3 format")
+        return cls(LLAMA3_CHAT_TEMPLATE, tokenizer.special_tokens_map, is_fallback=True)
 
     @property
     def is_fallback(self) -> bool:
@@ -98,13 +98,12 @@ class ChatTemplate:
         try:
             return self._template.render(
                 messages=plain,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos_token,
-                eos_token=self._eos_token,
                 # Passed as None, as transformers does: templates test `tools is not none`,
                 # which an undefined variable would pass.
                 tools=None,
                 documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self._special_tokens,
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template rejected the messages: {exc}", "messages") from None
@@ -176,33 +175,3 @@ def _fail(message: str, param: str) -> NoReturn:
 
 def _show(value: Any) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {show(value)}"
-
-
-# The environment ---------------------------------------------------------------------
-
-
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env
-
-
-def _raise_exception(message: str) -> NoReturn:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson escapes <, >, & and ' for HTML; a prompt wants the JSON as it is.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)

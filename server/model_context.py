@@ -4,7 +4,9 @@ The server holds no checkpoint: the model's name, context length, vocabulary, to
 files and chat template all arrive in the engine's `HelloReply`. A `ModelContext` is built
 from one reply (once per engine instance) and turns a request's messages or prompts into
 token ids. It checks the model's name (404) and that prompt token ids are in the vocabulary
-(its own tokenizer must read them); the context length is the engine's to judge.
+(its own tokenizer must read them); the context length is the engine's to judge. A model
+with no chat template (`ChatTemplate.for_model`) refuses chat requests with a 400 that tells
+the operator what to do (`chat_template_missing`); its completions are served as usual.
 """
 
 from __future__ import annotations
@@ -12,9 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from splitinfer.protocol import HelloReply
+from splitinfer.protocol.chat_template import ChatTemplateError
 from splitinfer.protocol.tokenizer import Tokenizer
-from splitinfer.server.chat_template import ChatTemplate, ChatTemplateError
+from splitinfer.server.chat_template import ChatTemplate
 from splitinfer.server.errors import APIError, bad_request
+
+NO_CHAT_TEMPLATE = (
+    "this model has no chat template: its checkpoint has none (chat_template.jinja or tokenizer_config.json's "
+    "chat_template) and its tokenizer is not Llama 3's, whose format could be assumed. The operator can start the "
+    "engine with --chat-template FILE (or the template inline); until then use /v1/completions"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,12 +33,12 @@ class ModelContext:
     info: HelloReply
     name: str  # the name clients must send: --served-model-name, else the engine's
     tokenizer: Tokenizer
-    template: ChatTemplate
+    template: ChatTemplate | None  # None: chat requests are refused
 
     @classmethod
     def from_hello(cls, info: HelloReply, served_model_name: str | None) -> ModelContext:
         tokenizer = Tokenizer.from_files(info.tokenizer_files)
-        template = ChatTemplate(info.chat_template, tokenizer.bos_token or "", tokenizer.eos_token or "")
+        template = ChatTemplate.for_model(info.chat_template, tokenizer)
         return cls(info=info, name=served_model_name or info.model_name, tokenizer=tokenizer, template=template)
 
     def check_model(self, model: str) -> None:
@@ -53,11 +62,11 @@ class ModelContext:
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The messages rendered with the chat template, as token ids."""
+        if self.template is None:
+            raise bad_request(NO_CHAT_TEMPLATE, code="chat_template_missing")
         try:
             prompt = self.template.render(messages, add_generation_prompt=True)
         except ChatTemplateError as exc:
-            if exc.param is None:  # the checkpoint's template itself is broken: our fault, not the client's
-                raise APIError(500, f"the model's chat template failed: {exc}", code="chat_template_error") from None
             raise bad_request(str(exc), param=exc.param) from None
         return self.tokenizer.encode_chat_prompt(prompt)
 

@@ -52,6 +52,21 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# One tiny checkpoint per model family (scripts/make_tiny_model.py --family), each with its
+# own tokenizer conventions and chat template. Windows are shorter than the tests' prompts.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "llama": ("--family", "llama"),
+    # q/k/v biases, ChatML, no BOS, two eos ids, a config vocabulary beyond the tokenizer's.
+    "qwen2": ("--family", "qwen2", "--seed", "3"),
+    # Qwen2 with use_sliding_window: layer 0 attends to everything, layer 1 through a window of 24.
+    "qwen2-sliding": ("--family", "qwen2", "--sliding-window", "24", "--seed", "4"),
+    # q/k norms, head_dim 48 (not hidden / heads), MHA, template in chat_template.jinja.
+    "qwen3": ("--family", "qwen3", "--kv-heads", "4", "--seed", "5"),
+    # A sliding window of 40 on every layer (not a multiple of the block size), GQA 4:1.
+    "mistral": ("--family", "mistral", "--kv-heads", "1", "--seed", "6"),
+}
+
+
 def build_checkpoint(out: Path, *args: str) -> Path:
     subprocess.run([sys.executable, str(MAKE_TINY_MODEL), str(out), *args], check=True, capture_output=True, text=True)
     return out
@@ -79,3 +94,8 @@ def tiny_checkpoint(make_checkpoint: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session", params=sorted(VARIANTS))
 def variant_checkpoint(request: pytest.FixtureRequest, make_checkpoint: Callable[..., Path]) -> Path:
     return make_checkpoint(*VARIANTS[request.param])
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_checkpoint(request: pytest.FixtureRequest, make_checkpoint: Callable[..., Path]) -> Path:
+    return make_checkpoint(*FAMILIES[request.param])

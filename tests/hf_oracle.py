@@ -8,18 +8,35 @@ from pathlib import Path
 import torch
 
 
-@functools.lru_cache(maxsize=8)
-def hf_model(path: Path):
-    from transformers import LlamaForCausalLM
+@functools.lru_cache(maxsize=12)
+def hf_model(path: Path, dtype: torch.dtype = torch.float32):
+    """The checkpoint in transformers: fp32 with eager attention (the exact reference), or in
+    half precision with SDPA (what a transformers user runs, and what our CPU path computes)."""
+    from transformers import AutoModelForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    attention = "eager" if dtype == torch.float32 else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attention)
     return model.eval()
 
 
 @torch.inference_mode()
-def hf_logits(path: Path, token_ids: list[int]) -> torch.Tensor:
+def hf_logits(path: Path, token_ids: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Logits [len, vocab] for every position of one sequence."""
-    return hf_model(path)(torch.tensor([token_ids])).logits[0].float()
+    return hf_model(path, dtype)(torch.tensor([token_ids])).logits[0].float()
+
+
+@torch.inference_mode()
+def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
+    """transformers' greedy tokens for one prompt, never stopping early (no eos)."""
+    out = hf_model(path, dtype).generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:

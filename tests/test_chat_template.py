@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from splitinfer.protocol.chat_template import ChatTemplateError
 from splitinfer.protocol.tokenizer import Tokenizer, TokenizerFilesError
-from splitinfer.server.chat_template import LLAMA3_CHAT_TEMPLATE, ChatTemplate, ChatTemplateError
+from splitinfer.server.chat_template import LLAMA3_CHAT_TEMPLATE, ChatTemplate
 
 BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
+SPECIAL_TOKENS = {"bos_token": BOS, "eos_token": EOS}
 
 CONVERSATIONS = {
     "system+user": [
@@ -54,12 +56,14 @@ def tokenizer(tiny_checkpoint: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def checkpoint_template(tiny_checkpoint: Path, tokenizer: Tokenizer) -> ChatTemplate:
     config = json.loads((tiny_checkpoint / "tokenizer_config.json").read_text())
-    return ChatTemplate(config["chat_template"], tokenizer.bos_token or "", tokenizer.eos_token or "")
+    return ChatTemplate(config["chat_template"], tokenizer.special_tokens_map)
 
 
 @pytest.fixture(scope="module")
-def fallback_template() -> ChatTemplate:
-    return ChatTemplate(None, BOS, EOS)
+def fallback_template(tokenizer: Tokenizer) -> ChatTemplate:
+    template = ChatTemplate.for_model(None, tokenizer)  # a Llama 3 tokenizer: its format is assumed
+    assert template is not None
+    return template
 
 
 # Tokenizer ----------------------------------------------------------------------
@@ -68,6 +72,7 @@ def fallback_template() -> ChatTemplate:
 def test_tokenizer_reads_special_token_names_from_tokenizer_config(tokenizer: Tokenizer) -> None:
     assert tokenizer.bos_token == BOS
     assert tokenizer.eos_token == EOS
+    assert tokenizer.special_tokens_map == SPECIAL_TOKENS
     assert tokenizer.add_bos_token is None  # Llama 3 leaves BOS to the post-processor
     assert tokenizer.vocab_size == 512  # the tiny preset's vocabulary, special tokens included
 
@@ -86,8 +91,9 @@ def test_tokenizer_accepts_added_token_objects_in_tokenizer_config(tiny_checkpoi
 def test_tokenizer_without_tokenizer_config_has_no_token_names(tiny_checkpoint: Path) -> None:
     tokenizer = Tokenizer.from_files({"tokenizer.json": (tiny_checkpoint / "tokenizer.json").read_bytes()})
     assert tokenizer.bos_token is None and tokenizer.eos_token is None
-    # Without a BOS name the post-processor decides: it prepends BOS.
-    assert tokenizer.encode_chat_prompt("hi")[0] == tokenizer.token_to_id(BOS)
+    assert tokenizer.special_tokens_map == {}
+    # A chat prompt holds the special tokens its template wrote, and no others.
+    assert tokenizer.encode_chat_prompt("hi") == tokenizer.encode("hi", add_special_tokens=False)
 
 
 @pytest.mark.parametrize(
@@ -285,8 +291,7 @@ def test_template_raise_exception_becomes_a_chat_template_error() -> None:
     template = ChatTemplate(
         "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user turn') }}"
         "{% endif %}{{ messages[0]['content'] }}",
-        BOS,
-        EOS,
+        SPECIAL_TOKENS,
     )
     assert template.render([USER]) == "Hi"
     with pytest.raises(ChatTemplateError, match="must start with a user turn") as info:
@@ -295,17 +300,17 @@ def test_template_raise_exception_becomes_a_chat_template_error() -> None:
 
 
 def test_templates_run_sandboxed_and_immutable() -> None:
-    template = ChatTemplate("{% set _ = messages.append(messages[0]) %}{{ messages | length }}", BOS, EOS)
+    template = ChatTemplate("{% set _ = messages.append(messages[0]) %}{{ messages | length }}", SPECIAL_TOKENS)
     with pytest.raises(ChatTemplateError) as info:
         template.render([USER])
     assert info.value.param == "messages"
     with pytest.raises(ChatTemplateError):
-        ChatTemplate("{{ messages.__class__.__mro__ }}", BOS, EOS).render([USER])
+        ChatTemplate("{{ messages.__class__.__mro__ }}", SPECIAL_TOKENS).render([USER])
 
 
 def test_a_template_that_does_not_compile_is_the_servers_error() -> None:
     with pytest.raises(ChatTemplateError, match="does not compile") as info:
-        ChatTemplate("{% for message in messages %}", BOS, EOS)
+        ChatTemplate("{% for message in messages %}", SPECIAL_TOKENS)
     assert info.value.param is None
 
 
@@ -316,8 +321,7 @@ def test_template_helpers_are_those_of_transformers() -> None:
         "{{ strftime_now('%Y') }}#{{ {'text': 'é<b>'} | tojson }}#"
         "{% for m in messages %}{{ m['role'] }}{% break %}{% endfor %}#"
         "{% if tools is not none %}tools{% else %}no tools{% endif %}#{{ bos_token }}{{ eos_token }}",
-        BOS,
-        EOS,
+        SPECIAL_TOKENS,
     )
     year, dumped, first_role, tools, tokens = template.render([USER, USER]).split("#")
     assert len(year) == 4 and year.isdigit()
@@ -333,5 +337,7 @@ def test_blocks_are_trimmed_like_transformers(tiny_checkpoint: Path) -> None:
     )
     expected = hf_tokenizer(tiny_checkpoint).apply_chat_template([USER, USER], chat_template=source, tokenize=False)
     assert (
-        ChatTemplate(source, BOS, EOS).render([USER, USER], add_generation_prompt=False) == expected == "[Hi]\n[Hi]\n"
+        ChatTemplate(source, SPECIAL_TOKENS).render([USER, USER], add_generation_prompt=False)
+        == expected
+        == "[Hi]\n[Hi]\n"
     )

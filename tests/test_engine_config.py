@@ -30,6 +30,7 @@ FLAGS = {  # field -> flag: the flags scripts and users already pass
     "enforce_eager": "--enforce-eager",
     "cpu_weight_prepack": "--no-cpu-weight-prepack",
     "seed": "--seed",
+    "chat_template": "--chat-template",
 }
 
 
@@ -45,7 +46,7 @@ def test_every_field_is_a_flag_with_its_help_and_default() -> None:
     for field in fields:
         action = actions[FLAGS[field.name]]
         assert action.dest == field.name
-        assert action.help.startswith(help_of(field)), field.name
+        assert action.help.replace("%%", "%").startswith(help_of(field)), field.name  # argparse escapes %
         if not field.required:
             assert action.default == field.default, field.name
 

@@ -167,7 +167,7 @@ def test_bf16_engine_follows_transformers(make_checkpoint: Callable[..., Path], 
     on. The first token's logits match transformers (bf16, sdpa); then along our own greedy
     sequence, teacher-forced through transformers, each of 40 tokens is transformers' argmax or
     within bf16 noise of it (a random model has near-ties that rounding may swap)."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = make_checkpoint(
         "--layers",
@@ -200,7 +200,7 @@ def test_bf16_engine_follows_transformers(make_checkpoint: Callable[..., Path], 
             llm.engine.model(ids, torch.arange(len(prompt), device="cuda"), batch), batch.logits_indices
         )[0]
     del llm
-    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
     with torch.inference_mode():
         reference = hf(torch.tensor([prompt + out.token_ids], device="cuda")).logits[0].float()
     first = reference[len(prompt) - 1]

@@ -13,11 +13,11 @@ from safetensors.torch import load_file, save_file
 
 from splitinfer.engine import CheckpointError, ModelConfig
 from splitinfer.engine.loader import load_weights
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
 
 
-def load(path: Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    model = LlamaForCausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), dtype)
+def load(path: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
+    model = CausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), dtype)
     load_weights(model, path)
     return model
 
@@ -127,8 +127,8 @@ def test_invalid_config_fields_are_named(tmp_path: Path, tiny_checkpoint: Path, 
 
 def test_unsupported_architecture(tmp_path: Path, tiny_checkpoint: Path) -> None:
     path = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
-    edit_config(path, architectures=["MistralForCausalLM"], model_type="mistral")
-    with pytest.raises(CheckpointError, match="config.json: unsupported architecture \\['MistralForCausalLM'\\]"):
+    edit_config(path, architectures=["GemmaForCausalLM"], model_type="gemma")
+    with pytest.raises(CheckpointError, match="config.json: unsupported architecture \\['GemmaForCausalLM'\\]"):
         ModelConfig.from_dir(path)
 
 

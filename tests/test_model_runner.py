@@ -16,11 +16,11 @@ import pytest
 import torch
 from launch_spy import LaunchSpy
 
-from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.loader import load_weights
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
+from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.request import Request
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -29,13 +29,13 @@ from splitinfer.protocol.sampling_params import SamplingParams
 BLOCK_SIZE = 4
 
 
-def load(path: Path) -> LlamaForCausalLM:
-    model = LlamaForCausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
+def load(path: Path) -> CausalLM:
+    model = CausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
     load_weights(model, path)
     return model
 
 
-def make_runner(model: LlamaForCausalLM, num_blocks: int = 40, max_num_seqs: int = 4) -> ModelRunner:
+def make_runner(model: CausalLM, num_blocks: int = 40, max_num_seqs: int = 4) -> ModelRunner:
     c = model.config
     cache = KVCache.allocate(c.num_layers, num_blocks, BLOCK_SIZE, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
     cache.k.normal_()
@@ -44,13 +44,13 @@ def make_runner(model: LlamaForCausalLM, num_blocks: int = 40, max_num_seqs: int
 
 
 @torch.inference_mode()
-def fresh_prefill_logits(model: LlamaForCausalLM, tokens: list[int]) -> torch.Tensor:
+def fresh_prefill_logits(model: CausalLM, tokens: list[int]) -> torch.Tensor:
     """The last position's logits of `tokens` prefilled alone, without any cache: the oracle."""
     batch = ForwardBatch.for_prefill([len(tokens)], "cpu")
     return model.compute_logits(model(torch.tensor(tokens), torch.arange(len(tokens)), batch), batch.logits_indices)[0]
 
 
-def mixed_step_logits(model: LlamaForCausalLM) -> tuple[torch.Tensor, list[Request], ForwardBatch]:
+def mixed_step_logits(model: CausalLM) -> tuple[torch.Tensor, list[Request], ForwardBatch]:
     """Four sequences: A and B prefilled, C half prefilled, D new. Then one step scheduled as
     [C's last chunk, A's decode, D's whole prompt, B's decode]; its logits (all four sample)."""
     runner = make_runner(model)

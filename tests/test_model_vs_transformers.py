@@ -10,11 +10,11 @@ import torch
 from hf_oracle import hf_logits, max_relative_error
 
 from splitinfer.engine import cpu_linear
-from splitinfer.engine.config import ModelConfig
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.loader import load_weights
-from splitinfer.engine.model import LlamaForCausalLM
+from splitinfer.engine.model import CausalLM
+from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.request import Request
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -23,8 +23,8 @@ from splitinfer.protocol.sampling_params import SamplingParams
 TOLERANCE = 1e-4
 
 
-def load(path: Path, prepack_rows: frozenset[int] = frozenset()) -> LlamaForCausalLM:
-    model = LlamaForCausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
+def load(path: Path, prepack_rows: frozenset[int] = frozenset()) -> CausalLM:
+    model = CausalLM.build(ModelConfig.from_dir(path), torch.device("cpu"), torch.float32)
     load_weights(model, path)
     if prepack_rows:
         if cpu_linear.check_prepack(torch.float32) is not None:
@@ -38,7 +38,7 @@ def random_prompt(rng: random.Random, length: int, vocab: int) -> list[int]:
 
 
 @torch.inference_mode()
-def packed_logits(model: LlamaForCausalLM, prompts: list[list[int]], all_logits: bool) -> torch.Tensor:
+def packed_logits(model: CausalLM, prompts: list[list[int]], all_logits: bool) -> torch.Tensor:
     ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.tensor([i for p in prompts for i in range(len(p))])
     batch = ForwardBatch.for_prefill([len(p) for p in prompts], "cpu", all_logits=all_logits)
@@ -112,7 +112,7 @@ def test_prefill_then_decode_through_paged_cache_matches_transformers(variant_ch
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_load_runs_close_to_float32(tiny_checkpoint: Path, dtype: torch.dtype) -> None:
     config = ModelConfig.from_dir(tiny_checkpoint)
-    model = LlamaForCausalLM.build(config, torch.device("cpu"), dtype)
+    model = CausalLM.build(config, torch.device("cpu"), dtype)
     load_weights(model, tiny_checkpoint)
     assert model.model.norm.weight.dtype == dtype and model.rope_cache.dtype == torch.float32
     prompt = random_prompt(random.Random(3), 9, config.vocab_size)

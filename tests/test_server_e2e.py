@@ -40,11 +40,18 @@ class Stack:
         return f"http://127.0.0.1:{port}"
 
 
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def dtype(request: pytest.FixtureRequest) -> str:
+    """Every test of the stack runs against an engine in each dtype it serves on CPU, and
+    compares with the offline engine in the same dtype."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, dtype: str) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("stack")
     address = f"ipc://{tmp}/engine.sock"
-    engine = start_engine(tiny_checkpoint, address, tmp / "engine.log", "--served-model-name", "tiny")
+    engine = start_engine(tiny_checkpoint, address, tmp / "engine.log", "--served-model-name", "tiny", "--dtype", dtype)
     servers: dict[int, subprocess.Popen] = {}
     try:
         keyed, open_ = free_port(), free_port()
@@ -60,8 +67,8 @@ def stack(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> It
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_checkpoint: Path) -> LLM:
-    return LLM(tiny_checkpoint, device="cpu", dtype="float32")
+def offline(tiny_checkpoint: Path, dtype: str) -> LLM:
+    return LLM(tiny_checkpoint, device="cpu", dtype=dtype)
 
 
 @pytest.fixture(scope="module")
