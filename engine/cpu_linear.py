@@ -8,6 +8,16 @@ those keep the original weight. Both copies are kept: prepacking doubles the wei
 memory, which is why `EngineConfig.cpu_weight_prepack` can turn it off and why it is
 skipped, with a warning, when free memory cannot hold the copy twice over.
 
+Half precision has a second problem: where the CPU has no fast bf16/fp16 matmul (x86 without
+AVX512-BF16 or AMX: oneDNN refuses those types and torch falls back to a plain loop), a
+half-precision matmul of many rows runs 4-8x slower than fp32 (a 512-token prefill of the
+bench model: 104 tok/s in bf16, 591 in fp32; `bench_engine.py --compare-dtypes`). One row
+(batch-1 decode) is the exception: it reads half the bytes and runs about twice as fast. So
+on such a CPU (`half_matmul_is_slow`, measured at start) inputs of `UPCAST_MIN_ROWS` rows or
+more multiply in fp32 (`Upcast`): the half weight is copied into an fp32 scratch a chunk of
+rows at a time and multiplied there, which costs a copy of the weight per matmul but runs at
+fp32 speed. The weights stay half precision in memory.
+
 The ops are the ones torch's own inductor emits for frozen CPU linears
 (`torch.ops.mkldnn._reorder_linear_weight`, `_linear_pointwise`); where they are missing
 or give a wrong result in the check at start, matmuls stay on the default path.
@@ -23,6 +33,7 @@ where it is faster, and prefill (hundreds of rows), where it is about as fast.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +44,13 @@ import torch.nn.functional as F
 MIN_PACKED_ROWS = 4
 # The packed layout is chosen for this many rows, a typical decode batch.
 PACK_FOR_ROWS = 32
+# Half-precision matmuls of at least this many rows run in fp32 where half ones are slow: the
+# crossover measured on an AVX2 CPU (bench model's shapes, 2 cores) lies between 8 and 16 rows
+# for its layer matrices and near 32 for its lm_head.
+UPCAST_MIN_ROWS = 16
+# fp32 elements of the scratch an upcast weight chunk is copied into (16 MB): big enough that
+# each chunk is a real matmul, small enough that a large vocabulary costs no large buffer.
+UPCAST_CHUNK = 1 << 22
 
 
 def prepack_available() -> bool:
@@ -78,12 +96,68 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+class Upcast:
+    """Matmuls of half-precision weights done in fp32, for inputs of `min_rows` rows or more.
+    One per model: its scratch serves every matmul, one after the other."""
+
+    __slots__ = ("min_rows", "_scratch")
+
+    def __init__(self, min_rows: int = UPCAST_MIN_ROWS, chunk: int = UPCAST_CHUNK) -> None:
+        self.min_rows = min_rows
+        self._scratch = torch.empty(chunk, dtype=torch.float32)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x W^T + b` in fp32, rounded to x's dtype once at the end."""
+        x32 = x.float()
+        rows = max(1, self._scratch.numel() // weight.shape[1])
+        parts = []
+        for start in range(0, weight.shape[0], rows):
+            chunk = weight[start : start + rows]
+            # copy_ into a kept buffer: `chunk.float()` would allocate (and fault in) fresh pages
+            # every call, which costs more than the conversion itself.
+            chunk32 = self._scratch[: chunk.numel()].view(chunk.shape).copy_(chunk)
+            parts.append(x32 @ chunk32.t())
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        if bias is not None:
+            out += bias
+        return out.to(x.dtype)
+
+
+def half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """Whether a matmul of many rows in `dtype` (bf16 or fp16) runs at under half the speed of
+    the same one in fp32 here: measured once, on a layer-sized product, best of three."""
+    if dtype == torch.float32:
+        return False
+    weight = torch.randn(1024, 1024)
+    x = torch.randn(2 * UPCAST_MIN_ROWS, 1024)
+    half_weight, half_x = weight.to(dtype), x.to(dtype)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.inference_mode():
+        return best(lambda: F.linear(half_x, half_weight)) > 2 * best(lambda: F.linear(x, weight))
+
+
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: PackedWeight | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: PackedWeight | None,
+    upcast: Upcast | None = None,
 ) -> torch.Tensor:
-    """`x W^T + b`, through the packed weight when there is one for x's row count."""
+    """`x W^T + b`, through the packed weight when there is one for x's row count, else in
+    fp32 when `upcast` covers x's row count."""
     if packed is not None and x.dim() == 2 and x.shape[0] in packed.row_counts:
         return packed_linear(x, packed.tensor, bias)
+    if upcast is not None and x.dim() == 2 and x.shape[0] >= upcast.min_rows:
+        return upcast.linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

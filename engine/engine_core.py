@@ -144,6 +144,15 @@ class EngineCore:
         load_weights(self.model, c.path)
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()
+        if self.device.type == "cpu" and cpu_linear.half_matmul_is_slow(self.dtype):
+            self.model.upcast_cpu_matmuls(cpu_linear.Upcast())
+            logger.info(
+                "%s matmuls are slow on this CPU: those of %d+ rows (prefill, large decode batches) run in "
+                "float32, on weights kept in %s",
+                self.dtype,
+                cpu_linear.UPCAST_MIN_ROWS,
+                self.dtype,
+            )
         # Known once the model is on its device: the KV sizing reserves the graphs' memory by it.
         self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, self.model.backend.uses_triton)
         self.stop_ids = frozenset(c.eos_token_ids)

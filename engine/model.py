@@ -40,16 +40,18 @@ def _empty_param(*shape: int) -> nn.Parameter:
 class Linear(nn.Module):
     """`y = x W^T (+ b)` with an uninitialised weight [out, in] to be filled by the loader.
 
-    On CPU the weight may also be kept prepacked for oneDNN (`packed`, see `cpu_linear`)."""
+    On CPU the weight may also be kept prepacked for oneDNN (`packed`), and a half-precision
+    weight multiplied in fp32 for inputs of many rows (`upcast`); see `cpu_linear`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = _empty_param(out_features, in_features)
         self.bias = _empty_param(out_features) if bias else None
         self.packed: cpu_linear.PackedWeight | None = None
+        self.upcast: cpu_linear.Upcast | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear.linear(x, self.weight, self.bias, self.packed)
+        return cpu_linear.linear(x, self.weight, self.bias, self.packed, self.upcast)
 
 
 class VocabEmbedding(nn.Module):
@@ -202,6 +204,7 @@ class CausalLM(nn.Module):
         self.model = DecoderModel(config, backend, rope_cache)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.packed_lm_head: cpu_linear.PackedWeight | None = None  # the (tied or not) lm_head weight, prepacked
+        self.upcast: cpu_linear.Upcast | None = None  # the lm_head's, as every Linear's
 
     @classmethod
     def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
@@ -245,7 +248,7 @@ class CausalLM(nn.Module):
         """fp32 logits of the rows `indices` selects (e.g. `ForwardBatch.logits_indices`); all rows when None."""
         if indices is not None:
             hidden = hidden.index_select(0, indices)
-        return cpu_linear.linear(hidden, self.lm_head_weight, None, self.packed_lm_head).float()
+        return cpu_linear.linear(hidden, self.lm_head_weight, None, self.packed_lm_head, self.upcast).float()
 
     def _matmul_linears(self) -> list[Linear]:
         """The Linear modules of the layers (the lm_head is applied by `compute_logits`)."""
@@ -262,6 +265,13 @@ class CausalLM(nn.Module):
         for module in self._matmul_linears():
             module.packed = cpu_linear.prepack(module.weight, row_counts)
         self.packed_lm_head = cpu_linear.prepack(self.lm_head_weight, row_counts)
+
+    def upcast_cpu_matmuls(self, upcast: cpu_linear.Upcast) -> None:
+        """Multiply the half-precision weights in fp32 for inputs of `upcast.min_rows` rows or
+        more (CPU without fast half matmuls; see `cpu_linear`), the lm_head's too."""
+        for module in self._matmul_linears():
+            module.upcast = upcast
+        self.upcast = upcast
 
     def weight_sources(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(checkpoint tensor name, destination view) for every tensor the checkpoint must provide.

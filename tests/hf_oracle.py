@@ -42,3 +42,22 @@ def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.d
 def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest absolute difference over the largest reference magnitude."""
     return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+@torch.inference_mode()
+def hf_greedy_top(
+    path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype, k: int
+) -> tuple[list[int], list[list[int]]]:
+    """transformers' greedy tokens for one prompt, and the `k` most likely ids at each step."""
+    out = hf_model(path, dtype).generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    tops = [scores[0].topk(k).indices.tolist() for scores in out.scores]
+    return out.sequences[0, len(prompt) :].tolist(), tops
