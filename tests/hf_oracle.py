@@ -25,39 +25,36 @@ def hf_logits(path: Path, token_ids: list[int], dtype: torch.dtype = torch.float
     return hf_model(path, dtype)(torch.tensor([token_ids])).logits[0].float()
 
 
-@torch.inference_mode()
-def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32) -> list[int]:
-    """transformers' greedy tokens for one prompt, never stopping early (no eos)."""
-    out = hf_model(path, dtype).generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest absolute difference over the largest reference magnitude."""
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
-@torch.inference_mode()
+def _generate(path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype, eos: list[int] | None, **extra):
+    """transformers' greedy `generate` on one prompt; with `eos` None it never stops early."""
+    with torch.inference_mode():
+        return hf_model(path, dtype).generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+            **extra,
+        )
+
+
+def hf_greedy(
+    path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype = torch.float32, eos: list[int] | None = None
+) -> list[int]:
+    """transformers' greedy tokens for one prompt, stopping only at `eos` (none: never early)."""
+    return _generate(path, prompt, max_new_tokens, dtype, eos)[0, len(prompt) :].tolist()
+
+
 def hf_greedy_top(
     path: Path, prompt: list[int], max_new_tokens: int, dtype: torch.dtype, k: int
 ) -> tuple[list[int], list[list[int]]]:
     """transformers' greedy tokens for one prompt, and the `k` most likely ids at each step."""
-    out = hf_model(path, dtype).generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
+    out = _generate(path, prompt, max_new_tokens, dtype, None, output_scores=True, return_dict_in_generate=True)
     tops = [scores[0].topk(k).indices.tolist() for scores in out.scores]
     return out.sequences[0, len(prompt) :].tolist(), tops

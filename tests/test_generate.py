@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from hf_oracle import hf_model
+from hf_oracle import hf_greedy
 
 from splitinfer.engine import LLM, SamplingParams
 
@@ -16,19 +15,6 @@ from splitinfer.engine import LLM, SamplingParams
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint: Path) -> LLM:
     return LLM(tiny_checkpoint, device="cpu", dtype="float32")
-
-
-def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, eos: list[int] | None) -> list[int]:
-    with torch.inference_mode():
-        out = hf_model(path).generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("name", ["gqa4-llama3-tied", "mha-untied-sharded"])
@@ -41,7 +27,7 @@ def test_greedy_generate_equals_transformers_for_64_tokens(make_checkpoint, name
     outs = llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         # transformers stops at eos only if told; with no eos it runs the full 64 like ignore_eos.
-        assert out.token_ids == hf_greedy(path, prompt, 64, eos=None)
+        assert out.token_ids == hf_greedy(path, prompt, 64)
         assert out.finish_reason == "length" and len(out.token_ids) == 64
     assert len(set(outs[1].token_ids)) > 1, "a degenerate model would make this test meaningless"
 
