@@ -19,34 +19,13 @@ from pathlib import Path
 import jinja2
 import pytest
 from conftest import FAMILIES
+from conversations import FAMILY_CONVERSATIONS
 
 from splitinfer.protocol.chat_template import ChatTemplateError, find_chat_template
 from splitinfer.protocol.tokenizer import Tokenizer, TokenizerFilesError
 from splitinfer.server.chat_template import ChatTemplate
 
 NAMES = ("llama", "qwen2", "qwen3", "mistral")
-
-CONVERSATIONS = {
-    "user only": [{"role": "user", "content": "What is 7 * 6?"}],
-    "system+user": [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Name a river in Europe. "},
-    ],
-    "multi-turn": [
-        {"role": "system", "content": "You answer in French."},
-        {"role": "user", "content": "Hello!"},
-        {"role": "assistant", "content": "Bonjour ! Café ?"},
-        {"role": "user", "content": "  Oui, merci. 中文 😀\n"},
-    ],
-    "no system, two turns": [
-        {"role": "user", "content": " leading space"},
-        {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nOk."},
-        {"role": "user", "content": "And then?"},
-    ],
-    "special-token strings": [
-        {"role": "user", "content": "Say <|im_end|> or <s></s> [INST] <|eot_id|><|start_header_id|> literally."}
-    ],
-}
 
 # Conversations each template refuses with raise_exception (Llama 3's and Qwen3's refuse none).
 REJECTED = [
@@ -190,22 +169,22 @@ def test_a_mistyped_chat_template_field_names_the_file(
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("conversation", sorted(FAMILY_CONVERSATIONS))
 @pytest.mark.parametrize("name", NAMES)
 def test_the_template_renders_like_transformers(
     checkpoints: dict[str, Path], name: str, conversation: str, add_generation_prompt: bool
 ) -> None:
-    path, messages = checkpoints[name], CONVERSATIONS[conversation]
+    path, messages = checkpoints[name], FAMILY_CONVERSATIONS[conversation]
     expected = hf_tokenizer(path).apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
     )
     assert served_template(path).render(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
-@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("conversation", sorted(FAMILY_CONVERSATIONS))
 @pytest.mark.parametrize("name", NAMES)
 def test_chat_prompt_ids_equal_transformers(checkpoints: dict[str, Path], name: str, conversation: str) -> None:
-    path, messages = checkpoints[name], CONVERSATIONS[conversation]
+    path, messages = checkpoints[name], FAMILY_CONVERSATIONS[conversation]
     ids = Tokenizer.from_dir(path).encode_chat_prompt(served_template(path).render(messages))
     assert ids == hf_chat_ids(path, messages, add_generation_prompt=True)
 
@@ -235,7 +214,7 @@ def test_a_template_that_writes_no_bos_gets_none(checkpoints: dict[str, Path], n
     # transformers encodes the rendered text as it is, without the post-processor.
     path, source = checkpoints[name], "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tokenizer = Tokenizer.from_dir(path)
-    messages = CONVERSATIONS["multi-turn"]
+    messages = FAMILY_CONVERSATIONS["multi-turn"]
     ids = tokenizer.encode_chat_prompt(ChatTemplate(source, tokenizer.special_tokens_map).render(messages))
     expected = hf_chat_ids(path, messages, chat_template=source, add_generation_prompt=True)
     assert ids == expected and tokenizer.token_to_id(tokenizer.bos_token) not in ids
@@ -250,8 +229,9 @@ def test_templates_see_the_special_tokens_transformers_passes(checkpoints: dict[
     )
     path = checkpoints[name]
     tokenizer = Tokenizer.from_dir(path)
-    expected = hf_tokenizer(path).apply_chat_template(CONVERSATIONS["user only"], chat_template=source, tokenize=False)
-    assert ChatTemplate(source, tokenizer.special_tokens_map).render(CONVERSATIONS["user only"]) == expected
+    messages = FAMILY_CONVERSATIONS["user only"]
+    expected = hf_tokenizer(path).apply_chat_template(messages, chat_template=source, tokenize=False)
+    assert ChatTemplate(source, tokenizer.special_tokens_map).render(messages) == expected
 
 
 def test_a_checkpoints_own_named_tokens_reach_the_template(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -260,8 +240,9 @@ def test_a_checkpoints_own_named_tokens_reach_the_template(checkpoints: dict[str
     source = "{{ image_token }}|{{ add_bos_token | default('not a token') }}"
     tokenizer = Tokenizer.from_dir(path)
     assert tokenizer.special_tokens_map["image_token"] == "<|im_start|>"
-    expected = hf_tokenizer(path).apply_chat_template(CONVERSATIONS["user only"], chat_template=source, tokenize=False)
-    assert ChatTemplate(source, tokenizer.special_tokens_map).render(CONVERSATIONS["user only"]) == expected
+    messages = FAMILY_CONVERSATIONS["user only"]
+    expected = hf_tokenizer(path).apply_chat_template(messages, chat_template=source, tokenize=False)
+    assert ChatTemplate(source, tokenizer.special_tokens_map).render(messages) == expected
 
 
 def test_generation_blocks_namespaces_and_dicts_render_like_transformers(checkpoints: dict[str, Path]) -> None:
@@ -272,7 +253,7 @@ def test_generation_blocks_namespaces_and_dicts_render_like_transformers(checkpo
         "#{{ dict.fromkeys(['x'], 2) | tojson }}"
     )
     path = checkpoints["qwen3"]
-    messages = CONVERSATIONS["multi-turn"]
+    messages = FAMILY_CONVERSATIONS["multi-turn"]
     expected = hf_tokenizer(path).apply_chat_template(messages, chat_template=source, tokenize=False)
     assert ChatTemplate(source, Tokenizer.from_dir(path).special_tokens_map).render(messages) == expected
 
@@ -280,7 +261,7 @@ def test_generation_blocks_namespaces_and_dicts_render_like_transformers(checkpo
 def test_namespaces_refuse_underscore_names() -> None:
     template = ChatTemplate("{% set ns = namespace() %}{% set ns._secret = 1 %}{{ ns._secret }}", {})
     with pytest.raises(ChatTemplateError, match="_secret") as info:
-        template.render(CONVERSATIONS["user only"])
+        template.render(FAMILY_CONVERSATIONS["user only"])
     assert info.value.param == "messages"
 
 
@@ -330,6 +311,6 @@ def test_add_bos_and_eos_flags_change_encoding_as_in_transformers(
     tokenizer = Tokenizer.from_dir(path)
     for text in ("Hello world", " é 中文"):
         assert tokenizer.encode(text) == hf_tokenizer(path)(text)["input_ids"], text
-    messages = CONVERSATIONS["system+user"]
+    messages = FAMILY_CONVERSATIONS["system+user"]
     rendered = hf_tokenizer(path).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tokenizer.encode_chat_prompt(rendered) == hf_chat_ids(path, messages, add_generation_prompt=True)

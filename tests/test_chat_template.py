@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conversations import CONVERSATIONS
 
 from splitinfer.protocol.chat_template import ChatTemplateError
 from splitinfer.protocol.tokenizer import Tokenizer, TokenizerFilesError
@@ -19,20 +20,6 @@ from splitinfer.server.chat_template import LLAMA3_CHAT_TEMPLATE, ChatTemplate
 
 BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
 SPECIAL_TOKENS = {"bos_token": BOS, "eos_token": EOS}
-
-CONVERSATIONS = {
-    "system+user": [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "Name a river in Europe. "},
-    ],
-    "multi-turn": [
-        {"role": "system", "content": "You answer in French."},
-        {"role": "user", "content": "Hello!"},
-        {"role": "assistant", "content": "Bonjour ! Café ?"},
-        {"role": "user", "content": "  Oui, merci. 中文 😀\n"},
-    ],
-    "user only": [{"role": "user", "content": "What is 7 * 6?"}],
-}
 
 
 def checkpoint_files(path: Path) -> dict[str, bytes]:
