@@ -51,10 +51,11 @@ class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True):
     dtype: Annotated[
         Literal["auto", "float32", "float16", "bfloat16"],
         Meta(
-            description="Weights and KV cache dtype; 'auto' is bfloat16 on CUDA, float32 on CPU: measured on an "
-            "AVX2 CPU (no AVX512-BF16 or AMX; scripts/bench_engine.py --compare-dtypes float32,bfloat16), bf16 "
-            "ran batch-1 decode 1.7x as fast as float32 but a 512-token prefill at 0.8x and 32 concurrent "
-            "requests at 0.7x; CPUs with AMX were not measured: try bfloat16 there.",
+            description="Weights and KV cache dtype. 'auto' is bfloat16 on CUDA; on CPU it is bfloat16 only if "
+            "bf16 matmuls, measured at start, run at least 1.5x as fast as float32's (native bf16 such as AMX), "
+            "else float32: on an AVX2 CPU (scripts/bench_engine.py --compare-dtypes float32,bfloat16) bf16 ran "
+            "batch-1 decode 1.7x as fast as float32 but a 512-token prefill at 0.8x and 32 concurrent requests "
+            "at 0.7x.",
             extra={"group": "model and memory"},
         ),
     ] = "auto"

@@ -33,6 +33,7 @@ where it is faster, and prefill (hundreds of rows), where it is about as fast.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -123,11 +124,18 @@ class Upcast:
         return out.to(x.dtype)
 
 
-def half_matmul_is_slow(dtype: torch.dtype) -> bool:
-    """Whether a matmul of many rows in `dtype` (bf16 or fp16) runs at under half the speed of
-    the same one in fp32 here: measured once, on a layer-sized product, best of three."""
+# bf16 is `auto`'s CPU dtype only where its matmuls run at least this much faster than fp32's
+# (native bf16 matmuls, e.g. AMX, run several times faster; AVX2 runs them ~1% as fast): a margin
+# wide enough that a noisy measurement cannot flip the choice between two starts.
+HALF_DEFAULT_SPEEDUP = 1.5
+
+
+@functools.cache
+def half_matmul_speedup(dtype: torch.dtype) -> float:
+    """How many times faster a layer-sized matmul of many rows runs in `dtype` than in fp32 on
+    this CPU (best of three each); measured once per process."""
     if dtype == torch.float32:
-        return False
+        return 1.0
     weight = torch.randn(1024, 1024)
     x = torch.randn(2 * UPCAST_MIN_ROWS, 1024)
     half_weight, half_x = weight.to(dtype), x.to(dtype)
@@ -142,7 +150,13 @@ def half_matmul_is_slow(dtype: torch.dtype) -> bool:
         return min(times)
 
     with torch.inference_mode():
-        return best(lambda: F.linear(half_x, half_weight)) > 2 * best(lambda: F.linear(x, weight))
+        return best(lambda: F.linear(x, weight)) / best(lambda: F.linear(half_x, half_weight))
+
+
+def half_matmul_is_slow(dtype: torch.dtype) -> bool:
+    """Whether matmuls of many rows in `dtype` run at under half fp32's speed here (then
+    `Upcast` runs them in fp32)."""
+    return half_matmul_speedup(dtype) < 0.5
 
 
 def linear(

@@ -89,11 +89,23 @@ def graphs_off_reason(device: torch.device, enforce_eager: bool, triton_kernels:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """ "auto" is bfloat16 on CUDA and float32 on CPU (where bf16 matmuls are slow); any other
-    name is one `EngineConfig` accepted, which is torch's own name for it."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
+    """ "auto" is bfloat16 on CUDA; on CPU, bfloat16 only where its matmuls were measured at least
+    `HALF_DEFAULT_SPEEDUP` times as fast as fp32's (native bf16, e.g. AMX), else float32: without
+    them bf16 prefill and batches run slower (README, Performance). Any other name is one
+    `EngineConfig` accepted, which is torch's own name for it."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16
+    speedup = cpu_linear.half_matmul_speedup(torch.bfloat16)
+    chosen = torch.bfloat16 if speedup >= cpu_linear.HALF_DEFAULT_SPEEDUP else torch.float32
+    logger.info(
+        "dtype auto on CPU: %s (bf16 matmuls measured at %.2fx fp32's speed here; bf16 needs %.1fx)",
+        str(chosen).removeprefix("torch."),
+        speedup,
+        cpu_linear.HALF_DEFAULT_SPEEDUP,
+    )
+    return chosen
 
 
 @dataclass(slots=True)

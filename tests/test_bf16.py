@@ -151,3 +151,19 @@ def test_an_engine_in_bf16_takes_the_upcast_path_only_where_half_matmuls_are_slo
     linears = [m for m in llm.engine.model.modules() if isinstance(m, torch.nn.Module) and hasattr(m, "upcast")]
     assert linears and all((m.upcast is not None) == slow for m in linears)
     assert not cpu_linear.half_matmul_is_slow(torch.float32)
+
+
+def test_auto_dtype_on_cpu_follows_the_measured_bf16_matmul_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` on CPU: bfloat16 only where bf16 matmuls measure at least 1.5x fp32's speed (native
+    bf16), float32 elsewhere; here first as measured on this machine, then for the two kinds."""
+    from splitinfer.engine import cpu_linear
+    from splitinfer.engine.engine_core import resolve_dtype
+
+    cpu = torch.device("cpu")
+    fast = cpu_linear.half_matmul_speedup(torch.bfloat16) >= cpu_linear.HALF_DEFAULT_SPEEDUP
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if fast else torch.float32)
+    for speedup, expected in [(4.0, torch.bfloat16), (1.2, torch.float32), (0.01, torch.float32)]:
+        monkeypatch.setattr(cpu_linear, "half_matmul_speedup", lambda dtype, s=speedup: s)
+        assert resolve_dtype("auto", cpu) == expected, speedup
+    assert resolve_dtype("float16", cpu) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
