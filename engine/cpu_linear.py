@@ -125,7 +125,7 @@ class Upcast:
 
 
 # bf16 is `auto`'s CPU dtype only where its matmuls run at least this much faster than fp32's
-# (native bf16 matmuls, e.g. AMX, run several times faster; AVX2 runs them ~1% as fast): a margin
+# (native bf16 matmuls, e.g. AMX, run several times faster; an AVX2 CPU measured 0.27x): a margin
 # wide enough that a noisy measurement cannot flip the choice between two starts.
 HALF_DEFAULT_SPEEDUP = 1.5
 
