@@ -40,6 +40,13 @@ def visible_keys(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | N
     return visible
 
 
+def first_visible_key(length: int, num_queries: int, window: int) -> int:
+    """The earliest key position that any of a sequence's last `num_queries` queries (out of
+    `length` positions) sees through a sliding `window`: the first query's, since later ones
+    see later keys. Keys and blocks before it need not be read."""
+    return max(0, length - num_queries - window + 1)
+
+
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int | None = None
 ) -> torch.Tensor:
@@ -53,7 +60,7 @@ def _attend(
     is_causal = causal and 1 < lq == lk  # top-left aligned, which is the same when lq == lk
     if window is not None:
         # Keys before the first query's window are invisible to every query: they are not attended.
-        first = max(0, lk - lq - window + 1)
+        first = first_visible_key(lk, lq, window)
         k, v = k[first:], v[first:]
         is_causal = False
         if lq > 1:  # a single query sees every key that is left
@@ -157,7 +164,7 @@ def _paged_sequence(
         out[start:end] = 0
         return
     # The blocks before the first query's window hold no visible key: they are not gathered.
-    first_block = 0 if window is None else max(0, length - (end - start) - window + 1) // k_cache.shape[1]
+    first_block = 0 if window is None else first_visible_key(length, end - start, window) // k_cache.shape[1]
     k = gather_kv(k_cache, table, length, first_block)
     v = gather_kv(v_cache, table, length, first_block)
     out[start:end] = _attend(q[start:end], k.to(q.dtype), v.to(q.dtype), scale, causal=True, window=window)
@@ -223,7 +230,7 @@ def plan_paged_attention_cpu(
 def _window_span(length: int, window: int, block_size: int) -> int:
     """Tokens a decode row of `length` gathers under `window`: from the start of the block
     holding its first visible key (position length - window) to its end."""
-    return length - max(0, length - window) // block_size * block_size
+    return length - first_visible_key(length, 1, window) // block_size * block_size
 
 
 def decode_groups(lengths: list[int], seqs: list[int]) -> list[list[int]]:
@@ -267,7 +274,7 @@ def _plan_decode_group(
     if window is None:
         table = block_tables[index, :num_blocks]
     else:
-        first = (lens[:, None] - window).clamp(min=0) // block_size
+        first = (lens[:, None] - window).clamp(min=0) // block_size  # first_visible_key(lens, 1, window), by row
         blocks, positions = blocks + first, positions + first * block_size
         # Past its own blocks a row's entries may run off the table: they are replaced below.
         table = block_tables[index].gather(1, blocks.clamp(max=block_tables.shape[1] - 1))
