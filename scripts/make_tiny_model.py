@@ -28,6 +28,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,7 @@ class Family:
 
     architecture: str
     model_type: str
-    tokenizer: str  # "llama3", "qwen" or "sentencepiece": which build_*_tokenizer
+    tokenizer: str  # "llama3", "qwen" or "sentencepiece": its TOKENIZER_STYLES entry
     template: str
     template_file: str  # "tokenizer_config" (a string), "named" (a list of named templates) or "jinja"
     rope_theta: float
@@ -170,6 +171,7 @@ class Family:
     head_dim_factor: float = 1.0  # default head_dim, relative to hidden / heads
     sliding_window: int | None = None  # default --sliding-window
     config_vocab_extra: int = 0  # config.json's vocab_size exceeds the tokenizer's by this much
+    rms_norm_eps: float = 1e-6
 
 
 FAMILIES: dict[str, Family] = {
@@ -181,6 +183,7 @@ FAMILIES: dict[str, Family] = {
         "tokenizer_config",
         500000.0,
         has_attention_bias_field=True,
+        rms_norm_eps=1e-5,
     ),
     "qwen2": Family(
         "Qwen2ForCausalLM",
@@ -565,35 +568,78 @@ def build_sentencepiece_tokenizer(vocab: int, seed: int) -> Tokenizer:
     return tok
 
 
-TOKENIZER_BUILDERS = {
-    "llama3": build_llama3_tokenizer,
-    "qwen": build_qwen_tokenizer,
-    "sentencepiece": build_sentencepiece_tokenizer,
+@dataclass(frozen=True)
+class TokenizerStyle:
+    """One family's tokenizer conventions: how it is built, which tokens config.json (bos, eos)
+    and generation_config.json (eos) name, and tokenizer_config.json's own fields."""
+
+    build: Callable[[int, int], Tokenizer]
+    bos: str  # config.json's bos_token_id (Qwen names <|endoftext|>, which it never prepends)
+    eos: list[str]
+    generation_eos: list[str]
+    config: dict
+
+
+TOKENIZER_STYLES = {
+    "llama3": TokenizerStyle(
+        build_llama3_tokenizer,
+        "<|begin_of_text|>",
+        ["<|end_of_text|>", "<|eot_id|>"],
+        ["<|end_of_text|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"},
+    ),
+    "qwen": TokenizerStyle(
+        build_qwen_tokenizer,
+        "<|endoftext|>",
+        ["<|im_end|>"],
+        ["<|im_end|>", "<|endoftext|>"],
+        {
+            "add_bos_token": False,
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "errors": "replace",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+        },
+    ),
+    "sentencepiece": TokenizerStyle(
+        build_sentencepiece_tokenizer,
+        "<s>",
+        ["</s>"],
+        ["</s>"],
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "legacy": False,
+            "tokenizer_class": "LlamaTokenizer",
+        },
+    ),
 }
 
 
 def build_tokenizer(family: Family, vocab: int, seed: int) -> Tokenizer:
     """The family's tokenizer, with `vocab` entries less the family's config surplus."""
-    return TOKENIZER_BUILDERS[family.tokenizer](vocab - family.config_vocab_extra, seed)
+    return TOKENIZER_STYLES[family.tokenizer].build(vocab - family.config_vocab_extra, seed)
 
 
 @dataclass(frozen=True)
 class SpecialIds:
     """The ids config.json and generation_config.json name."""
 
-    bos: int | None  # config.json's bos_token_id (Qwen names <|endoftext|>, which it never prepends)
+    bos: int | None  # config.json's bos_token_id
     eos: list[int]  # config.json's
     generation_eos: list[int]  # generation_config.json's
 
 
 def special_ids(family: Family, tok: Tokenizer) -> SpecialIds:
+    style = TOKENIZER_STYLES[family.tokenizer]
     ids = tok.token_to_id
-    if family.tokenizer == "llama3":
-        eos = [ids("<|end_of_text|>"), ids("<|eot_id|>")]
-        return SpecialIds(ids("<|begin_of_text|>"), eos, eos)
-    if family.tokenizer == "qwen":
-        return SpecialIds(ids("<|endoftext|>"), [ids("<|im_end|>")], [ids("<|im_end|>"), ids("<|endoftext|>")])
-    return SpecialIds(ids("<s>"), [ids("</s>")], [ids("</s>")])
+    return SpecialIds(ids(style.bos), [ids(t) for t in style.eos], [ids(t) for t in style.generation_eos])
 
 
 def tokenizer_config(family: Family, tok: Tokenizer, max_position: int) -> dict:
@@ -609,34 +655,7 @@ def tokenizer_config(family: Family, tok: Tokenizer, max_position: int) -> dict:
         }
         for i, t in sorted(tok.get_added_tokens_decoder().items())
     }
-    config: dict = {"added_tokens_decoder": added}
-    if family.tokenizer == "llama3":
-        config |= {
-            "bos_token": "<|begin_of_text|>",
-            "eos_token": "<|eot_id|>",
-            "tokenizer_class": "PreTrainedTokenizerFast",
-        }
-    elif family.tokenizer == "qwen":
-        config |= {
-            "add_bos_token": False,
-            "bos_token": None,
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|endoftext|>",
-            "unk_token": None,
-            "errors": "replace",
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-        }
-    else:
-        config |= {
-            "add_bos_token": True,
-            "add_eos_token": False,
-            "bos_token": "<s>",
-            "eos_token": "</s>",
-            "unk_token": "<unk>",
-            "legacy": False,
-            "tokenizer_class": "LlamaTokenizer",
-        }
+    config: dict = {"added_tokens_decoder": added} | TOKENIZER_STYLES[family.tokenizer].config
     if family.template_file == "tokenizer_config":
         config["chat_template"] = family.template
     elif family.template_file == "named":
@@ -675,7 +694,7 @@ def model_config(args: argparse.Namespace, ids: SpecialIds) -> dict:
         "head_dim": args.head_dim,
         "vocab_size": args.vocab,
         "max_position_embeddings": args.max_position,
-        "rms_norm_eps": 1e-5 if family.tokenizer == "llama3" else 1e-6,
+        "rms_norm_eps": family.rms_norm_eps,
         "rope_theta": args.rope_theta,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": not args.no_tie,
