@@ -10,6 +10,11 @@
 One step schedules (continuous batching, chunked prefill, preemption), runs one
 forward and samples, then updates every sequence and frees finished ones' blocks.
 
+A request with a constraint (`SamplingParams.constraint`) first waits for its grammar to
+compile on a worker thread (`grammar.py`), outside the scheduler, so it holds up nobody;
+once compiled it is queued like any other, and each step computes the constrained rows'
+token masks while the forward runs.
+
 No request can take the others down with it. A forward that raises is re-run in parts
 until the failing requests are found (`isolation.py`); those end with finish reason
 "error" and their blocks are freed, while the rest of the batch carries on as if nothing
@@ -21,6 +26,7 @@ request in it fails too (a broken device) does `step` raise, with `EngineDeadErr
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.cuda_graph import decode_buckets
 from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
+from splitinfer.engine.grammar import GrammarCompiler, GrammarError, MaskBuilder
 from splitinfer.engine.isolation import IsolatingExecutor, Sample
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.kv_manager import KVCacheManager
@@ -168,6 +175,10 @@ class EngineCore:
         # Known once the model is on its device: the KV sizing reserves the graphs' memory by it.
         self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, self.model.backend.uses_triton)
         self.stop_ids = frozenset(c.eos_token_ids)
+        self.grammar = GrammarCompiler(c.path / "tokenizer.json", c.vocab_size, sorted(self.stop_ids))
+        self.masks = MaskBuilder(c.vocab_size, config.max_num_seqs)
+        # Constrained requests whose grammar is still compiling, in arrival order.
+        self.compiling: dict[str, tuple[Request, concurrent.futures.Future]] = {}
         generator = torch.Generator(self.device).manual_seed(config.seed)
         self.sampler = Sampler(c.vocab_size, self.stop_ids, generator)
 
@@ -338,7 +349,10 @@ class EngineCore:
         generator = torch.Generator(self.device).manual_seed(params.seed) if params.seed is not None else None
         seq = Request(request_id, list(prompt_token_ids), params, generator)
         self.requests[seq.request_id] = seq
-        self.scheduler.add(seq)
+        if params.constraint is None:
+            self.scheduler.add(seq)
+        else:  # queued once its grammar is compiled (`_admit_compiled`)
+            self.compiling[seq.request_id] = (seq, self.grammar.compile(params.constraint))
 
     def validate_request(self, prompt: list[int], params: SamplingParams) -> None:
         """Raise RequestError (naming the field) for a request this engine would refuse."""
@@ -372,6 +386,10 @@ class EngineCore:
         seq = self.requests.get(request_id)
         if seq is None or seq.finished:
             return False
+        if self.compiling.pop(request_id, None) is not None:  # not in the scheduler yet
+            self._end_unscheduled(seq, "abort")
+            self._reported_next.append(_output(seq, ()))
+            return True
         try:
             self.scheduler.abort(seq)
         except Exception as exc:  # the scheduler's state is broken: as when a step finds it so
@@ -382,7 +400,7 @@ class EngineCore:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._reported_next)
+        return self.scheduler.has_unfinished() or bool(self._reported_next) or bool(self.compiling)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward, sample; returns one output per request that produced a
@@ -400,16 +418,57 @@ class EngineCore:
     def _step(self, outputs: list[RequestOutput]) -> None:
         """One step, appending to `outputs` as it goes: if the bookkeeping fails halfway, what
         was already reported stays reported."""
+        outputs += self._admit_compiled()
         plan = self.scheduler.schedule()
         self.counters.num_preemptions += len(plan.preempted)
         if not plan.scheduled:
+            self._wait_for_compiles()
             return
-        result = self.executor.execute(plan.scheduled)  # forward and sampling; failures pinned on requests
+        # The constrained rows' masks are computed on a thread while the forward runs.
+        masks = self.masks.start(
+            {item.seq.request_id: item.seq.matcher for item in plan.scheduled if item.samples and item.seq.matcher}
+        )
+        try:
+            result = self.executor.execute(plan.scheduled, masks)  # forward and sampling; failures pinned on requests
+        finally:
+            if masks is not None:  # no matcher may advance while its mask is being computed
+                concurrent.futures.wait([masks.done])
         outputs += [self._fail(item.seq, exc) for item, exc in result.failures]
         failed = {item.seq.request_id for item, _ in result.failures}
         for item in plan.scheduled:
             if item.seq.request_id not in failed:
                 outputs += self._update(item, result.samples.get(item.seq.request_id))
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue every request whose grammar finished compiling, each with its own copy of the
+        compiled matcher; a grammar that failed to compile ends its request with the reason."""
+        outputs = []
+        for request_id, (seq, future) in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[request_id]
+            try:
+                seq.matcher = future.result().deep_copy()
+            except Exception as exc:
+                logger.warning("request %s: its constraint did not compile: %s", request_id, exc)
+                self._end_unscheduled(seq, "error")
+                del self.requests[request_id]
+                message = str(exc) if isinstance(exc, GrammarError) else _failure_message(exc)
+                outputs.append(_output(seq, (), error=message))
+                continue
+            self.scheduler.add(seq)
+        return outputs
+
+    def _wait_for_compiles(self, timeout_s: float = 0.01) -> None:
+        """With nothing to compute but grammars compiling, wait a moment for one rather than spin."""
+        if self.compiling:
+            futures = [future for _, future in self.compiling.values()]
+            concurrent.futures.wait(futures, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    @staticmethod
+    def _end_unscheduled(seq: Request, reason: str) -> None:
+        """End a request that never reached the scheduler (its grammar was compiling)."""
+        seq.status, seq.finish_reason = RequestStatus.FINISHED, reason
 
     def _update(self, item: ScheduledSeq, sample: Sample | None) -> list[RequestOutput]:
         """The scheduler's bookkeeping for one request the step computed, counted, and its
@@ -451,12 +510,13 @@ class EngineCore:
             seq.block_table, seq.block_keys = [], []
             outputs.append(_output(seq, (), error=_failure_message(exc)))
         self.requests.clear()
+        self.compiling.clear()
         self._new_scheduler(self.block_pool.num_blocks)
         return outputs
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            waiting=len(self.scheduler.waiting),
+            waiting=len(self.scheduler.waiting) + len(self.compiling),
             running=len(self.scheduler.running),
             kv=self.block_pool.stats(),
             num_preemptions=self.counters.num_preemptions,

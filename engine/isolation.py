@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from splitinfer.engine.errors import EngineDeadError
+from splitinfer.engine.grammar import StepMasks
 from splitinfer.engine.model_runner import ModelRunner
 from splitinfer.engine.scheduler import ScheduledSeq, SchedulerOutput
 from splitinfer.protocol import TokenLogprobs
@@ -46,8 +47,12 @@ class ExecutionResult:
 class IsolatingExecutor:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self._masks: StepMasks | None = None  # the step being executed's
 
-    def execute(self, items: list[ScheduledSeq]) -> ExecutionResult:
+    def execute(self, items: list[ScheduledSeq], masks: StepMasks | None = None) -> ExecutionResult:
+        """Run `items`' forward and sampling (constrained rows under their masks in `masks`, which
+        stay valid for every retry: grammars advance only once the step is committed)."""
+        self._masks = masks
         saved = _generator_states(items)
         outcome = self._attempt(items, saved, first=True)
         if not isinstance(outcome, Exception):
@@ -88,7 +93,7 @@ class IsolatingExecutor:
             ) from exc
 
     def _run(self, items: list[ScheduledSeq]) -> dict[str, Sample]:
-        sampled = self.runner.execute(SchedulerOutput(items, []))
+        sampled = self.runner.execute(SchedulerOutput(items, []), self._masks)
         sampling = [item.seq.request_id for item in items if item.samples]
         return {rid: (token, logprobs) for rid, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs)}
 

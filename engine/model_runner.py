@@ -19,6 +19,7 @@ import torch
 from splitinfer import kernels
 from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 from splitinfer.engine.forward_batch import ForwardBatch
+from splitinfer.engine.grammar import StepMasks
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model import CausalLM
 from splitinfer.engine.sampler import Sampler, SamplerOutput
@@ -186,10 +187,11 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)  # a CUDA error surfaces at a sync
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> SamplerOutput:
-        """Run the step's forward; sample one token for each sequence that completes its known tokens."""
+    def execute(self, plan: SchedulerOutput, masks: StepMasks | None = None) -> SamplerOutput:
+        """Run the step's forward; sample one token for each sequence that completes its known
+        tokens, under its grammar's mask in `masks` if it is constrained."""
         logits = self.compute_logits(plan)
         sampling = [item.seq for item in plan.scheduled if item.samples]
         if not sampling:
             return SamplerOutput([], [])
-        return self.sampler(logits, sampling)
+        return self.sampler(logits, sampling, masks)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import llguidance
 import torch
 
+from splitinfer.engine.grammar import GrammarError
 from splitinfer.protocol.sampling_params import SamplingParams
 
 
@@ -38,6 +40,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # The grammar's state over the output so far (constrained requests only). It advances only
+    # here, as tokens are committed, so a recomputed or retried step sees the same state.
+    matcher: llguidance.LLMatcher | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -68,9 +73,15 @@ class Request:
         return len(self.token_ids) - self.num_computed_tokens
 
     def append_token(self, token_id: int, stop_ids: frozenset[int], max_model_len: int) -> str | None:
-        """Add a sampled token; return the finish reason if it ends the sequence."""
+        """Add a sampled token; return the finish reason if it ends the sequence: "stop" too when
+        it completes the request's grammar. Raises `GrammarError` if the grammar refuses it."""
         self.token_ids.append(token_id)
         p = self.params
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token_id):
+                raise GrammarError(f"the grammar refused token {token_id}: {self.matcher.get_error()}")
+            if self.matcher.is_stopped():
+                return "stop"
         if self.num_output_tokens >= p.min_tokens and (
             (token_id in stop_ids and not p.ignore_eos) or token_id in p.stop_token_ids
         ):

@@ -1,11 +1,17 @@
 """Batched next-token sampling, every setting per request.
 
 Order of operations on the fp32 logits [B, V]: logit bias, suppression of stop tokens
-before `min_tokens`, repetition/presence/frequency penalties, then greedy argmax or
+before `min_tokens`, repetition/presence/frequency penalties, the grammar's token mask for
+constrained rows (`grammar.py`), then greedy argmax or
 temperature, top-k, top-p and min-p, and the exponential race (argmax of p / E with
 E ~ Exp(1), which draws token i with probability p_i like multinomial, without a host
 sync). A request with a seed draws its noise from its own generator, so its tokens do
-not depend on its batch-mates. Log-probabilities come from the raw logits.
+not depend on its batch-mates. Log-probabilities come from the raw logits (before bias,
+penalties and masks), as vLLM's do by default.
+
+A constrained row whose other settings leave it nothing the grammar allows (a stop token
+suppressed by `min_tokens` where the grammar allows only that token) samples from the raw
+logits under the grammar's mask: the grammar wins, since a token it refuses ends the request.
 
 A step waits for the device once, when it reads the sampled tokens back (and once more for
 log-probabilities, when asked). Everything it needs from the host (per-row settings, the
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitinfer.engine.grammar import StepMasks, allowed_tokens
 from splitinfer.engine.request import Request
 from splitinfer.protocol import SamplingParams, TokenLogprobs
 
@@ -109,14 +116,20 @@ class Sampler:
         self.stop_ids = stop_ids
         self.default_generator = default_generator
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: list[Request], masks: StepMasks | None = None) -> SamplerOutput:
+        """Sample one token per row of `logits` [len(seqs), V]; `masks` holds the grammar masks
+        of the constrained rows (by request id), computed while the forward ran."""
         params = [seq.params for seq in seqs]
         raw = logits
-        logits = logits.clone() if any(p.logit_bias or p.min_tokens or p.has_penalties for p in params) else logits
+        masked = [] if masks is None else [(row, masks.rows[s.request_id]) for row, s in enumerate(seqs) if s.matcher]
+        changes = masked or any(p.logit_bias or p.min_tokens or p.has_penalties for p in params)
+        logits = logits.clone() if changes else logits
         inputs = self._inputs(seqs, logits)
         self._apply_logit_bias(logits, seqs, inputs)
         self._suppress_stop_tokens(logits, seqs, inputs)
         self._apply_penalties(logits, seqs, inputs)
+        if masked:
+            self._apply_grammar(logits, raw, masked, masks)
         tokens = self._sample(logits, seqs, inputs)
         token_list = tokens.tolist()  # the step's one wait for the device
         return SamplerOutput(token_list, self._logprobs(raw, seqs, tokens, token_list))
@@ -237,6 +250,23 @@ class Sampler:
             penalised = torch.where(seen | in_prompt, scaled, penalised)
         penalised -= frequency * counts + presence * seen
         logits[index] = penalised
+
+    def _apply_grammar(
+        self, logits: torch.Tensor, raw: torch.Tensor, masked: list[tuple[int, int]], masks: StepMasks
+    ) -> None:
+        """-inf for every token the grammar refuses, in each (logits row, mask row) of `masked`."""
+        bitmask = masks.wait()
+        mask_rows = [mask_row for _, mask_row in masked]
+        if mask_rows != list(range(len(mask_rows))):  # the usual case is a prefix: no host copy
+            bitmask = bitmask.index_select(0, torch.tensor(mask_rows))
+        else:
+            bitmask = bitmask[: len(mask_rows)]
+        refused = ~allowed_tokens(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
+        index = torch.tensor([row for row, _ in masked], dtype=torch.int64).to(logits.device, non_blocking=True)
+        rows = logits.index_select(0, index).masked_fill_(refused, float("-inf"))
+        emptied = rows.amax(dim=-1, keepdim=True) == float("-inf")
+        rows = torch.where(emptied, raw.index_select(0, index).masked_fill(refused, float("-inf")), rows)
+        logits.index_copy_(0, index, rows)
 
     def _scatter_counts(self, padded: torch.Tensor) -> torch.Tensor:
         """[rows, vocab] float counts of each token id in each row of `padded` (see `_add_token_lists`)."""

@@ -28,7 +28,7 @@ from splitinfer.protocol.fields import (
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 from splitinfer.protocol.structs import FieldError, Struct, building
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: SamplingParams.constraint
 FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS = frozenset(FinishReason.__args__)
 

@@ -18,6 +18,7 @@ from typing import Annotated, ClassVar
 
 from msgspec import Meta
 
+from splitinfer.protocol.constraint import Constraint
 from splitinfer.protocol.errors import ErrorCode
 from splitinfer.protocol.fields import MAX_INT, Int64, TokenId
 from splitinfer.protocol.structs import Struct
@@ -53,7 +54,11 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     - `stop_token_ids`: tokens that end the request (finish reason "stop"), besides eos.
     - `ignore_eos`: keep generating through the checkpoint's eos ids.
     - `logprobs`: None for none; N in [0, 20] returns the sampled token's log-probability
-      and the N most likely tokens' at each step (from the model's raw distribution).
+      and the N most likely tokens' at each step (from the model's raw distribution:
+      before logit bias, penalties and the constraint's mask).
+    - `constraint`: what the output must match (`constraint.py`: a JSON schema, any JSON
+      object, a regex, a choice of strings, a grammar); the request ends with "stop" as soon
+      as the grammar is complete. None: unconstrained.
 
     Counts and ids are signed 64-bit ints at most; token ids (in `logit_bias` and
     `stop_token_ids`) are at most 2**32 - 1, and the engine refuses those past its vocabulary.
@@ -76,6 +81,7 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     stop_token_ids: tuple[TokenId, ...] = ()
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    constraint: Constraint | None = None
 
     def _check(self) -> None:
         if self.min_tokens > self.max_tokens:

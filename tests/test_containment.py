@@ -45,8 +45,8 @@ class FaultySampler:
     def __init__(self, sampler) -> None:
         self.sampler = sampler
 
-    def __call__(self, logits, seqs):
-        out = self.sampler(logits, seqs)
+    def __call__(self, logits, seqs, masks=None):
+        out = self.sampler(logits, seqs, masks)
         if poisoned(seqs):
             raise InjectedFault("injected sampler fault")
         return out

@@ -186,8 +186,8 @@ class FailingOnPoison:
     def __init__(self, sampler, poison: str) -> None:
         self.sampler, self.poison = sampler, poison
 
-    def __call__(self, logits, seqs):
-        out = self.sampler(logits, seqs)
+    def __call__(self, logits, seqs, masks=None):
+        out = self.sampler(logits, seqs, masks)
         if any(seq.request_id == self.poison and seq.num_output_tokens >= 4 for seq in seqs):
             raise RuntimeError("injected sampler fault")
         return out

@@ -44,6 +44,7 @@ from splitinfer.protocol import (
     encode,
     parse_address,
 )
+from splitinfer.protocol.constraint import Constraint
 from splitinfer.protocol.fields import MAX_ID_LENGTH, MAX_INT, MAX_TOKEN_ID
 
 FAST = settings(
@@ -648,7 +649,7 @@ def test_protocol_doc_has_a_table_for_every_message_and_record():
     tables = _doc_tables()
     for cls in MESSAGE_TYPES.values():
         assert tables.get(cls.__name__) == {f"tag:{cls.TYPE}", *cls.FIELDS}, cls.__name__
-    for cls in (RequestOutput, TokenLogprobs, SamplingParams):
+    for cls in (RequestOutput, TokenLogprobs, SamplingParams, Constraint):
         assert tables.get(cls.__name__) == {f.name for f in fields(cls)}, cls.__name__
     codes = set(re.findall(r"^\| `(\w+)` \|", DOC.read_text().split("## Error codes")[1].split("##")[0], re.M))
     assert codes == {code.value for code in ErrorCode}
