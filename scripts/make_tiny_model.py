@@ -6,15 +6,21 @@ special tokens and conventions, a chat template in the family's style, generatio
 has the layout of a real checkpoint of that family and loads in ``transformers``, so
 splitinfer can be compared with it token for token:
 
-- llama: Llama 3 (byte-level BPE, BOS added by the post-processor, template in
+- llama: Llama 3.1 (byte-level BPE, BOS added by the post-processor, <|eom_id|> and
+  <|python_tag|>, <|eom_id|> among generation_config.json's eos ids, Meta's template trimmed,
+  with tools in the first user message and results under the ipython header, in
   tokenizer_config.json);
 - qwen2: Qwen2.5 (biases on q/k/v, Qwen's NFC + regex byte-level BPE, no BOS, ChatML template
-  using namespace, loop controls, raise_exception and tools, several eos ids, a config
-  vocabulary larger than the tokenizer's);
-- qwen3: Qwen3 (per-head q/k norms, head_dim not hidden/heads, the template in
-  chat_template.jinja as transformers 5 writes it);
-- mistral: Mistral (sliding window, SentencePiece-style BPE with byte fallback and the
-  "▁" space marker, add_bos_token, [INST] template as a list of named templates).
+  using namespace, loop controls and raise_exception, tools in the system turn, <tool_call> and
+  <tool_response> blocks, several eos ids, a config vocabulary larger than the tokenizer's);
+- qwen3: Qwen3 (per-head q/k norms, head_dim not hidden/heads, Qwen2.5's tool conventions and
+  Qwen3's think blocks, the template in chat_template.jinja as transformers 5 writes it);
+- mistral: Mistral v0.3 (sliding window, SentencePiece-style BPE with byte fallback and the
+  "▁" space marker, add_bos_token, [INST] template with [AVAILABLE_TOOLS], [TOOL_CALLS] and
+  [TOOL_RESULTS] as a list of named templates).
+
+Every family's template renders tools, tool calls and tool results as the real checkpoint's
+does, with the family's tool tokens in the vocabulary.
 
 The same arguments always give byte-identical files.
 """
@@ -63,18 +69,110 @@ JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"  # where transformers 5 writes a checkpoint's template
 BYTE_ALPHABET = 256  # ByteLevel maps every byte to one printable character.
 
-# The Llama 3 Instruct template: BOS once, then one header/content/eot block per message.
-LLAMA3_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first %}{{ bos_token }}{% endif %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + (message['content'] | trim) + '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-# ChatML as Qwen2.5 writes it: a default system prompt, tools listed in the system turn, and
-# the jinja features real Qwen templates rely on (namespace, loop controls, raise_exception).
-QWEN2_TEMPLATE = """\
+# Llama 3.1 Instruct, as Meta's template, trimmed: BOS once, a header/content/eot block per
+# message, custom tools JSON-listed in the first user message (or, with tools_in_user_message
+# false, in the system turn) under Meta's instructions, an assistant's tool call as
+# {"name": ..., "parameters": ...} (one per message, as Meta's refuses more), and tool results
+# under the ipython header (as JSON unless a plain value: a string is iterable, so it is quoted
+# too, as in Meta's). Left out: the knowledge-cutoff and date lines, whose system turn Meta's
+# writes even when there is no system message (here: only with one or with tools), and
+# builtin_tools (<|python_tag|> calls ending in <|eom_id|>), which no request passes.
+LLAMA3_TEMPLATE = """\
+{{- bos_token }}
+{%- if tools is not defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- if tools_in_user_message is not defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = none %}
+{%- endif %}
+{%- if system_message is not none or tools is not none %}
+    {{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}
+    {%- if tools is not none %}
+        {{- 'Environment: ipython\\n\\n' }}
+    {%- endif %}
+    {%- if tools is not none and not tools_in_user_message %}
+        {{- 'You have access to the following functions. To call a function, please respond with JSON for a '
+            'function call.Respond in the format {"name": function name, "parameters": dictionary of argument '
+            'name and its value}.Do not use variables.\\n\\n' }}
+        {%- for t in tools %}
+            {{- (t | tojson(indent=4)) + '\\n\\n' }}
+        {%- endfor %}
+    {%- endif %}
+    {{- (system_message or '') + '<|eot_id|>' }}
+{%- endif %}
+{%- if tools is not none and tools_in_user_message %}
+    {%- if messages | length == 0 %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+    {%- endif %}
+    {%- set first_user_message = messages[0]['content'] | trim %}
+    {%- set messages = messages[1:] %}
+    {{- '<|start_header_id|>user<|end_header_id|>\\n\\n' }}
+    {{- 'Given the following functions, please respond with a JSON for a function call with its proper '
+        'arguments that best answers the given prompt.\\n\\nRespond in the format {"name": function name, '
+        '"parameters": dictionary of argument name and its value}.Do not use variables.\\n\\n' }}
+    {%- for t in tools %}
+        {{- (t | tojson(indent=4)) + '\\n\\n' }}
+    {%- endfor %}
+    {{- first_user_message + '<|eot_id|>' }}
+{%- endif %}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim
+            + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls | length == 1 %}
+            {{- raise_exception('This model only supports single tool-calls at once!') }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+        {{- '{"name": "' + tool_call.name + '", "parameters": ' + tool_call.arguments | tojson + '}<|eot_id|>' }}
+    {%- else %}
+        {{- '<|start_header_id|>ipython<|end_header_id|>\\n\\n' }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- '<|eot_id|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+# Qwen's tool list and calling instructions, the same in Qwen2.5's and Qwen3's system turn.
+QWEN_TOOLS = """\
+    {{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided '
+        'with function signatures within <tools></tools> XML tags:\\n<tools>' }}
+    {%- for tool in tools %}
+        {{- '\\n' + (tool | tojson) }}
+    {%- endfor %}
+    {{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within '
+        '<tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": '
+        '<args-json-object>}\\n</tool_call>' }}
+"""
+# Consecutive tool results, as Qwen2.5 and Qwen3 write them: one user turn of <tool_response> blocks.
+QWEN_TOOL_RESPONSES = """\
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+"""
+# ChatML as Qwen2.5 writes it: a default system prompt, tools listed in the system turn, tool
+# calls as <tool_call> blocks (arguments | tojson), and the jinja features real Qwen templates
+# rely on (namespace, loop controls, raise_exception).
+QWEN2_TEMPLATE = (
+    """\
 {%- if messages[0].role == 'system' %}
     {%- set system = messages[0].content %}
 {%- else %}
@@ -82,11 +180,10 @@ QWEN2_TEMPLATE = """\
 {%- endif %}
 {{- '<|im_start|>system\\n' + system }}
 {%- if tools %}
-    {{- '\\n\\n# Tools\\n\\n<tools>' }}
-    {%- for tool in tools %}
-        {{- '\\n' + (tool | tojson) }}
-    {%- endfor %}
-    {{- '\\n</tools>\\n\\nCall a function with <tool_call>{"name": ..., "arguments": ...}</tool_call>.' }}
+    {{- '\\n\\n' }}
+"""
+    + QWEN_TOOLS
+    + """\
 {%- endif %}
 {{- '<|im_end|>\\n' }}
 {%- set ns = namespace(turns=0) %}
@@ -98,7 +195,25 @@ QWEN2_TEMPLATE = """\
         {%- continue %}
     {%- endif %}
     {%- set ns.turns = ns.turns + 1 %}
-    {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant' }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' + tool_call.arguments | tojson
+                + '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+"""
+    + QWEN_TOOL_RESPONSES
+    + """\
+    {%- endif %}
 {%- endfor %}
 {%- if ns.turns == 0 %}
     {{- raise_exception('A conversation needs a user message.') }}
@@ -107,9 +222,24 @@ QWEN2_TEMPLATE = """\
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
-# Qwen3's ChatML: no default system prompt, earlier assistant turns stripped of their
-# <think> blocks, and an empty think block opened when thinking is turned off.
-QWEN3_TEMPLATE = """\
+)
+# Qwen3's ChatML: no default system prompt, tools as in Qwen2.5, earlier assistant turns
+# stripped of their <think> blocks, tool-call arguments written as given when they are a
+# string, and an empty think block opened when thinking is turned off.
+QWEN3_TEMPLATE = (
+    """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\\n\\n' }}
+    {%- endif %}
+"""
+    + QWEN_TOOLS
+    + """\
+    {{- '<|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
 {%- set ns = namespace(last_user=-1) %}
 {%- for message in messages %}
     {%- if message.role == 'user' %}
@@ -117,11 +247,40 @@ QWEN3_TEMPLATE = """\
     {%- endif %}
 {%- endfor %}
 {%- for message in messages %}
-    {%- set content = message.content %}
-    {%- if message.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in content %}
-        {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
     {%- endif %}
-    {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {%- if loop.index0 < ns.last_user and '</think>' in content %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {{- '<|im_start|>assistant\\n' + content }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or not loop.first %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+"""
+    + QWEN_TOOL_RESPONSES
+    + """\
+    {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
@@ -130,25 +289,95 @@ QWEN3_TEMPLATE = """\
     {%- endif %}
 {%- endif %}
 """
-# Mistral Instruct: BOS, then [INST] user [/INST] assistant</s>, roles alternating; a system
-# message is prepended to the last user turn.
-MISTRAL_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}"
-    "{%- set system_message = messages[0]['content'] %}{%- set loop_messages = messages[1:] %}"
-    "{%- else %}{%- set loop_messages = messages %}{%- endif %}"
-    "{{- bos_token }}"
-    "{%- for message in loop_messages %}"
-    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{- raise_exception('After the optional system message, conversation roles must alternate "
-    "user/assistant/user/assistant...') }}"
-    "{%- endif %}"
-    "{%- if message['role'] == 'user' %}"
-    "{%- if loop.last and system_message is defined %}"
-    "{{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}"
-    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
-    "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}"
-    "{%- endfor %}"
 )
+# Mistral Instruct v0.3, trimmed: BOS, then [INST] user [/INST] assistant</s> with roles
+# alternating (tool calls and results aside); a system message is prepended to the last user
+# turn when it is the last message; tools as [AVAILABLE_TOOLS] before the last user message
+# (string fields written unescaped, as in Mistral's), tool calls as [TOOL_CALLS] [...]</s> and
+# results as [TOOL_RESULTS] {...}[/TOOL_RESULTS], each refusing an id that is not 9 characters
+# long (Mistral's checks the length only, though its message says alphanumeric).
+MISTRAL_TEMPLATE = """\
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{%- if tools is not defined %}
+    {%- set tools = none %}
+{%- endif %}
+{%- set user_messages = loop_messages | selectattr('role', 'equalto', 'user') | list %}
+{%- set ns = namespace(index=0) %}
+{%- for message in loop_messages %}
+    {%- if not (message.role == 'tool' or (message.tool_calls is defined and message.tool_calls is not none)) %}
+        {%- if (message['role'] == 'user') != (ns.index % 2 == 0) %}
+            {{- raise_exception('After the optional system message, conversation roles must alternate '
+                'user/assistant/user/assistant...') }}
+        {%- endif %}
+        {%- set ns.index = ns.index + 1 %}
+    {%- endif %}
+{%- endfor %}
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if message['role'] == 'user' %}
+        {%- if tools is not none and message == user_messages[-1] %}
+            {{- '[AVAILABLE_TOOLS] [' }}
+            {%- for tool in tools %}
+                {%- set tool = tool.function %}
+                {{- '{"type": "function", "function": {' }}
+                {%- for key, val in tool.items() if key != 'return' %}
+                    {%- if val is string %}
+                        {{- '"' + key + '": "' + val + '"' }}
+                    {%- else %}
+                        {{- '"' + key + '": ' + val | tojson }}
+                    {%- endif %}
+                    {%- if not loop.last %}
+                        {{- ', ' }}
+                    {%- endif %}
+                {%- endfor %}
+                {{- '}}' }}
+                {%- if not loop.last %}
+                    {{- ', ' }}
+                {%- else %}
+                    {{- ']' }}
+                {%- endif %}
+            {%- endfor %}
+            {{- '[/AVAILABLE_TOOLS]' }}
+        {%- endif %}
+        {%- if loop.last and system_message is defined %}
+            {{- '[INST] ' + system_message + '\\n\\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message.tool_calls is defined and message.tool_calls is not none %}
+        {{- '[TOOL_CALLS] [' }}
+        {%- for tool_call in message.tool_calls %}
+            {%- set out = tool_call.function | tojson %}
+            {{- out[:-1] }}
+            {%- if tool_call.id is not defined or tool_call.id | length != 9 %}
+                {{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+            {%- endif %}
+            {{- ', "id": "' + tool_call.id + '"}' }}
+            {%- if not loop.last %}
+                {{- ', ' }}
+            {%- else %}
+                {{- ']' + eos_token }}
+            {%- endif %}
+        {%- endfor %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] | trim + eos_token }}
+    {%- elif message['role'] == 'tool' %}
+        {{- '[TOOL_RESULTS] {"content": ' + message.content | string + ', ' }}
+        {%- if message.tool_call_id is not defined or message.tool_call_id | length != 9 %}
+            {{- raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}
+        {%- endif %}
+        {{- '"call_id": "' + message.tool_call_id + '"}[/TOOL_RESULTS]' }}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial '
+            'optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
 # Qwen's pre-tokenizer split, as its tokenizer.json (and transformers' Qwen2Tokenizer) has it.
 QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -193,7 +422,7 @@ FAMILIES: dict[str, Family] = {
         "tokenizer_config",
         1000000.0,
         qkv_bias=True,
-        config_vocab_extra=8,
+        config_vocab_extra=6,
     ),
     "qwen3": Family(
         "Qwen3ForCausalLM",
@@ -205,16 +434,22 @@ FAMILIES: dict[str, Family] = {
         has_attention_bias_field=True,
         qk_norm=True,
         head_dim_factor=1.5,
-        config_vocab_extra=8,
+        config_vocab_extra=6,
     ),
     "mistral": Family(
         "MistralForCausalLM", "mistral", "sentencepiece", MISTRAL_TEMPLATE, "named", 1000000.0, sliding_window=40
     ),
 }
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+# Llama 3.1's tool tokens, which took two of Llama 3's reserved ids: the end of a turn that
+# awaits a tool's result, and the start of a call to a built-in tool.
+LLAMA31_TOOL_SPECIALS = ["<|eom_id|>", "<|python_tag|>"]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-QWEN_PLAIN_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>"]  # added, but not special (as in Qwen3)
+# Added, but not special (as in Qwen2.5 and Qwen3), so they survive skip_special_tokens.
+QWEN_PLAIN_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>"]
 SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+# Mistral v0.3's tool control tokens (special, as all its control tokens are), then [INST] [/INST].
+SP_TOOL_CONTROL = ["[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
 SP_CONTROL = ["[INST]", "[/INST]"]
 
 ENGLISH_TEXT = """\
@@ -284,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         "head_dim is not hidden / heads either).",
     )
     size("--intermediate", "Hidden dimension of the SwiGLU MLP")
-    size("--vocab", "config.json's vocab_size, special tokens included (qwen: the tokenizer has 8 fewer), at least 300")
+    size("--vocab", "config.json's vocab_size, special tokens included (qwen: the tokenizer has 6 fewer), at least 300")
     size("--max-position", "max_position_embeddings in config.json and the tokenizer's model_max_length")
     p.add_argument(
         "--shards",
@@ -476,10 +711,15 @@ def training_text(target: int, seed: int, pre: pre_tokenizers.PreTokenizer, spac
     return ENGLISH_TEXT.splitlines() * ENGLISH_REPEATS + synthetic
 
 
-def train_bpe(tok: Tokenizer, target: int, seed: int, space: str, alphabet: list[str]) -> None:
-    """Train tok's BPE model on the English prose and synthetic words, to at most `target` entries."""
+def train_bpe(tok: Tokenizer, target: int, seed: int, space: str, alphabet: list[str], tool_tokens: int = 0) -> None:
+    """Train tok's BPE model on the English prose and synthetic words, to at most `target` entries.
+
+    The text is sized for `target + tool_tokens` entries, as if the family's tool tokens were
+    merges: BPE merges the same text in the same order whatever the target, so the tool tokens
+    take the places of the last merges and every other token has the id it would have without them.
+    """
     trainer = trainers.BpeTrainer(vocab_size=target, initial_alphabet=alphabet, show_progress=False)
-    tok.train_from_iterator(training_text(target, seed, tok.pre_tokenizer, space), trainer)
+    tok.train_from_iterator(training_text(target + tool_tokens, seed, tok.pre_tokenizer, space), trainer)
 
 
 def reserved(count: int, name: str) -> list[str]:
@@ -493,13 +733,15 @@ def special(tokens: list[str]) -> list[AddedToken]:
 
 
 def build_llama3_tokenizer(vocab: int, seed: int) -> Tokenizer:
-    """Llama 3's: byte-level BPE, the special tokens last, BOS prepended by the post-processor."""
-    target = vocab - len(LLAMA3_SPECIALS)
+    """Llama 3.1's: byte-level BPE, the special tokens last (the tool ones first, in place of
+    reserved ids), BOS prepended by the post-processor."""
+    target = vocab - len(LLAMA31_TOOL_SPECIALS) - len(LLAMA3_SPECIALS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    train_bpe(tok, target, seed, "Ġ", pre_tokenizers.ByteLevel.alphabet())
-    tok.add_special_tokens(special(reserved(target - tok.get_vocab_size(), "reserved_special_token") + LLAMA3_SPECIALS))
+    train_bpe(tok, target, seed, "Ġ", pre_tokenizers.ByteLevel.alphabet(), len(LLAMA31_TOOL_SPECIALS))
+    padding = reserved(target - tok.get_vocab_size(), "reserved_special_token")
+    tok.add_special_tokens(special(padding + LLAMA31_TOOL_SPECIALS + LLAMA3_SPECIALS))
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.Sequence(
         [
@@ -514,7 +756,7 @@ def build_llama3_tokenizer(vocab: int, seed: int) -> Tokenizer:
 
 def build_qwen_tokenizer(vocab: int, seed: int) -> Tokenizer:
     """Qwen's: NFC, a regex split then byte-level BPE, no BOS; ChatML specials, then tokens that
-    are added but not special (tool calls, think blocks)."""
+    are added but not special (tool calls, think blocks, tool responses)."""
     added = QWEN_SPECIALS + QWEN_PLAIN_ADDED
     target = vocab - len(added)
     tok = Tokenizer(models.BPE())
@@ -536,13 +778,14 @@ def build_qwen_tokenizer(vocab: int, seed: int) -> Tokenizer:
 def build_sentencepiece_tokenizer(vocab: int, seed: int) -> Tokenizer:
     """Mistral's (and Llama 2's): <unk> <s> </s>, the 256 byte-fallback tokens <0x00>..<0xFF>,
     then BPE over text whose spaces are "▁" (prepended to the first word), BOS prepended by the
-    post-processor, and control tokens last. Characters outside the vocabulary encode as bytes."""
-    target = vocab - len(SP_SPECIALS) - BYTE_ALPHABET - len(SP_CONTROL)
+    post-processor, and control tokens last (the tool ones, then [INST] [/INST]). Characters
+    outside the vocabulary encode as bytes."""
+    target = vocab - len(SP_SPECIALS) - BYTE_ALPHABET - len(SP_TOOL_CONTROL) - len(SP_CONTROL)
     trainer_tok = Tokenizer(models.BPE())
     # Trained word by word (split=True); the tokenizer written splits nothing, as Mistral's does,
     # which gives the same tokens since no merge crosses a "▁".
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    train_bpe(trainer_tok, target, seed, "▁", [])
+    train_bpe(trainer_tok, target, seed, "▁", [], len(SP_TOOL_CONTROL))
     trained = json.loads(trainer_tok.to_str())["model"]
     byte_tokens = [f"<0x{b:02X}>" for b in range(BYTE_ALPHABET)]
     learned = sorted(trained["vocab"], key=trained["vocab"].get)
@@ -561,7 +804,7 @@ def build_sentencepiece_tokenizer(vocab: int, seed: int) -> Tokenizer:
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
     )
-    tok.add_special_tokens(special(SP_SPECIALS + SP_CONTROL))
+    tok.add_special_tokens(special(SP_SPECIALS + SP_TOOL_CONTROL + SP_CONTROL))
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
@@ -585,7 +828,7 @@ TOKENIZER_STYLES = {
         build_llama3_tokenizer,
         "<|begin_of_text|>",
         ["<|end_of_text|>", "<|eot_id|>"],
-        ["<|end_of_text|>", "<|eot_id|>"],
+        ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],  # Llama 3.1's: a turn may end awaiting a tool
         {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"},
     ),
     "qwen": TokenizerStyle(

@@ -1,7 +1,8 @@
 """Chat templates through a real engine process and server, per family: the engine finds the
 checkpoint's template (Qwen3's chat_template.jinja, Mistral's list of named templates) or
 takes --chat-template's (a file, or inline), sends it in HelloReply, and the server renders
-and encodes the prompt exactly as transformers does (`usage.prompt_tokens`). A checkpoint
+and encodes the prompt exactly as transformers does (`usage.prompt_tokens`), tool calls and
+tool results included; a bad tool call is a 400 naming the field. A checkpoint
 with no template and no flag gets a 400 on chat and keeps its completions; a template that
 cannot work stops the engine at start.
 
@@ -23,6 +24,7 @@ import httpx
 import openai
 import pytest
 from conftest import FAMILIES
+from conversations import TOOL_CONVERSATIONS, for_transformers
 from procs import ENGINE, REPO, free_port, start_engine, start_server, stop
 
 MESSAGES = [
@@ -139,6 +141,28 @@ def test_a_conversation_the_template_rejects_is_a_400(stack: Stack) -> None:
         chat_usage(stack, [MESSAGES[1], MESSAGES[1]])
     error = info.value.body
     assert error["param"] == "messages" and "must alternate" in error["message"]
+
+
+@pytest.mark.parametrize("stack", ["qwen3", "mistral"], indirect=True)
+@pytest.mark.parametrize("conversation", ["two calls, their results", "one call, answered, asked again"])
+def test_a_tool_round_trip_prompt_is_the_one_transformers_builds(stack: Stack, conversation: str) -> None:
+    messages = TOOL_CONVERSATIONS[conversation]
+    expected = hf_chat_ids(stack.checkpoint, for_transformers(messages))
+    assert chat_usage(stack, messages).prompt_tokens == len(expected)
+
+
+@pytest.mark.parametrize("stack", ["mistral"], indirect=True)
+def test_a_bad_tool_call_is_a_400_naming_the_field(stack: Stack) -> None:
+    messages = json.loads(json.dumps(TOOL_CONVERSATIONS["one call, its result"]))
+    messages[1]["tool_calls"][0]["function"]["arguments"] = "{city: Paris}"
+    with pytest.raises(openai.BadRequestError) as info:
+        chat_usage(stack, messages)
+    assert info.value.body["param"] == "messages[1].tool_calls[0].function.arguments"
+    messages[1]["tool_calls"][0]["function"]["arguments"] = "{}"
+    messages[1]["tool_calls"][0]["id"] = "call_abc123xyz"  # OpenAI's kind, which Mistral's template refuses
+    with pytest.raises(openai.BadRequestError) as info:
+        chat_usage(stack, messages)
+    assert info.value.body["param"] == "messages" and "length 9" in info.value.body["message"]
 
 
 # No template -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conversations import CONVERSATIONS
+from conversations import CONVERSATIONS, TOOL_CONVERSATIONS, TOOLS, for_transformers
 
 from splitinfer.protocol.chat_template import ChatTemplateError
 from splitinfer.protocol.tokenizer import Tokenizer, TokenizerFilesError
@@ -213,6 +213,22 @@ def test_fallback_template_matches_transformers_running_it(
     assert fallback_template.render(messages) == expected
 
 
+def test_fallback_template_renders_tool_use_like_transformers_running_it(
+    tiny_checkpoint: Path, fallback_template: ChatTemplate
+) -> None:
+    # Llama 3's format knows no tools: a tool-only turn is an empty assistant turn, a result a
+    # "tool" turn, as transformers renders the same template.
+    messages = TOOL_CONVERSATIONS["one call, answered, asked again"]
+    expected = hf_tokenizer(tiny_checkpoint).apply_chat_template(
+        for_transformers(messages),
+        tools=TOOLS,
+        chat_template=LLAMA3_CHAT_TEMPLATE,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert fallback_template.render(messages, tools=TOOLS) == expected
+
+
 # ChatTemplate: invalid requests name the field ---------------------------------------------
 
 USER = {"role": "user", "content": "Hi"}
@@ -226,14 +242,14 @@ USER = {"role": "user", "content": "Hi"}
         ([USER, "hi"], "messages[1]", "must be an object"),
         ([{"content": "Hi"}], "messages[0].role", "must be a string"),
         ([USER, {"role": "robot", "content": "x"}], "messages[1].role", "must be one of"),
-        ([USER, {"role": "tool", "content": "42", "tool_call_id": "a"}], "messages[1].role", "not supported"),
-        ([USER, {"role": "function", "content": "42"}], "messages[1].role", "not supported"),
+        ([USER, {"role": "function", "content": "42"}], "messages[1].role", "'function' role is not supported"),
+        ([USER, {"role": "tool", "content": "42"}], "messages[1].tool_call_id", "must be a string"),
         ([{"role": "user"}], "messages[0].content", "missing or null"),
         ([USER, {"role": "assistant", "content": None}], "messages[1].content", "missing or null"),
         (
             [USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}],
-            "messages[1].tool_calls",
-            "not supported",
+            "messages[1].tool_calls[0].function",
+            "must be an object",
         ),
         ([{"role": "user", "content": 5}], "messages[0].content", "string or a list"),
         (
