@@ -20,6 +20,8 @@ nothing here either. Streaming text out of token ids is `detokenizer.py`'s job.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -64,7 +66,7 @@ class SpecialTokenNames:
 class Tokenizer:
     """Encode prompts and decode outputs with the checkpoint's tokenizer."""
 
-    __slots__ = ("_tokenizer", "_names")
+    __slots__ = ("_tokenizer", "_names", "__dict__")  # __dict__: cached properties
 
     def __init__(self, tokenizer: _HFTokenizer, names: SpecialTokenNames = SpecialTokenNames()) -> None:
         self._tokenizer = tokenizer
@@ -146,10 +148,21 @@ class Tokenizer:
         """
         return self.encode(text, add_special_tokens=False)
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(
+        self, token_ids: Sequence[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()
+    ) -> str:
         """Text of token ids. Ids unknown to the vocabulary decode to nothing; an incomplete
-        UTF-8 character at either end decodes to U+FFFD."""
+        UTF-8 character at either end decodes to U+FFFD. `keep`: special tokens written out
+        even though `skip_special_tokens` skips the others (a tool-call format's markers)."""
+        if keep and skip_special_tokens:
+            hidden = self.special_token_ids - keep
+            return self._tokenizer.decode([t for t in token_ids if t not in hidden], skip_special_tokens=False)
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (the ones `skip_special_tokens` skips)."""
+        return frozenset(i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special)
 
 
 def json_object(raw: bytes) -> dict:

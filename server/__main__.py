@@ -12,6 +12,7 @@ import uvicorn
 from splitinfer.protocol import default_engine_address
 from splitinfer.server.app import DEFAULT_MAX_REQUEST_BYTES, OpenAIServer, ServerConfig
 from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S
+from splitinfer.server.tool_calls import TOOL_CALL_FORMAT_NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name",
         default=None,
         help="Model name clients must send and /v1/models reports (default: the engine's).",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default="auto",
+        choices=["auto", *TOOL_CALL_FORMAT_NAMES, "none"],
+        help="How the model writes tool calls, for requests with 'tools': hermes (Qwen2/2.5/3, Hermes: "
+        "<tool_call>...</tool_call>), llama3_json (Llama 3.1/3.2: a JSON call, optionally after <|python_tag|>), "
+        "mistral ([TOOL_CALLS] [...]); auto picks it from the checkpoint's vocabulary and chat template; none "
+        "refuses requests that want calls parsed (default: %(default)s).",
     )
     p.add_argument(
         "--max-request-bytes",
@@ -66,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_address=args.engine,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
+        tool_call_parser=args.tool_call_parser,
         max_request_bytes=args.max_request_bytes,
         engine_stall_timeout_s=args.engine_stall_timeout,
     )

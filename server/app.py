@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -45,7 +46,7 @@ from splitinfer.server.http import (
 )
 from splitinfer.server.metrics import ServerMetrics
 from splitinfer.server.model_context import ModelContext
-from splitinfer.server.openai_params import Common, choice_specs, parse_chat, parse_completion
+from splitinfer.server.openai_params import Common, choice_specs, parse_chat, parse_completion, with_constraint
 from splitinfer.server.responses import ChatFormat, CompletionFormat, ResponseFormat, Usage, collect
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class ServerConfig:
     engine_address: str
     api_key: str | None = None
     served_model_name: str | None = None
+    tool_call_parser: str = "auto"  # a TOOL_CALL_FORMATS name, "auto" (the checkpoint's) or "none"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
 
@@ -113,7 +115,7 @@ class OpenAIServer:
         if self.client.health is not Health.READY or info is None:
             raise engine_unavailable(f"not connected to {self.config.engine_address}")
         if self._context is None or self._context.info.engine_id != info.engine_id:
-            self._context = ModelContext.from_hello(info, self.config.served_model_name)
+            self._context = ModelContext.from_hello(info, self.config.served_model_name, self.config.tool_call_parser)
         return self._context
 
     def _endpoint(self, name: str, handler: Handler) -> Handler:
@@ -134,11 +136,19 @@ class OpenAIServer:
         ctx = self.context()
         req = parse_chat(body)
         ctx.check_model(req.common.model)
-        prompt_ids = ctx.chat_prompt(req.messages)
-        max_tokens = ctx.max_tokens(len(prompt_ids), req.common.max_tokens)
+        tools, common = req.tools, req.common
+        prompt_ids = ctx.chat_prompt(req.messages, tools.template_tools if tools is not None else None)
+        max_tokens = ctx.max_tokens(len(prompt_ids), common.max_tokens)
         top = req.top_logprobs if req.logprobs else None
-        fmt = ChatFormat(ctx.tokenizer, top, req.common.include_usage)
-        return await self._respond(request, ctx, req.common, choice_specs(req.common, [prompt_ids], max_tokens), fmt)
+        tool_parser, markers = None, frozenset()
+        if tools is not None and tools.parses_calls:
+            tool_format = ctx.require_tool_format()
+            if tools.enforced:
+                common = with_constraint(common, tools.constraint(tool_format, ctx.tokenizer.token_to_id))
+            tool_parser, markers = functools.partial(tools.parser, tool_format), ctx.tool_markers
+        fmt = ChatFormat(ctx.tokenizer, top, common.include_usage, tool_parser=tool_parser)
+        specs = choice_specs(common, [prompt_ids], max_tokens, keep_special=markers)
+        return await self._respond(request, ctx, common, specs, fmt)
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_request_bytes)

@@ -97,7 +97,7 @@ class StopStringMatcher:
 class IncrementalDetokenizer:
     """The text of one request's output, released token by token; see the module docstring."""
 
-    __slots__ = ("_tokenizer", "_skip_special", "_ids", "_read", "_prefix_text", "_stops", "_finished")
+    __slots__ = ("_tokenizer", "_skip_special", "_keep", "_ids", "_read", "_prefix_text", "_stops", "_finished")
 
     def __init__(
         self,
@@ -106,11 +106,15 @@ class IncrementalDetokenizer:
         skip_special_tokens: bool = True,
         stop: Sequence[str] = (),
         include_stop_str_in_output: bool = False,
+        keep_special: frozenset[int] = frozenset(),
     ) -> None:
-        """`prompt_token_ids` gives the first output tokens their context (None: no context).
-        Raises ValueError naming `stop[i]` for an empty or non-string stop string."""
+        """`prompt_token_ids` gives the first output tokens their context (None: no context);
+        `keep_special`: special tokens written out all the same (a tool-call format's markers,
+        which its parser reads). Raises ValueError naming `stop[i]` for an empty or non-string
+        stop string."""
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        self._keep = keep_special
         self._stops = StopStringMatcher(stop, include_stop_str_in_output)
         self._finished = False
         # _ids is the window: [0, _read) already released, [_read, end) not yet. (vLLM's
@@ -173,7 +177,7 @@ class IncrementalDetokenizer:
         return full_text[len(prefix_text) :]
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special, keep=self._keep)
 
 
 def _earliest_completed_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:

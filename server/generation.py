@@ -28,6 +28,7 @@ class ChoiceSpec:
     prompt_token_ids: list[int]
     params: SamplingParams
     stop: tuple[str, ...]
+    keep_special: frozenset[int] = frozenset()  # special tokens written into the text (tool-call markers)
 
 
 @dataclass(slots=True)
@@ -68,7 +69,9 @@ class EngineFailure(Exception):
 async def run_choice(
     client: EngineClient, tokenizer: Tokenizer, spec: ChoiceSpec, timing: Timing
 ) -> AsyncIterator[ChoiceEvent]:
-    detok = IncrementalDetokenizer(tokenizer, spec.prompt_token_ids, stop=list(spec.stop))
+    detok = IncrementalDetokenizer(
+        tokenizer, spec.prompt_token_ids, stop=list(spec.stop), keep_special=spec.keep_special
+    )
     stream = client.generate(spec.request_id, spec.prompt_token_ids, spec.params)
     try:
         async for out in stream:

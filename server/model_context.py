@@ -7,6 +7,10 @@ token ids. It checks the model's name (404) and that prompt token ids are in the
 (its own tokenizer must read them); the context length is the engine's to judge. A model
 with no chat template (`ChatTemplate.for_model`) refuses chat requests with a 400 that tells
 the operator what to do (`chat_template_missing`); its completions are served as usual.
+
+The tool-call format is the server's `--tool-call-parser`, or by default the one the
+checkpoint's vocabulary and chat template show (`detect_tool_call_format`); a model with
+none refuses requests that want tool calls parsed (`tool_call_format_unknown`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from splitinfer.protocol.chat_template import ChatTemplateError
 from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.chat_template import ChatTemplate
 from splitinfer.server.errors import APIError, bad_request
+from splitinfer.server.tool_calls import TOOL_CALL_FORMATS, ToolCallFormat, detect_tool_call_format
 
 NO_CHAT_TEMPLATE = (
     "this model has no chat template: its checkpoint has none (chat_template.jinja or tokenizer_config.json's "
@@ -34,12 +39,33 @@ class ModelContext:
     name: str  # the name clients must send: --served-model-name, else the engine's
     tokenizer: Tokenizer
     template: ChatTemplate | None  # None: chat requests are refused
+    tool_format: ToolCallFormat | None  # None: tool calls cannot be parsed
+    tool_markers: frozenset[int]  # special tokens the tool format writes, kept in the text for its parser
 
     @classmethod
-    def from_hello(cls, info: HelloReply, served_model_name: str | None) -> ModelContext:
+    def from_hello(
+        cls, info: HelloReply, served_model_name: str | None, tool_call_parser: str = "auto"
+    ) -> ModelContext:
+        """`tool_call_parser`: a `TOOL_CALL_FORMATS` name, "auto" (from the checkpoint) or "none"."""
         tokenizer = Tokenizer.from_files(info.tokenizer_files)
         template = ChatTemplate.for_model(info.chat_template, tokenizer)
-        return cls(info=info, name=served_model_name or info.model_name, tokenizer=tokenizer, template=template)
+        if tool_call_parser == "auto":
+            has = lambda token: tokenizer.token_to_id(token) is not None  # noqa: E731
+            tool_call_parser = detect_tool_call_format(info.chat_template, has) or "none"
+        tool_format = TOOL_CALL_FORMATS.get(tool_call_parser)
+        markers = frozenset(
+            token_id
+            for token in (tool_format.kept_tokens if tool_format else ())
+            if (token_id := tokenizer.token_to_id(token)) is not None and token_id in tokenizer.special_token_ids
+        )
+        return cls(
+            info=info,
+            name=served_model_name or info.model_name,
+            tokenizer=tokenizer,
+            template=template,
+            tool_format=tool_format,
+            tool_markers=markers,
+        )
 
     def check_model(self, model: str) -> None:
         if model != self.name:
@@ -60,15 +86,27 @@ class ModelContext:
             "max_model_len": self.info.max_model_len,
         }
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        """The messages rendered with the chat template, as token ids."""
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The messages (and the request's tools) rendered with the chat template, as token ids."""
         if self.template is None:
             raise bad_request(NO_CHAT_TEMPLATE, code="chat_template_missing")
         try:
-            prompt = self.template.render(messages, add_generation_prompt=True)
+            prompt = self.template.render(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as exc:
             raise bad_request(str(exc), param=exc.param) from None
         return self.tokenizer.encode_chat_prompt(prompt)
+
+    def require_tool_format(self) -> ToolCallFormat:
+        """The model's tool-call format; a 400 saying what to do when it has none."""
+        if self.tool_format is None:
+            raise bad_request(
+                "this server does not know how this model writes tool calls: its checkpoint shows none of the "
+                "supported formats (" + ", ".join(TOOL_CALL_FORMATS) + "). The operator can start the server with "
+                "--tool-call-parser NAME; until then send tool_choice 'none' or no tools",
+                param="tools",
+                code="tool_call_format_unknown",
+            )
+        return self.tool_format
 
     def completion_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
         """Each prompt as token ids (text is encoded). Ids outside the vocabulary are refused

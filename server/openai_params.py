@@ -2,10 +2,13 @@
 (`choice_specs`, each with its own `SamplingParams`).
 
 Every error is an `APIError` 400 naming the offending `param`. Unknown fields are ignored
-(clients send fields we have never heard of); a known feature we do not support (tools,
-structured output, echo, ...) is refused rather than silently dropped. vLLM's extensions
+(clients send fields we have never heard of); a known feature we do not support (legacy
+functions, audio, echo, ...) is refused rather than silently dropped. vLLM's extensions
 are accepted at the top level, which is where the OpenAI SDK's `extra_body` puts them:
-top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos.
+top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, and its
+structured-output fields. An output constraint (`response_format`, vLLM's
+`structured_outputs` and `guided_*`) is read by `structured_output.py`, chat's tools by
+`tool_request.py`; both end up in the choices' `SamplingParams.constraint`.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from dataclasses import dataclass, replace
 import msgspec
 
 from splitinfer.protocol import SamplingParams
+from splitinfer.protocol.constraint import Constraint
 from splitinfer.protocol.errors import ProtocolError, show
 from splitinfer.protocol.fields import MAX_INT, MAX_TOKEN_ID, MIN_INT
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
 from splitinfer.server.generation import ChoiceSpec
 from splitinfer.server.responses import new_id
+from splitinfer.server.structured_output import parse_constraint
+from splitinfer.server.tool_request import ToolRequest, parse_tools
 
 MAX_N = 128
 MAX_STOP_STRINGS = 16
@@ -29,12 +35,8 @@ EXTRA_SAMPLING_FIELDS = ("top_k", "min_p", "repetition_penalty", "min_tokens", "
 
 # Known OpenAI features we do not implement, and the values that mean "not used".
 UNSUPPORTED_CHAT = {
-    "tools": (None, []),
-    "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),  # the legacy form of tools
     "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, False, True),
-    "response_format": (None, {"type": "text"}),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -54,6 +56,7 @@ class Common:
     stop: tuple[str, ...]
     max_tokens: int | None  # None: as many as the context allows
     params: SamplingParams  # per-choice settings; max_tokens and seed are set per choice
+    constraint_param: str | None  # the parameter params.constraint came from, for errors about it
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,7 @@ class ChatRequest:
     messages: list[dict]
     logprobs: bool
     top_logprobs: int
+    tools: ToolRequest | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +128,7 @@ def _logit_bias(body: dict) -> dict[int, object]:
     return out
 
 
-def _sampling_params(body: dict, logprobs: int | None) -> SamplingParams:
+def _sampling_params(body: dict, logprobs: int | None, constraint: Constraint | None) -> SamplingParams:
     """Build the choice template; SamplingParams checks every range and names the field."""
     fields = {
         "temperature": body.get("temperature"),
@@ -134,6 +138,7 @@ def _sampling_params(body: dict, logprobs: int | None) -> SamplingParams:
         "seed": body.get("seed"),
         "logit_bias": _logit_bias(body),
         "logprobs": logprobs,
+        "constraint": constraint,
         **{name: body.get(name) for name in EXTRA_SAMPLING_FIELDS},
     }
     if isinstance(fields["stop_token_ids"], list):
@@ -170,6 +175,7 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
         if value is not None:
             max_tokens = value
     _typed(body, "user", str, "a string")  # OpenAI's end-user id: checked for its type, not used
+    constraint, constraint_param = parse_constraint(body)
     return Common(
         model=model,
         n=n,
@@ -177,7 +183,8 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
         include_usage=include_usage,
         stop=_stop(body),
         max_tokens=max_tokens,
-        params=_sampling_params(body, logprobs),
+        params=_sampling_params(body, logprobs, constraint),
+        constraint_param=constraint_param,
     )
 
 
@@ -191,7 +198,14 @@ def parse_chat(body: dict) -> ChatRequest:
     if body.get("top_logprobs") is not None and not logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
     common = _common(body, top_logprobs if logprobs else None, ("max_tokens", "max_completion_tokens"))
-    return ChatRequest(common=common, messages=messages, logprobs=logprobs, top_logprobs=top_logprobs)
+    tools = parse_tools(body)
+    if tools is not None and tools.enforced and common.constraint_param is not None:
+        raise bad_request(
+            f"'{common.constraint_param}' cannot be combined with a required or named 'tool_choice': the call's "
+            "format is the constraint",
+            param="tool_choice",
+        )
+    return ChatRequest(common=common, messages=messages, logprobs=logprobs, top_logprobs=top_logprobs, tools=tools)
 
 
 def parse_completion(body: dict) -> CompletionRequest:
@@ -229,6 +243,11 @@ def _prompts(prompt: object) -> list[str | list[int]]:
     )
 
 
+def with_constraint(common: Common, constraint: Constraint) -> Common:
+    """`common` with every choice under `constraint` (a tool call's grammar)."""
+    return replace(common, params=_build(lambda: msgspec.structs.replace(common.params, constraint=constraint)))
+
+
 def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams:
     """The settings of choice `index`: its own seed (seed + index, wrapped within the signed
     64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls."""
@@ -236,9 +255,12 @@ def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams
     return _build(lambda: msgspec.structs.replace(common.params, max_tokens=max_tokens, seed=seed))
 
 
-def choice_specs(common: Common, prompts: list[list[int]], max_tokens: int) -> list[ChoiceSpec]:
+def choice_specs(
+    common: Common, prompts: list[list[int]], max_tokens: int, keep_special: frozenset[int] = frozenset()
+) -> list[ChoiceSpec]:
     """The engine requests of one HTTP request: n choices per prompt, numbered across prompts
-    (choice i answers prompt i // n), under request ids that share one fresh base."""
+    (choice i answers prompt i // n), under request ids that share one fresh base.
+    `keep_special`: special tokens their text keeps (a tool-call format's markers)."""
     base = new_id("req")
     return [
         ChoiceSpec(
@@ -247,6 +269,7 @@ def choice_specs(common: Common, prompts: list[list[int]], max_tokens: int) -> l
             prompt_token_ids=ids,
             params=choice_params(common, max_tokens, p * common.n + i),
             stop=common.stop,
+            keep_special=keep_special,
         )
         for p, ids in enumerate(prompts)
         for i in range(common.n)

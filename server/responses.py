@@ -13,13 +13,21 @@ from __future__ import annotations
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from splitinfer.protocol import TokenLogprobs
 from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.generation import ChoiceEvent
+from splitinfer.server.tool_calls import (
+    ArgumentsDelta,
+    CallStart,
+    ContentDelta,
+    ParsedOutput,
+    StreamEvent,
+    ToolStreamParser,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -157,8 +165,19 @@ class ResponseFormat(ABC):
         choice were streamed before it, None if this is the choice's first event."""
 
 
+@dataclass(frozen=True)
 class ChatFormat(ResponseFormat):
-    """/v1/chat/completions: a message per choice; a stream opens each choice with its role."""
+    """/v1/chat/completions: a message per choice; a stream opens each choice with its role.
+
+    With `tool_parser` (a request whose tool calls are parsed), each choice's text goes through
+    its own parser (`tool_calls.py`): the message gets `tool_calls` and the rest as `content`,
+    and a stream sends `delta.tool_calls` (index, id and name first, then argument fragments)
+    as OpenAI does. A choice that called a tool and stopped finishes with "tool_calls". Both
+    paths run the same parser over the same text, so a stream adds up to the whole answer."""
+
+    tool_parser: Callable[[], ToolStreamParser] | None = None
+    _parsers: dict[int, ToolStreamParser] = field(default_factory=dict)  # per streamed choice
+    _called: set[int] = field(default_factory=set)  # streamed choices that started a call
 
     id_prefix = "chatcmpl"
     prompt_param = "messages"
@@ -167,21 +186,57 @@ class ChatFormat(ResponseFormat):
 
     def _choice(self, index: int, choice: ChoiceText) -> dict:
         logprobs = None if self.logprobs is None else self._logprobs(choice.logprobs)
-        return {
-            "index": index,
-            "message": {"role": "assistant", "content": choice.text},
-            "logprobs": logprobs,
-            "finish_reason": choice.finish_reason,
-        }
+        message: dict = {"role": "assistant", "content": choice.text}
+        finish_reason = choice.finish_reason
+        if self.tool_parser is not None:
+            parser = self.tool_parser()
+            parsed = ParsedOutput.from_events(parser.feed(choice.text) + parser.finish())
+            if parsed.calls:
+                message["content"] = parsed.content or None  # OpenAI: null beside calls without text
+                message["tool_calls"] = [
+                    {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                    for call in parsed.calls
+                ]
+                finish_reason = _tool_finish(finish_reason)
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def _event_chunks(self, head: ResponseHead, event: ChoiceEvent, sent_before: int | None) -> Iterator[dict]:
         if sent_before is None:  # the role, once, on each choice's first chunk
             yield self._delta(head, event.index, {"role": "assistant", "content": ""})
         logprobs = self._logprobs(event.logprobs) if self._wants_logprobs(event.logprobs) else None
-        if event.text or logprobs:
-            yield self._delta(head, event.index, {"content": event.text}, logprobs)
+        deltas = self._deltas(event) if self.tool_parser is not None else [{"content": event.text}] * bool(event.text)
+        if logprobs and not deltas:
+            deltas = [{"content": ""}]
+        for i, delta in enumerate(deltas):  # the step's logprobs ride on its first chunk
+            yield self._delta(head, event.index, delta, logprobs if i == 0 else None)
         if event.finish_reason is not None:  # its own chunk, with an empty delta, as OpenAI sends it
-            yield self._delta(head, event.index, {}, finish_reason=event.finish_reason)
+            finish = _tool_finish(event.finish_reason) if event.index in self._called else event.finish_reason
+            yield self._delta(head, event.index, {}, finish_reason=finish)
+
+    def _deltas(self, event: ChoiceEvent) -> list[dict]:
+        """The deltas of one event's text through its choice's tool-call parser."""
+        parser = self._parsers.get(event.index)
+        if parser is None:
+            parser = self._parsers[event.index] = self.tool_parser()
+        events: list[StreamEvent] = parser.feed(event.text)
+        if event.finish_reason is not None:
+            events += parser.finish()
+        deltas: list[dict] = []
+        for item in events:
+            if isinstance(item, ContentDelta):
+                if deltas and "content" in deltas[-1]:
+                    deltas[-1]["content"] += item.text
+                else:
+                    deltas.append({"content": item.text})
+            elif isinstance(item, CallStart):
+                self._called.add(event.index)
+                function = {"name": item.name, "arguments": ""}
+                deltas.append(
+                    {"tool_calls": [{"index": item.index, "id": item.id, "type": "function", "function": function}]}
+                )
+            elif isinstance(item, ArgumentsDelta):
+                deltas.append({"tool_calls": [{"index": item.index, "function": {"arguments": item.text}}]})
+        return deltas
 
     def _delta(
         self,
@@ -240,6 +295,12 @@ class CompletionFormat(ResponseFormat):
             "top_logprobs": [{_token_text(self.tokenizer, t): lp for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
+
+
+def _tool_finish(reason: str | None) -> str | None:
+    """A choice that called a tool and stopped finishes with "tool_calls", as OpenAI's do; one
+    cut by max_tokens keeps "length"."""
+    return "tool_calls" if reason == "stop" else reason
 
 
 def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
