@@ -119,7 +119,7 @@ class MaskBuilder:
 
     def __init__(self, vocab_size: int, max_rows: int) -> None:
         self.vocab_size = vocab_size
-        self._executor = llguidance.LLExecutor()
+        self._executor: llguidance.LLExecutor | None = None  # its thread pool, made at first use
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         # Pinned on CUDA (llguidance's allocator), so the sampler's upload does not wait; one
         # buffer serves every step, since a step has read its masks before the next one starts.
@@ -138,6 +138,8 @@ class MaskBuilder:
 
     def _fill(self, pairs: list[tuple[llguidance.LLMatcher, int]], bitmask: torch.Tensor) -> None:
         start = time.perf_counter()
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
         llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
         self.mask_seconds += time.perf_counter() - start
         self.masks_filled += len(pairs)

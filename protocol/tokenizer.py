@@ -21,7 +21,6 @@ nothing here either. Streaming text out of token ids is `detokenizer.py`'s job.
 from __future__ import annotations
 
 import functools
-
 import json
 import logging
 from collections.abc import Mapping, Sequence

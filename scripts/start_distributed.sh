@@ -24,6 +24,8 @@ Options:
   --api-key KEY          Require 'Authorization: Bearer KEY' on the servers' /v1 routes.
   --served-model-name N  Model name the servers report and require (default: the checkpoint's
                          directory name).
+  --tool-call-parser P   How the model writes tool calls, for the servers: auto (from the
+                         checkpoint; the default), hermes, llama3_json, mistral or none.
   --engine-address ADDR  Engine socket (default: ipc://RUN_DIR/engine.sock).
   --run-dir DIR          Where logs and the socket go (default: runs/<date-time>).
   -h, --help             Show this help.
@@ -44,7 +46,7 @@ EOF
     fi
 }
 
-MODEL="" SERVERS=1 HOST=127.0.0.1 PORT=8000 API_KEY="" SERVED_NAME="" ADDRESS="" RUN_DIR=""
+MODEL="" SERVERS=1 HOST=127.0.0.1 PORT=8000 API_KEY="" SERVED_NAME="" TOOL_PARSER="" ADDRESS="" RUN_DIR=""
 ENGINE_ARGS=()
 need_value() { [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
@@ -56,6 +58,7 @@ while [ $# -gt 0 ]; do
         --port) need_value "$@"; PORT=$2; shift 2 ;;
         --api-key) need_value "$@"; API_KEY=$2; shift 2 ;;
         --served-model-name) need_value "$@"; SERVED_NAME=$2; shift 2 ;;
+        --tool-call-parser) need_value "$@"; TOOL_PARSER=$2; shift 2 ;;
         --engine-address) need_value "$@"; ADDRESS=$2; shift 2 ;;
         --run-dir) need_value "$@"; RUN_DIR=$2; shift 2 ;;
         --) shift; ENGINE_ARGS+=("$@"); break ;;
@@ -126,7 +129,7 @@ for ((i=0; i<SERVERS; i++)); do
     port=$((PORT + i))
     "$PYTHON" -m splitinfer.server --engine "$ADDRESS" --host "$HOST" --port "$port" \
         ${API_KEY:+--api-key "$API_KEY"} ${SERVED_NAME:+--served-model-name "$SERVED_NAME"} \
-        >"$RUN_DIR/server-$port.log" 2>&1 &
+        ${TOOL_PARSER:+--tool-call-parser "$TOOL_PARSER"} >"$RUN_DIR/server-$port.log" 2>&1 &
     PIDS+=($!)
 done
 

@@ -160,6 +160,24 @@ def test_sentencepiece_leading_space_survives_with_prompt_context() -> None:
     assert "".join(stream(IncrementalDetokenizer(tokenizer, None), [[i] for i in output])) == "Hello world"
 
 
+@FUZZ
+@given(ids=token_ids, sizes=push_sizes, prompt=st.none() | token_ids)
+def test_kept_special_tokens_are_written_and_the_others_skipped(
+    ids: list[int], sizes: list[int], prompt: list[int] | None
+) -> None:
+    """A tool-call format's marker tokens stay in the text its parser reads; other special
+    tokens (eos) are skipped as usual, whatever the chunking."""
+    tokenizer = multibyte_tokenizer()
+    specials = sorted(tokenizer.special_token_ids)
+    assert len(specials) == 2
+    keep, skipped = frozenset(specials[:1]), specials[1]
+    expected = tokenizer.decode([t for t in ids if t != skipped], skip_special_tokens=False)
+    assert expected == tokenizer.decode(ids, keep=keep)
+    detok = IncrementalDetokenizer(tokenizer, prompt, keep_special=keep)
+    released = "".join(detok.push(push) for push in chunks(ids, sizes))
+    assert released + detok.finish() == expected
+
+
 class RecordingTokenizer(Tokenizer):
     """Records how many ids each decode call sees."""
 
@@ -167,9 +185,11 @@ class RecordingTokenizer(Tokenizer):
         super().__init__(inner._tokenizer)
         self.window_sizes: list[int] = []
 
-    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    def decode(
+        self, token_ids: Sequence[int], skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()
+    ) -> str:
         self.window_sizes.append(len(token_ids))
-        return super().decode(token_ids, skip_special_tokens)
+        return super().decode(token_ids, skip_special_tokens, keep)
 
 
 def test_each_push_decodes_a_short_window_not_the_whole_output() -> None:

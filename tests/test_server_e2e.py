@@ -282,7 +282,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
         ({"stop": [1, 2]}, "stop"),
         ({"logit_bias": {"x": 1}}, "logit_bias"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
         ({"min_tokens": 50, "max_tokens": 5}, "min_tokens"),
     ],
     ids=lambda v: json.dumps(v)[:40] if isinstance(v, dict) else str(v),

@@ -78,6 +78,8 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
             str(run_dir),
             "--served-model-name",
             "tiny",
+            "--tool-call-parser",  # a server flag: the script passes it to every server
+            "llama3_json",
             "--device",
             "cpu",
             "--kv-cache-gb",
