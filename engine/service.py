@@ -66,7 +66,12 @@ from splitinfer.protocol import (
     encode,
     parse_address,
 )
-from splitinfer.protocol.chat_template import ChatTemplateError, compile_chat_template, find_chat_template
+from splitinfer.protocol.chat_template import (
+    ChatTemplateError,
+    compile_chat_template,
+    find_chat_template,
+    find_tool_chat_template,
+)
 from splitinfer.protocol.tokenizer import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
@@ -166,6 +171,26 @@ def served_chat_template(config: EngineConfig) -> str | None:
     return source
 
 
+def served_tool_chat_template(config: EngineConfig) -> str | None:
+    """The checkpoint's "tool_use" template, which servers render requests with tools with (as
+    transformers does); None without one, and with --chat-template, which then renders every
+    chat. Compiled here like the main one; raises `ConfigError` when it does not compile."""
+    if config.chat_template is not None:
+        return None
+    source = find_tool_chat_template(config.model)
+    if source is None:
+        return None
+    try:
+        compile_chat_template(source)
+    except ChatTemplateError as exc:
+        raise ConfigError(
+            f"{config.model}: the template named 'tool_use': {exc}; pass one that works with --chat-template",
+            "chat_template",
+        ) from None
+    logger.info("chat template for requests with tools: the checkpoint's 'tool_use' (%d characters)", len(source))
+    return source
+
+
 def chat_template_option(value: str) -> str:
     """--chat-template's template: the contents of the file `value` names, else `value` itself
     when it looks like a Jinja template; raises `ConfigError` when it is neither."""
@@ -198,6 +223,7 @@ class EngineService:
         served_model_name: str,
         limits: Limits,
         chat_template: str | None,
+        tool_chat_template: str | None = None,
     ) -> None:
         self.core = core
         self.socket = sock
@@ -206,7 +232,7 @@ class EngineService:
         self.limits = limits
         self.clients = ClientRegistry(lease_s)
         self.engine_id = uuid.uuid4().hex
-        self.hello_reply = self._build_hello_reply(served_model_name, lease_s, chat_template)
+        self.hello_reply = self._build_hello_reply(served_model_name, lease_s, chat_template, tool_chat_template)
         # engine-core request id -> (owning session, the client's request id)
         self._owners: dict[str, tuple[ClientSession, str]] = {}
         self._next_id = itertools.count()
@@ -245,6 +271,7 @@ class EngineService:
         if ipc_path is not None:
             claim_ipc_path(ipc_path)  # before the (slow) model load: fail fast on a busy address
         chat_template = served_chat_template(config)  # and on a chat template that cannot work
+        tool_chat_template = served_tool_chat_template(config)
         core = EngineCore(config)
         sock = cls._bind(address, ipc_path, limits)
         service = cls(
@@ -256,6 +283,7 @@ class EngineService:
             served_model_name or Path(config.model).resolve().name,
             limits,
             chat_template,
+            tool_chat_template,
         )
         kv = core.stats().kv
         logger.info(
@@ -292,7 +320,9 @@ class EngineService:
             os.chmod(ipc_path, 0o600)
         return sock
 
-    def _build_hello_reply(self, served_model_name: str, lease_s: float, chat_template: str | None) -> HelloReply:
+    def _build_hello_reply(
+        self, served_model_name: str, lease_s: float, chat_template: str | None, tool_chat_template: str | None
+    ) -> HelloReply:
         c = self.core.model_config
         files = read_tokenizer_files(c.path)
         kv = self.core.stats().kv
@@ -307,6 +337,7 @@ class EngineService:
             kv_capacity_tokens=kv.total_blocks * self.core.config.block_size,
             block_size=self.core.config.block_size,
             lease_s=lease_s,
+            tool_chat_template=tool_chat_template,
         )
 
     # The loop ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from splitinfer.protocol.tokenizer import TOKENIZER_CONFIG_JSON, TokenizerFilesE
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 ADDITIONAL_CHAT_TEMPLATES = "additional_chat_templates"
 DEFAULT_TEMPLATE_NAME = "default"
+TOOL_TEMPLATE_NAME = "tool_use"  # what transformers renders with when the caller passes tools
 
 logger = logging.getLogger(__name__)
 
@@ -58,21 +59,32 @@ def find_chat_template(path: str | Path) -> str | None:
     any of them exists tokenizer_config.json's `chat_template` is not read. Otherwise that
     field counts: a string, or a list of `{"name", "template"}` objects.
 
-    Only the "default" template is served. transformers uses another named template only when
-    the caller passes tools (then "tool_use") or asks for it by name; a request here can do
-    neither, so the others ("tool_use", "rag", ...) are ignored, with a log line (the engine's
-    --chat-template serves one of them instead). Named templates without a "default" give
-    None, where transformers refuses to render.
+    This is the template named "default". transformers uses another named template when the
+    caller passes tools ("tool_use", which `find_tool_chat_template` finds and the engine
+    serves beside this one) or asks for it by name, which a request here cannot; the others
+    ("rag", ...) are ignored, with a log line (the engine's --chat-template serves one of them
+    instead). Named templates without a "default" give None, where transformers refuses to
+    render.
 
     Raises `TokenizerFilesError` naming the file when one is not UTF-8 or not JSON, or when
     `chat_template` is neither a string nor a list of named templates.
     """
-    path = Path(path)
-    templates = _template_files(path) or _tokenizer_config_templates(path / TOKENIZER_CONFIG_JSON)
-    ignored = sorted(set(templates) - {DEFAULT_TEMPLATE_NAME})
+    templates = _named_templates(Path(path))
+    ignored = sorted(set(templates) - {DEFAULT_TEMPLATE_NAME, TOOL_TEMPLATE_NAME})
     if ignored:
         logger.info("%s: serving the chat template named 'default'; ignoring %s", path, ", ".join(ignored))
     return templates.get(DEFAULT_TEMPLATE_NAME)
+
+
+def find_tool_chat_template(path: str | Path) -> str | None:
+    """The checkpoint's template named "tool_use", which transformers renders with instead of
+    the default one when the caller passes tools; None when it has none (then the default
+    template renders tools too). Raises as `find_chat_template`."""
+    return _named_templates(Path(path)).get(TOOL_TEMPLATE_NAME)
+
+
+def _named_templates(path: Path) -> dict[str, str]:
+    return _template_files(path) or _tokenizer_config_templates(path / TOKENIZER_CONFIG_JSON)
 
 
 def _template_files(path: Path) -> dict[str, str]:

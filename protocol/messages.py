@@ -101,7 +101,8 @@ class Goodbye(Message, tag="goodbye"):
 
 class HelloReply(Message, tag="hello_reply"):
     """Everything a server needs to serve this engine's model without the checkpoint:
-    limits, eos ids, the chat template and the tokenizer files' bytes. `lease_s`: the
+    limits, eos ids, the chat templates (the checkpoint's "tool_use" one, if it has one,
+    renders requests with tools) and the tokenizer files' bytes. `lease_s`: the
     client must send something (at least a Ping) this often or lose its requests."""
 
     engine_id: Id
@@ -114,6 +115,7 @@ class HelloReply(Message, tag="hello_reply"):
     kv_capacity_tokens: UInt
     block_size: Annotated[int, Meta(ge=1, le=2**63 - 1)]
     lease_s: Annotated[float, Meta(ge=1e-3, le=1e300)]
+    tool_chat_template: str | None = None  # rendered instead of chat_template for a request with tools
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

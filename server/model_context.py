@@ -39,6 +39,7 @@ class ModelContext:
     name: str  # the name clients must send: --served-model-name, else the engine's
     tokenizer: Tokenizer
     template: ChatTemplate | None  # None: chat requests are refused
+    tool_template: ChatTemplate | None  # the checkpoint's "tool_use" template: requests with tools
     tool_format: ToolCallFormat | None  # None: tool calls cannot be parsed
     tool_markers: frozenset[int]  # special tokens the tool format writes, kept in the text for its parser
 
@@ -49,6 +50,9 @@ class ModelContext:
         """`tool_call_parser`: a `TOOL_CALL_FORMATS` name, "auto" (from the checkpoint) or "none"."""
         tokenizer = Tokenizer.from_files(info.tokenizer_files)
         template = ChatTemplate.for_model(info.chat_template, tokenizer)
+        tool_template = None
+        if info.tool_chat_template is not None:
+            tool_template = ChatTemplate(info.tool_chat_template, tokenizer.special_tokens_map)
         if tool_call_parser == "auto":
             has = lambda token: tokenizer.token_to_id(token) is not None  # noqa: E731
             tool_call_parser = detect_tool_call_format(info.chat_template, has) or "none"
@@ -63,6 +67,7 @@ class ModelContext:
             name=served_model_name or info.model_name,
             tokenizer=tokenizer,
             template=template,
+            tool_template=tool_template,
             tool_format=tool_format,
             tool_markers=markers,
         )
@@ -87,11 +92,13 @@ class ModelContext:
         }
 
     def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        """The messages (and the request's tools) rendered with the chat template, as token ids."""
-        if self.template is None:
+        """The messages (and the request's tools) rendered with the chat template, as token ids: the
+        "tool_use" template when there are tools and the checkpoint has one, as transformers picks."""
+        template = self.tool_template if tools and self.tool_template is not None else self.template
+        if template is None:
             raise bad_request(NO_CHAT_TEMPLATE, code="chat_template_missing")
         try:
-            prompt = self.template.render(messages, add_generation_prompt=True, tools=tools)
+            prompt = template.render(messages, add_generation_prompt=True, tools=tools)
         except ChatTemplateError as exc:
             raise bad_request(str(exc), param=exc.param) from None
         return self.tokenizer.encode_chat_prompt(prompt)

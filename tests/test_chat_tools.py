@@ -350,3 +350,50 @@ def test_invalid_tools_are_refused_naming_the_field(checkpoints: dict[str, Path]
     with pytest.raises(ChatTemplateError, match=says) as info:
         served_template(checkpoints["qwen2"]).render([USER], tools=tools)
     assert info.value.param == param
+
+
+def test_a_checkpoints_tool_use_template_renders_requests_with_tools(checkpoints, tmp_path: Path) -> None:
+    """A checkpoint with named templates ("default" and "tool_use", as Hermes-2-Pro ships them):
+    transformers renders a call with tools through "tool_use" and one without through
+    "default"; the engine serves both in its HelloReply and the server picks as transformers."""
+    import shutil
+
+    from splitinfer.engine.config import EngineConfig
+    from splitinfer.engine.service import served_chat_template, served_tool_chat_template
+    from splitinfer.protocol import HelloReply
+    from splitinfer.protocol.tokenizer import read_tokenizer_files
+    from splitinfer.server.model_context import ModelContext
+
+    path = tmp_path / "named"
+    shutil.copytree(checkpoints["qwen2"], path)
+    config_file = path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    default = config["chat_template"]
+    tool_use = "{{ 'TOOLS: ' + (tools | map(attribute='function.name') | join(',')) + '\\n' }}" + default
+    config["chat_template"] = [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]
+    config_file.write_text(json.dumps(config))
+
+    engine_config = EngineConfig(model=str(path))
+    assert served_chat_template(engine_config) == default
+    assert served_tool_chat_template(engine_config) == tool_use
+    assert served_tool_chat_template(EngineConfig(model=str(path), chat_template=default)) is None
+    reply = HelloReply(
+        engine_id="e",
+        model_name="m",
+        max_model_len=2048,
+        vocab_size=512,
+        eos_token_ids=[1],
+        chat_template=served_chat_template(engine_config),
+        tokenizer_files=read_tokenizer_files(path),
+        kv_capacity_tokens=0,
+        block_size=16,
+        lease_s=5.0,
+        tool_chat_template=served_tool_chat_template(engine_config),
+    )
+    context = ModelContext.from_hello(reply, None)
+    hf = hf_tokenizer(path)
+    messages = [USER]
+    for tools in (TOOLS, None):
+        expected = hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert expected.startswith("TOOLS: ") == (tools is not None)
+        assert context.chat_prompt(messages, tools) == context.tokenizer.encode_chat_prompt(expected)
