@@ -27,7 +27,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import llguidance
-import llguidance.torch
 import torch
 
 from splitinfer.protocol.constraint import Constraint, describe_grammar_error
@@ -121,9 +120,12 @@ class MaskBuilder:
         self.vocab_size = vocab_size
         self._executor: llguidance.LLExecutor | None = None  # its thread pool, made at first use
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
-        # Pinned on CUDA (llguidance's allocator), so the sampler's upload does not wait; one
-        # buffer serves every step, since a step has read its masks before the next one starts.
-        self._bitmask = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)
+        # Pinned when CUDA is there, so the sampler's upload does not wait; one buffer serves
+        # every step, since a step has read its masks before the next one starts.
+        # (llguidance.torch has helpers for this, but importing it imports torch.compile's
+        # machinery: 4 s more at every engine start.)
+        words = -(-vocab_size // 32)
+        self._bitmask = torch.full((max_rows, words), -1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
         self.mask_seconds = 0.0  # time spent filling masks, for the benchmark
         self.masks_filled = 0
 
@@ -140,7 +142,8 @@ class MaskBuilder:
         start = time.perf_counter()
         if self._executor is None:
             self._executor = llguidance.LLExecutor()
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
+        # Each matcher writes its row, `row * bytes_per_row` past the start (the buffer is contiguous).
+        self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, bitmask.shape[0])
         self.mask_seconds += time.perf_counter() - start
         self.masks_filled += len(pairs)
 

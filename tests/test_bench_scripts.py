@@ -113,6 +113,16 @@ def test_bench_engine_compares_the_cpu_prepacking_policies(tiny_checkpoint: Path
     assert len(row) == 7 and all(float(rate) > 0 for rate in row[-3:])
 
 
+def test_bench_structured_compares_constrained_with_unconstrained(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "structured.json"
+    args = ("--concurrency", "3", "--max-tokens", "8", "--repeats", "1", "--json", str(out))
+    text = run_script("bench_structured.py", "--model", str(tiny_checkpoint), *args)
+    result = json.loads(out.read_text())
+    assert result["unconstrained_tok_s"] > 0 and result["constrained_tok_s"] > 0 and result["ratio"] > 0
+    assert result["compile_cold_ms"] > 0 and result["compile_cached_ms"] >= 0 and result["mask_fill_ms_per_step"] > 0
+    assert "one JSON schema" in text and "schema compile cold" in text
+
+
 def test_soak_engine_reports_memory_per_round_and_a_verdict(tiny_checkpoint: Path) -> None:
     text = run_script(
         "soak_engine.py",

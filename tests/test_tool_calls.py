@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jsonschema
 import llguidance
-import llguidance.torch
 import pytest
 import torch
 from conftest import FAMILIES
@@ -26,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer
 
+from splitinfer.engine.grammar import allowed_tokens
 from splitinfer.server.tool_calls import (
     TOOL_CALL_FORMAT_NAMES,
     TOOL_CALL_FORMATS,
@@ -415,13 +415,12 @@ def random_walk(matcher: llguidance.LLMatcher, n_vocab: int, endings: list[int],
     """Sample tokens from random logits at temperature 1.5 under the grammar's mask. Tokens that
     may end the output (eos, "]") get a head start, so that parallel calls rarely outrun MAX_STEPS."""
     generator = torch.Generator().manual_seed(seed)
-    mask = llguidance.torch.allocate_token_bitmask(1, n_vocab)
     tokens: list[int] = []
     while not matcher.is_stopped() and len(tokens) < MAX_STEPS:
-        llguidance.torch.fill_next_token_bitmask(matcher, mask)
+        mask = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)[None, :]
         logits = torch.randn(1, n_vocab, generator=generator)
         logits[0, endings] += ENDING_BOOST
-        llguidance.torch.apply_token_bitmask_inplace(logits, mask)
+        logits.masked_fill_(~allowed_tokens(mask, n_vocab), float("-inf"))
         token = int(torch.multinomial(torch.softmax(logits / 1.5, dim=-1), 1, generator=generator))
         assert matcher.consume_token(token), matcher.get_error()
         tokens.append(token)
