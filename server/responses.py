@@ -191,6 +191,7 @@ class ChatFormat(ResponseFormat):
         if self.tool_parser is not None:
             parser = self.tool_parser()
             parsed = ParsedOutput.from_events(parser.feed(choice.text) + parser.finish())
+            message["content"] = parsed.content  # what the stream's content deltas add up to
             if parsed.calls:
                 message["content"] = parsed.content or None  # OpenAI: null beside calls without text
                 message["tool_calls"] = [
