@@ -34,14 +34,14 @@ from dataclasses import dataclass
 import torch
 
 from splitinfer import kernels
-from splitinfer.engine import cpu_linear
+from splitinfer.engine import cpu_linear, prompt_logprobs
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
 from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.cuda_graph import decode_buckets
 from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.grammar import GrammarCompiler, GrammarError, MaskBuilder
-from splitinfer.engine.isolation import IsolatingExecutor, Sample
+from splitinfer.engine.isolation import IsolatingExecutor, ItemResult
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.kv_manager import KVCacheManager
 from splitinfer.engine.loader import load_weights
@@ -49,6 +49,7 @@ from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
 from splitinfer.engine.model import CausalLM
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.prompt_logprobs import ScoringPlan
 from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.sampler import Sampler
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
@@ -281,7 +282,8 @@ class EngineCore:
     @torch.inference_mode()
     def _profile_forward(self) -> None:
         """The largest activations a step can need: a full token budget of prefill, then logits
-        and the sampler's temporaries for max_num_seqs rows with every sampling feature on."""
+        for max_num_seqs rows, one slice of prompt scoring, and the sampler's temporaries with
+        every sampling feature on."""
         tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
         seqs = min(self.config.max_num_seqs, tokens)
         lengths = [tokens // seqs] * seqs
@@ -293,8 +295,17 @@ class EngineCore:
         del ids, positions
         rows = torch.arange(self.config.max_num_seqs, device=self.device) % hidden.shape[0]
         logits = self.model.compute_logits(hidden, rows)
+        self._profile_scoring(hidden)
         del hidden
         self._profile_sampler(logits)
+
+    def _profile_scoring(self, hidden: torch.Tensor) -> None:
+        """One slice of prompt scoring at its largest (all 20 alternatives), which a step with
+        prompt logprobs adds to the forward's peak."""
+        rows = min(hidden.shape[0], prompt_logprobs.slice_rows(self.model_config.vocab_size))
+        plan = ScoringPlan()
+        plan.add("profile", range(rows), [0] * rows, MAX_LOGPROBS)
+        prompt_logprobs.score(self.model, hidden, plan)
 
     def _profile_sampler(self, logits: torch.Tensor) -> None:
         """Sample `logits` as the most demanding requests would (top-k, top-p, min-p, penalties,
@@ -437,7 +448,7 @@ class EngineCore:
         failed = {item.seq.request_id for item, _ in result.failures}
         for item in plan.scheduled:
             if item.seq.request_id not in failed:
-                outputs += self._update(item, result.samples.get(item.seq.request_id))
+                outputs += self._update(item, result.results.get(item.seq.request_id, _NOTHING))
 
     def _admit_compiled(self) -> list[RequestOutput]:
         """Queue every request whose grammar finished compiling, each with its own copy of the
@@ -470,22 +481,24 @@ class EngineCore:
         """End a request that never reached the scheduler (its grammar was compiling)."""
         seq.status, seq.finish_reason = RequestStatus.FINISHED, reason
 
-    def _update(self, item: ScheduledSeq, sample: Sample | None) -> list[RequestOutput]:
+    def _update(self, item: ScheduledSeq, result: ItemResult) -> list[RequestOutput]:
         """The scheduler's bookkeeping for one request the step computed, counted, and its
-        output if it sampled a token; a request whose bookkeeping raises fails alone."""
+        output if it sampled a token, scored prompt tokens or finished; a request whose
+        bookkeeping raises fails alone."""
         seq = item.seq
         try:
-            reason = self.scheduler.update(item, sample[0] if sample is not None else None)
+            reason = self.scheduler.update(item, result.token)
         except Exception as exc:
             logger.error("request %s: updating it after its forward failed", seq.request_id, exc_info=exc)
             return [self._fail(seq, exc)]
         self.counters.count(item)
-        if sample is None:
-            return []
         if reason is not None:
             del self.requests[seq.request_id]
-        token, logprobs = sample
-        return [_output(seq, (token,), (logprobs,) if logprobs else None)]
+        if result.token is None and reason is None and not result.prompt_logprobs:
+            return []
+        tokens = () if result.token is None else (result.token,)
+        logprobs = (result.logprobs,) if result.logprobs else None
+        return [_output(seq, tokens, logprobs, prompt_logprobs=result.prompt_logprobs or None)]
 
     def _fail(self, seq: Request, exc: Exception) -> RequestOutput:
         """End one request with finish reason "error" and free its blocks. (If even that
@@ -526,14 +539,19 @@ class EngineCore:
         )
 
 
+_NOTHING = ItemResult()  # a request the step computed without sampling or scoring (a prefill chunk)
+
+
 def _output(
     seq: Request,
     new_token_ids: tuple[int, ...],
     logprobs: tuple[TokenLogprobs, ...] | None = None,
     error: str | None = None,
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None,
 ) -> RequestOutput:
-    """What a step produced for one request: its new tokens, why it ended if it did, and its
-    token counts so far; a request the engine failed on ends with finish reason "error"."""
+    """What a step produced for one request: its new tokens, why it ended if it did, its
+    prompt tokens' logprobs if it scored some, and its token counts so far; a request the
+    engine failed on ends with finish reason "error"."""
     return RequestOutput(
         seq.request_id,
         new_token_ids,
@@ -543,6 +561,7 @@ def _output(
         seq.num_output_tokens,
         seq.num_cached_tokens,
         error,
+        prompt_logprobs,
     )
 
 

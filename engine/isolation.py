@@ -32,15 +32,24 @@ from splitinfer.protocol import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
-Sample = tuple[int, TokenLogprobs | None]  # a sampled token and its logprobs
+
+@dataclass(slots=True)
+class ItemResult:
+    """What a step gave one request: the token it sampled (None if it did not sample) with its
+    logprobs, and the prompt logprobs it computed (empty if none)."""
+
+    token: int | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(slots=True)
 class ExecutionResult:
-    """What one step's forward gave: a sample per request id that sampled and succeeded, and
-    each request whose forward failed on its own, with the exception it raised."""
+    """What one step's forward gave: a result per request id that sampled or scored prompt
+    tokens and succeeded, and each request whose forward failed on its own, with the
+    exception it raised."""
 
-    samples: dict[str, Sample]
+    results: dict[str, ItemResult]
     failures: list[tuple[ScheduledSeq, Exception]]
 
 
@@ -67,8 +76,8 @@ class IsolatingExecutor:
 
     def _attempt(
         self, items: list[ScheduledSeq], saved: dict[str, torch.Tensor], first: bool = False
-    ) -> dict[str, Sample] | Exception:
-        """Run `items`: their samples, or the exception they raised, with their generators
+    ) -> dict[str, ItemResult] | Exception:
+        """Run `items`: their results, or the exception they raised, with their generators
         restored. The exception comes back without its traceback, whose frames hold the failed
         forward's activations: on a GPU that memory must be free for the probe and the retries
         (an out-of-memory error is the likeliest failure there). The first is logged with it."""
@@ -92,10 +101,14 @@ class IsolatingExecutor:
                 "the device or the model is broken"
             ) from exc
 
-    def _run(self, items: list[ScheduledSeq]) -> dict[str, Sample]:
-        sampled = self.runner.execute(SchedulerOutput(items, []), self._masks)
+    def _run(self, items: list[ScheduledSeq]) -> dict[str, ItemResult]:
+        out = self.runner.execute(SchedulerOutput(items, []), self._masks)
+        results = {rid: ItemResult(prompt_logprobs=scored) for rid, scored in out.prompt_logprobs.items()}
         sampling = [item.seq.request_id for item in items if item.samples]
-        return {rid: (token, logprobs) for rid, token, logprobs in zip(sampling, sampled.token_ids, sampled.logprobs)}
+        for rid, token, logprobs in zip(sampling, out.sampled.token_ids, out.sampled.logprobs):
+            result = results.setdefault(rid, ItemResult())
+            result.token, result.logprobs = token, logprobs
+        return results
 
     def _bisect(self, items: list[ScheduledSeq], saved: dict[str, torch.Tensor], result: ExecutionResult) -> None:
         """`items` failed together: run each half apart, splitting the failing ones further."""
@@ -103,7 +116,7 @@ class IsolatingExecutor:
         for part in (items[:middle], items[middle:]):
             outcome = self._attempt(part, saved)
             if not isinstance(outcome, Exception):
-                result.samples.update(outcome)
+                result.results.update(outcome)
             elif len(part) > 1:
                 self._bisect(part, saved, result)
             else:

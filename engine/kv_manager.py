@@ -32,14 +32,17 @@ class KVCacheManager:
         return n
 
     def _apply_prefix_cache(self, seq: Request) -> None:
-        """Take the cached blocks of the sequence's longest cached prefix; count them as computed."""
+        """Take the cached blocks of the sequence's longest cached prefix, within the part it may
+        take from the cache (`Request.prefix_cache_limit`); count them as computed."""
         if seq.num_computed_tokens or seq.block_table:
             raise RuntimeError(f"request {seq.request_id}: prefix reuse applies only to a sequence with no blocks")
         match = self.pool.match_prefix(seq.token_ids)
-        self.pool.take_cached(match.block_ids)
-        seq.block_table = list(match.block_ids)
-        seq.block_keys = match.keys
-        seq.num_computed_tokens = len(match.block_ids) * self.block_size
+        usable = seq.prefix_cache_limit // self.block_size
+        block_ids, keys = match.block_ids[:usable], match.keys[:usable]
+        self.pool.take_cached(block_ids)
+        seq.block_table = list(block_ids)
+        seq.block_keys = keys
+        seq.num_computed_tokens = len(block_ids) * self.block_size
         seq.num_cached_tokens = seq.num_computed_tokens
 
     def allocate(self, seq: Request, num_new_tokens: int) -> bool:

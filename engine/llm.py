@@ -24,7 +24,9 @@ class Generation:
     """The result of one prompt: generated token ids (a final stop or eos token included),
     their text (special tokens skipped), why generation ended ("stop" or "length"; "error"
     when the engine failed while computing this prompt, then `error` says so and the other
-    prompts are unaffected), and per-token log-probabilities when asked for."""
+    prompts are unaffected), per-token log-probabilities when asked for, and the prompt's
+    when asked for (`prompt_logprobs`: None for the first prompt token, then one entry per
+    prompt token)."""
 
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -32,6 +34,7 @@ class Generation:
     finish_reason: str
     logprobs: list[TokenLogprobs] | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -78,6 +81,7 @@ class LLM:
             self.engine.add_request(rid, tokens, p)
         generated: dict[str, list[int]] = {rid: [] for rid in ids}
         logprobs: dict[str, list[TokenLogprobs]] = {rid: [] for rid in ids}
+        scored: dict[str, list[TokenLogprobs | None]] = {rid: [None] for rid in ids}
         reasons: dict[str, str] = {}
         errors: dict[str, str] = {}
         while len(reasons) < len(ids):
@@ -86,6 +90,7 @@ class LLM:
                     continue  # another caller's request
                 generated[out.request_id] += out.new_token_ids
                 logprobs[out.request_id] += out.logprobs or []
+                scored[out.request_id] += out.prompt_logprobs or []
                 if out.finish_reason is not None:
                     reasons[out.request_id] = out.finish_reason
                 if out.error is not None:
@@ -98,6 +103,7 @@ class LLM:
                 reasons[rid],
                 logprobs[rid] if p.logprobs is not None else None,
                 errors.get(rid),
+                scored[rid] if p.prompt_logprobs is not None else None,
             )
             for rid, tokens, p in zip(ids, token_lists, params)
         ]

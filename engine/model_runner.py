@@ -4,7 +4,8 @@ It owns the model, the KV cache (bound to the model's layers when the runner is 
 and the sampler. A step may mix decodes (one token) and prefill chunks (many tokens,
 possibly after a cached prefix) of different sequences in one packed forward; a
 decode-only step goes through the static-buffer graph runner instead. Logits are
-computed only for the sequences that sample.
+computed only for the sequences that sample, and for the prompt positions of requests that
+asked for prompt logprobs (`prompt_logprobs.py`).
 Before serving, `warm_up` compiles every Triton kernel variant that a step can launch
 outside the captured decode graphs.
 """
@@ -13,17 +14,21 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from splitinfer import kernels
+from splitinfer.engine import prompt_logprobs
 from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.grammar import StepMasks
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model import CausalLM
+from splitinfer.engine.prompt_logprobs import ScoringPlan
 from splitinfer.engine.sampler import Sampler, SamplerOutput
 from splitinfer.engine.scheduler import SchedulerOutput
+from splitinfer.protocol import TokenLogprobs
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +69,7 @@ class ModelRunner:
         kernel (`ForwardBatch.num_decode_seqs`). `logits_indices` still lists the sampling
         sequences in the step's order, which is the order the sampler takes them in."""
         scheduled = plan.scheduled
-        # Stable: decodes keep their order among themselves, and so do prefill chunks.
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
+        order = _packing_order(plan)
         packed = [scheduled[i] for i in order]
         ids: list[int] = []
         positions: list[int] = []
@@ -96,6 +100,25 @@ class ModelRunner:
             logits_indices=self._tensor(logits_rows, torch.int64),
         )
         return self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), batch
+
+    @staticmethod
+    def scoring_plan(plan: SchedulerOutput) -> ScoringPlan:
+        """The packed rows (as `prepare` packs them) whose logits score prompt tokens."""
+        scoring = ScoringPlan()
+        row = 0
+        for i in _packing_order(plan):
+            item = plan.scheduled[i]
+            seq, start = item.seq, item.seq.num_computed_tokens
+            positions = seq.scored_positions(start, start + item.num_new_tokens)
+            rows = range(row + positions.start - start, row + positions.stop - start)
+            scoring.add(
+                seq.request_id,
+                rows,
+                seq.token_ids[positions.start + 1 : positions.stop + 1],
+                seq.params.prompt_logprobs or 0,
+            )
+            row += item.num_new_tokens
+        return scoring
 
     def _decode_hidden(self, plan: SchedulerOutput) -> torch.Tensor:
         """Hidden states of a decode step's whole bucket [bucket, hidden]: its rows first, then padding."""
@@ -187,11 +210,41 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)  # a CUDA error surfaces at a sync
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, masks: StepMasks | None = None) -> SamplerOutput:
-        """Run the step's forward; sample one token for each sequence that completes its known
-        tokens, under its grammar's mask in `masks` if it is constrained."""
-        logits = self.compute_logits(plan)
+    def scoring_forward(self, plan: SchedulerOutput, scoring: ScoringPlan) -> tuple[torch.Tensor, dict]:
+        """A packed forward that also scores prompt tokens: the sampling rows' logits, and the
+        prompt logprobs by request id. (Never a decode-only step: a decode scores nothing.)"""
+        input_ids, positions, batch = self.prepare(plan)
+        hidden = self.model(input_ids, positions, batch)
+        return self.model.compute_logits(hidden, batch.logits_indices), prompt_logprobs.score(
+            self.model, hidden, scoring
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput, masks: StepMasks | None = None) -> StepOutput:
+        """Run the step's forward; score the prompt tokens whose logprobs were asked for; sample
+        one token for each sequence that completes its known tokens, under its grammar's mask in
+        `masks` if it is constrained."""
+        scoring = self.scoring_plan(plan)
+        if scoring:
+            logits, scored = self.scoring_forward(plan, scoring)
+        else:
+            logits, scored = self.compute_logits(plan), {}
         sampling = [item.seq for item in plan.scheduled if item.samples]
-        if not sampling:
-            return SamplerOutput([], [])
-        return self.sampler(logits, sampling, masks)
+        sampled = self.sampler(logits, sampling, masks) if sampling else SamplerOutput([], [])
+        return StepOutput(sampled, scored)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What a step's forward gave: the sampled tokens (of the sampling sequences, in the step's
+    order) and the prompt logprobs it computed, by request id."""
+
+    sampled: SamplerOutput
+    prompt_logprobs: dict[str, tuple[TokenLogprobs, ...]]
+
+
+def _packing_order(plan: SchedulerOutput) -> list[int]:
+    """The scheduled sequences' indices in packed order: decodes first, then prefill chunks,
+    each group in the step's order (a stable sort)."""
+    scheduled = plan.scheduled
+    return sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)

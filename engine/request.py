@@ -43,6 +43,10 @@ class Request:
     # The grammar's state over the output so far (constrained requests only). It advances only
     # here, as tokens are committed, so a recomputed or retried step sees the same state.
     matcher: llguidance.LLMatcher | None = None
+    # With prompt logprobs: positions before this one have had their logits' verdict on the
+    # next prompt token reported (position q scores prompt token q + 1). It only grows, so a
+    # prompt recomputed after a preemption reports nothing twice.
+    num_scored_positions: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -71,6 +75,25 @@ class Request:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def scoring_pending(self) -> bool:
+        """Whether prompt tokens remain whose logprobs were asked for and not yet reported."""
+        return self.params.prompt_logprobs is not None and self.num_scored_positions < self.num_prompt_tokens - 1
+
+    @property
+    def prefix_cache_limit(self) -> int:
+        """How many leading tokens may come from the prefix cache: the cache holds K/V, not the
+        logits that score prompt tokens, so a request still scoring its prompt computes every
+        position from the first one it has not scored."""
+        return self.num_scored_positions if self.scoring_pending else self.num_tokens
+
+    def scored_positions(self, start: int, end: int) -> range:
+        """The positions among [start, end), a forward's new tokens, whose logits score a prompt
+        token not yet reported: position q scores prompt token q + 1."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        return range(max(start, self.num_scored_positions), min(end, self.num_prompt_tokens - 1))
 
     def append_token(self, token_id: int, stop_ids: frozenset[int], max_model_len: int) -> str | None:
         """Add a sampled token; return the finish reason if it ends the sequence: "stop" too when

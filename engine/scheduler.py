@@ -20,8 +20,9 @@ from splitinfer.engine.request import Request, RequestStatus
 @dataclass(slots=True)
 class ScheduledSeq:
     """A sequence in a step, with the tokens the step computes for it. Decided once, when
-    scheduled: whether the step samples its next token (it computes the last known one) and
-    how many of the new tokens are prompt tokens (for the throughput counters)."""
+    scheduled: whether the step samples its next token (it computes the last known one, and
+    the request generates at all: `max_tokens` 0 only scores its prompt) and how many of the
+    new tokens are prompt tokens (for the throughput counters)."""
 
     seq: Request
     num_new_tokens: int
@@ -30,7 +31,7 @@ class ScheduledSeq:
 
     def __post_init__(self) -> None:
         computed, end = self.seq.num_computed_tokens, self.seq.num_computed_tokens + self.num_new_tokens
-        self.samples = end == self.seq.num_tokens
+        self.samples = end == self.seq.num_tokens and self.seq.params.max_tokens > 0
         self.num_prompt_tokens = max(0, min(end, self.seq.num_prompt_tokens) - computed)
 
 
@@ -123,12 +124,19 @@ class Scheduler:
 
     def update(self, item: ScheduledSeq, token: int | None) -> str | None:
         """After the step's forward succeeded for `item`: its new tokens are computed (full
-        blocks enter the prefix cache) and the token it sampled, if it sampled, is appended.
-        Returns the finish reason when that ends the sequence (its blocks are freed now)."""
+        blocks enter the prefix cache, scored prompt positions are recorded) and the token it
+        sampled, if it sampled, is appended. Returns the finish reason when that ends the
+        sequence (its blocks are freed now): a request that only scores its prompt ends with
+        "length" once the prompt is computed."""
         seq = item.seq
-        seq.num_computed_tokens += item.num_new_tokens
+        end = seq.num_computed_tokens + item.num_new_tokens
+        seq.num_scored_positions = max(seq.num_scored_positions, seq.scored_positions(0, end).stop)
+        seq.num_computed_tokens = end
         self.kv.commit_computed(seq)
         if token is None:
+            if seq.params.max_tokens == 0 and end == seq.num_tokens:
+                self.finish(seq, "length")
+                return "length"
             return None
         reason = seq.append_token(token, self.stop_ids, self.max_model_len)
         if reason is not None:

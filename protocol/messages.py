@@ -28,7 +28,7 @@ from splitinfer.protocol.fields import (
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 from splitinfer.protocol.structs import FieldError, Struct, building
 
-PROTOCOL_VERSION = 3  # 3: SamplingParams.constraint
+PROTOCOL_VERSION = 4  # 3: SamplingParams.constraint; 4: prompt logprobs
 FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS = frozenset(FinishReason.__args__)
 
@@ -119,8 +119,10 @@ class HelloReply(Message, tag="hello_reply"):
 
 
 class TokenLogprobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Log-probabilities at one generated position: the sampled token's, and the `top`
-    most likely tokens' as (token_id, logprob) pairs, best first (empty if none asked).
+    """Log-probabilities at one position: the sampled (or, for a prompt position, the given)
+    token's, and the `top` most likely tokens' as (token_id, logprob) pairs, best first
+    (empty if none asked). `rank`: the token's 1-based rank among the whole vocabulary
+    (1 + how many tokens are more likely); set for prompt positions only.
 
     Built per token by the sampler, so checked by a lean `__post_init__` of its own rather
     than the `Struct` base's full conversion (structs.py)."""
@@ -128,6 +130,7 @@ class TokenLogprobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_id: TokenId
     logprob: Logprob
     top: Annotated[tuple[tuple[TokenId, Logprob], ...], Meta(max_length=MAX_LOGPROBS)] = ()
+    rank: Annotated[int, Meta(ge=1, le=2**32)] | None = None
 
     def __post_init__(self) -> None:
         if not building():  # decoded: the field types already held every rule below
@@ -146,8 +149,10 @@ class TokenLogprobs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RequestOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One request's news from one engine step: the tokens it generated (usually one;
-    none when it only finished, e.g. aborted), why it finished if it did, logprobs per
-    new token if it asked, and its token counts so far (`num_cached_tokens`: prompt tokens
+    none when it only finished, e.g. aborted, or only scored prompt tokens), why it finished
+    if it did, logprobs per new token if it asked, the next prompt tokens' logprobs if it
+    asked (`prompt_logprobs`: entries for prompt tokens 1, 2, ... in order, continued across
+    outputs; the first prompt token has none), and its token counts so far (`num_cached_tokens`: prompt tokens
     served from the prefix cache). A request the engine failed on ends with finish reason
     "error" and `error` saying what happened (no other request is affected).
 
@@ -162,11 +167,17 @@ class RequestOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     num_output_tokens: UInt = 0
     num_cached_tokens: UInt = 0
     error: str | None = None
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None
 
     def __post_init__(self) -> None:
         if type(self.new_token_ids) is not tuple:
             _set(self, "new_token_ids", tuple(self.new_token_ids))
-        if self.logprobs is not None or self.finish_reason is not None or self.error is not None:
+        if (
+            self.logprobs is not None
+            or self.finish_reason is not None
+            or self.error is not None
+            or self.prompt_logprobs is not None
+        ):
             self._check()
 
     def _check(self) -> None:
@@ -187,6 +198,13 @@ class RequestOutput(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 )
             if not all(type(entry) is TokenLogprobs for entry in logprobs):
                 raise FieldError("RequestOutput", "logprobs", "must hold TokenLogprobs")
+        scored = self.prompt_logprobs
+        if scored is not None:
+            if type(scored) is not tuple:
+                scored = tuple(scored)
+                _set(self, "prompt_logprobs", scored)
+            if not all(type(entry) is TokenLogprobs for entry in scored):
+                raise FieldError("RequestOutput", "prompt_logprobs", "must hold TokenLogprobs")
         if self.error is not None and self.finish_reason != "error":
             raise FieldError("RequestOutput", "error", "is set only when finish_reason is 'error'")
 

@@ -50,12 +50,17 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
       negative ones of every token seen in the prompt or output (as in transformers).
     - `logit_bias`: token id -> value added to its logit, in [-100, 100].
     - `min_tokens`: eos and stop tokens are suppressed until this many tokens are out.
-    - `max_tokens`: the most tokens to generate (finish reason "length").
+    - `max_tokens`: the most tokens to generate (finish reason "length"); 0 only with
+      `prompt_logprobs` (the prompt is scored, nothing generated).
     - `stop_token_ids`: tokens that end the request (finish reason "stop"), besides eos.
     - `ignore_eos`: keep generating through the checkpoint's eos ids.
     - `logprobs`: None for none; N in [0, 20] returns the sampled token's log-probability
       and the N most likely tokens' at each step (from the model's raw distribution:
       before logit bias, penalties and the constraint's mask).
+    - `prompt_logprobs`: None for none; N in [0, 20] returns, for each prompt token after
+      the first, its log-probability given the tokens before it, its rank, and the N most
+      likely tokens' there (`RequestOutput.prompt_logprobs`). Such a request computes its
+      whole prompt: the prefix cache holds K/V, not logits.
     - `constraint`: what the output must match (`constraint.py`: a JSON schema, any JSON
       object, a regex, a choice of strings, a grammar); the request ends with "stop" as soon
       as the grammar is complete. None: unconstrained.
@@ -67,7 +72,7 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     BUILD_ERROR_CODE: ClassVar[ErrorCode] = ErrorCode.INVALID_REQUEST
     NAMED_IN_ERRORS: ClassVar[bool] = False  # "top_p must be ...": the request's own words
 
-    max_tokens: Annotated[int, Meta(ge=1, le=MAX_INT)] = 16
+    max_tokens: Annotated[int, Meta(ge=0, le=MAX_INT)] = 16
     min_tokens: Annotated[int, Meta(ge=0, le=MAX_INT)] = 0
     temperature: Annotated[float, Meta(ge=0.0, le=MAX_TEMPERATURE)] = 1.0
     top_k: Annotated[int, Meta(ge=-1, le=MAX_INT)] = 0
@@ -82,8 +87,11 @@ class SamplingParams(Struct, frozen=True, forbid_unknown_fields=True):
     ignore_eos: bool = False
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     constraint: Constraint | None = None
+    prompt_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
 
     def _check(self) -> None:
+        if self.max_tokens == 0 and self.prompt_logprobs is None:
+            raise self._fail("max_tokens", "must be >= 1 unless prompt_logprobs is set (then 0 scores the prompt only)")
         if self.min_tokens > self.max_tokens:
             raise self._fail("min_tokens", f"({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
 
