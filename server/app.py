@@ -47,7 +47,14 @@ from splitinfer.server.http import (
 from splitinfer.server.metrics import ServerMetrics
 from splitinfer.server.model_context import ModelContext
 from splitinfer.server.openai_params import Common, choice_specs, parse_chat, parse_completion, with_constraint
-from splitinfer.server.responses import ChatFormat, CompletionFormat, ResponseFormat, Usage, collect
+from splitinfer.server.responses import (
+    ChatFormat,
+    CompletionFormat,
+    EchoedPrompt,
+    ResponseFormat,
+    Usage,
+    collect,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +153,9 @@ class OpenAIServer:
             if tools.enforced:
                 common = with_constraint(common, tools.constraint(tool_format, ctx.tokenizer.token_to_id))
             tool_parser, markers = functools.partial(tools.parser, tool_format), ctx.tool_markers
-        fmt = ChatFormat(ctx.tokenizer, top, common.include_usage, tool_parser=tool_parser)
+        fmt = ChatFormat(
+            ctx.tokenizer, top, common.include_usage, prompt_logprobs=common.prompt_logprobs, tool_parser=tool_parser
+        )
         specs = choice_specs(common, [prompt_ids], max_tokens, keep_special=markers)
         return await self._respond(request, ctx, common, specs, fmt)
 
@@ -157,7 +166,15 @@ class OpenAIServer:
         ctx.check_model(req.common.model)
         prompts = ctx.completion_prompts(req.prompts)
         max_tokens = min(ctx.max_tokens(len(ids), req.common.max_tokens) for ids in prompts)
-        fmt = CompletionFormat(ctx.tokenizer, req.logprobs, req.common.include_usage)
+        echo = tuple(_echoed(ctx, given, ids) for given, ids in zip(req.prompts, prompts)) if req.echo else ()
+        fmt = CompletionFormat(
+            ctx.tokenizer,
+            req.logprobs,
+            req.common.include_usage,
+            prompt_logprobs=req.common.prompt_logprobs,
+            echo=echo,
+            n=req.common.n,
+        )
         return await self._respond(request, ctx, req.common, choice_specs(req.common, prompts, max_tokens), fmt)
 
     async def models(self, request: Request) -> Response:
@@ -233,6 +250,13 @@ class OpenAIServer:
         finally:
             await events.aclose()  # ends (aborts) every choice still running, the client gone or not
         yield {"data": "[DONE]"}
+
+
+def _echoed(ctx: ModelContext, given: str | list[int], ids: list[int]) -> EchoedPrompt:
+    """A prompt as echo repeats it: a text prompt as the client sent it, token ids as their text
+    (special tokens spelled out, as each token's own entry in the logprobs is)."""
+    text = given if isinstance(given, str) else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+    return EchoedPrompt(text, ids[0])
 
 
 async def _prepended(first: ChoiceEvent, rest: AsyncIterator[ChoiceEvent]) -> AsyncIterator[ChoiceEvent]:

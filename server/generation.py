@@ -33,7 +33,9 @@ class ChoiceSpec:
 
 @dataclass(slots=True)
 class ChoiceEvent:
-    """New text of one choice; `finish_reason` set on its last event (exactly once)."""
+    """New text of one choice; `finish_reason` set on its last event (exactly once).
+    `prompt_logprobs`: the next prompt tokens' entries, when the choice scores its prompt
+    (they all come before its first token)."""
 
     index: int
     text: str
@@ -42,6 +44,7 @@ class ChoiceEvent:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -93,6 +96,7 @@ async def run_choice(
                 finish,
                 out.num_prompt_tokens,
                 out.num_cached_tokens,
+                list(out.prompt_logprobs or ()),
             )
             if finish is not None:
                 return

@@ -3,10 +3,14 @@
 
 Every error is an `APIError` 400 naming the offending `param`. Unknown fields are ignored
 (clients send fields we have never heard of); a known feature we do not support (legacy
-functions, audio, echo, ...) is refused rather than silently dropped. vLLM's extensions
+functions, audio, suffix, ...) is refused rather than silently dropped. vLLM's extensions
 are accepted at the top level, which is where the OpenAI SDK's `extra_body` puts them:
-top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, and its
-structured-output fields. An output constraint (`response_format`, vLLM's
+top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos, prompt_logprobs
+(the prompt's logprobs, vLLM's shape; not with streaming, as vLLM), and its
+structured-output fields. Completions' `echo` puts each prompt before its choices' text and,
+with `logprobs`, the prompt tokens' logprobs before theirs (the first token's `null`), which
+the engine computes from the prefill (`max_tokens` 0 with echo scores the prompt only).
+An output constraint (`response_format`, vLLM's
 `structured_outputs` and `guided_*`) is read by `structured_output.py`, chat's tools by
 `tool_request.py`; both end up in the choices' `SamplingParams.constraint`.
 """
@@ -42,7 +46,7 @@ UNSUPPORTED_CHAT = {
     "prediction": (None,),
     "web_search_options": (None,),
 }
-UNSUPPORTED_COMPLETIONS = {"suffix": (None, ""), "echo": (None, False)}
+UNSUPPORTED_COMPLETIONS = {"suffix": (None, "")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class Common:
     max_tokens: int | None  # None: as many as the context allows
     params: SamplingParams  # per-choice settings; max_tokens and seed are set per choice
     constraint_param: str | None  # the parameter params.constraint came from, for errors about it
+    prompt_logprobs: int | None  # vLLM's prompt_logprobs: the prompt's logprobs in the response, top N each
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,7 @@ class CompletionRequest:
     common: Common
     prompts: list[str | list[int]]  # several prompts make several groups of n choices
     logprobs: int | None
+    echo: bool  # each choice's text and logprobs begin with its prompt's
 
 
 def _typed(body: dict, name: str, types: type | tuple[type, ...], what: str, default: object = None) -> object:
@@ -128,7 +134,9 @@ def _logit_bias(body: dict) -> dict[int, object]:
     return out
 
 
-def _sampling_params(body: dict, logprobs: int | None, constraint: Constraint | None) -> SamplingParams:
+def _sampling_params(
+    body: dict, logprobs: int | None, constraint: Constraint | None, prompt_logprobs: int | None
+) -> SamplingParams:
     """Build the choice template; SamplingParams checks every range and names the field."""
     fields = {
         "temperature": body.get("temperature"),
@@ -139,6 +147,7 @@ def _sampling_params(body: dict, logprobs: int | None, constraint: Constraint | 
         "logit_bias": _logit_bias(body),
         "logprobs": logprobs,
         "constraint": constraint,
+        "prompt_logprobs": prompt_logprobs,
         **{name: body.get(name) for name in EXTRA_SAMPLING_FIELDS},
     }
     if isinstance(fields["stop_token_ids"], list):
@@ -159,7 +168,16 @@ def _build(make) -> SamplingParams:
         raise bad_request(exc.message, param=exc.field) from None
 
 
-def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]) -> Common:
+def _common(
+    body: dict,
+    logprobs: int | None,
+    max_tokens_fields: tuple[str, ...],
+    min_max_tokens: int = 1,
+    scored_prompt: int | None = None,
+) -> Common:
+    """What chat and completions share. `min_max_tokens`: 0 where the prompt alone may be
+    scored; `scored_prompt`: top alternatives the endpoint itself needs at each prompt
+    position (completions' echo with logprobs), None if none."""
     model = _typed(body, "model", str, "a string")
     if not model:
         raise bad_request("'model' is required", param="model")
@@ -171,11 +189,16 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
     include_usage = _typed(options, "include_usage", bool, "a boolean", False)
     max_tokens = None
     for name in max_tokens_fields:  # the later name (max_completion_tokens) wins
-        value = _int_in(body, name, 1, MAX_INT)
+        value = _int_in(body, name, min_max_tokens, MAX_INT)
         if value is not None:
             max_tokens = value
     _typed(body, "user", str, "a string")  # OpenAI's end-user id: checked for its type, not used
     constraint, constraint_param = parse_constraint(body)
+    prompt_logprobs = _int_in(body, "prompt_logprobs", 0, MAX_LOGPROBS)
+    if prompt_logprobs is not None and stream:
+        raise bad_request("'prompt_logprobs' is not available with 'stream': true", param="prompt_logprobs")
+    # The engine scores the prompt once, with as many alternatives as anything here needs.
+    scored = [n for n in (prompt_logprobs, scored_prompt) if n is not None]
     return Common(
         model=model,
         n=n,
@@ -183,8 +206,9 @@ def _common(body: dict, logprobs: int | None, max_tokens_fields: tuple[str, ...]
         include_usage=include_usage,
         stop=_stop(body),
         max_tokens=max_tokens,
-        params=_sampling_params(body, logprobs, constraint),
+        params=_sampling_params(body, logprobs, constraint, max(scored) if scored else None),
         constraint_param=constraint_param,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -214,10 +238,16 @@ def parse_completion(body: dict) -> CompletionRequest:
     if best_of is not None and best_of != body.get("n", 1):
         raise bad_request("'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
     logprobs = _int_in(body, "logprobs", 0, MAX_LOGPROBS)
-    common = _common(body, logprobs, ("max_tokens",))
+    echo = _typed(body, "echo", bool, "a boolean", False)
+    scores_only = type(body.get("max_tokens")) is int and body["max_tokens"] == 0
+    if scores_only and not echo:
+        raise bad_request("'max_tokens' may be 0 only with 'echo': true (the prompt is scored)", param="max_tokens")
+    # With echo and max_tokens 0 the engine must still score the prompt to have anything to do.
+    scored = (logprobs or 0) if echo and (logprobs is not None or scores_only) else None
+    common = _common(body, logprobs, ("max_tokens",), min_max_tokens=0, scored_prompt=scored)
     if common.max_tokens is None:
         common = replace(common, max_tokens=16)  # OpenAI's default for completions
-    return CompletionRequest(common=common, prompts=_prompts(body.get("prompt")), logprobs=logprobs)
+    return CompletionRequest(common=common, prompts=_prompts(body.get("prompt")), logprobs=logprobs, echo=echo)
 
 
 def _prompts(prompt: object) -> list[str | list[int]]:
@@ -250,9 +280,19 @@ def with_constraint(common: Common, constraint: Constraint) -> Common:
 
 def choice_params(common: Common, max_tokens: int, index: int) -> SamplingParams:
     """The settings of choice `index`: its own seed (seed + index, wrapped within the signed
-    64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls."""
+    64 bits seeds have) so that n seeded choices differ from each other yet repeat across calls.
+
+    Only a prompt's first choice scores the prompt (the engine computes the whole prompt
+    for that, without the prefix cache) and a whole response shares its entries with the
+    prompt's other choices; a stream cannot wait for a sibling, so there every choice scores
+    it, as does a choice that does nothing else (`max_tokens` 0)."""
     seed = None if common.params.seed is None else (common.params.seed + index - MIN_INT) % 2**64 + MIN_INT
-    return _build(lambda: msgspec.structs.replace(common.params, max_tokens=max_tokens, seed=seed))
+    scored = common.params.prompt_logprobs
+    if index % common.n and not common.stream and max_tokens > 0:
+        scored = None
+    return _build(
+        lambda: msgspec.structs.replace(common.params, max_tokens=max_tokens, seed=seed, prompt_logprobs=scored)
+    )
 
 
 def choice_specs(

@@ -2,9 +2,9 @@
 
 Each endpoint answers in a format of its own: `ChatFormat` for /v1/chat/completions
 (`chat.completion`, streamed as `chat.completion.chunk`) and `CompletionFormat` for
-/v1/completions (`text_completion`, whole and streamed). A format owns everything that
-differs between the two: the id prefix, the `object` names, the shape of a choice and of
-its logprobs, and which chunks a stream sends in which order. Usage is counted the same
+/v1/completions (`text_completion`, whole and streamed; with `echo`, the prompt first). A
+format owns everything that differs between the two: the id prefix, the `object` names, the
+shape of a choice and of its logprobs, and which chunks a stream sends in which order. Usage is counted the same
 way for both (`Usage`), and both end a stream with the same usage chunk when asked to.
 """
 
@@ -73,11 +73,22 @@ class ChoiceText:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # prompt tokens 1, 2, ...
 
     def add(self, event: ChoiceEvent) -> None:
         self.text += event.text
         self.logprobs += event.logprobs
+        self.prompt_logprobs += event.prompt_logprobs
         self.finish_reason = event.finish_reason or self.finish_reason
+
+
+@dataclass(frozen=True, slots=True)
+class EchoedPrompt:
+    """A prompt as completions' `echo` repeats it: its text, and its first token (which has no
+    logprob, but has a place in the logprobs' tokens)."""
+
+    text: str
+    first_token_id: int
 
 
 async def collect(events: AsyncIterator[ChoiceEvent], count: int, usage: Usage) -> list[ChoiceText]:
@@ -113,6 +124,7 @@ class ResponseFormat(ABC):
     tokenizer: Tokenizer  # to spell out the tokens of logprobs
     logprobs: int | None  # how many top logprobs per token; None: no logprobs asked for
     include_usage: bool = False  # stream_options.include_usage
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: top N per prompt token; None: not asked
 
     id_prefix: ClassVar[str]
     prompt_param: ClassVar[str]  # the request field that holds the prompt, for errors about it
@@ -123,13 +135,39 @@ class ResponseFormat(ABC):
         return ResponseHead(new_id(self.id_prefix), model, now())
 
     def body(self, head: ResponseHead, choices: list[ChoiceText], usage: Usage) -> dict:
-        """The non-streamed response."""
+        """The non-streamed response. A prompt is scored by the first of its choices only
+        (`choice_specs`): the others share that choice's prompt logprobs."""
+        n = usage.choices_per_prompt
+        for i, choice in enumerate(choices):
+            if not choice.prompt_logprobs:
+                choice.prompt_logprobs = choices[i - i % n].prompt_logprobs
         return {
             **head.fields(self.response_object),
             "choices": [self._choice(i, c) for i, c in enumerate(choices)],
             "usage": usage.body(),
             "system_fingerprint": None,
+            **self._extra_fields(choices),
         }
+
+    def _extra_fields(self, choices: list[ChoiceText]) -> dict:
+        """Fields of the whole response beyond OpenAI's (vLLM's), if the request asked for them."""
+        return {}
+
+    def _vllm_prompt_logprobs(self, entries: list[TokenLogprobs]) -> list[dict | None]:
+        """vLLM's `prompt_logprobs`: None for the first prompt token, then for each token a map of
+        token id -> {logprob, rank, decoded_token} holding the token itself and the top N."""
+        out: list[dict | None] = [None]
+        for entry in entries:
+            ranked = {entry.token_id: (entry.logprob, entry.rank)}
+            for rank, (token_id, logprob) in enumerate(entry.top[: self.prompt_logprobs], start=1):
+                ranked.setdefault(token_id, (logprob, rank))
+            out.append(
+                {
+                    str(token_id): {"logprob": lp, "rank": rank, "decoded_token": _token_text(self.tokenizer, token_id)}
+                    for token_id, (lp, rank) in ranked.items()
+                }
+            )
+        return out
 
     async def chunks(
         self, head: ResponseHead, events: AsyncIterator[ChoiceEvent], usage: Usage
@@ -183,6 +221,12 @@ class ChatFormat(ResponseFormat):
     prompt_param = "messages"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def _extra_fields(self, choices: list[ChoiceText]) -> dict:
+        # vLLM puts a chat's prompt logprobs on the response: every choice shares the one prompt.
+        if self.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": self._vllm_prompt_logprobs(choices[0].prompt_logprobs)}
 
     def _choice(self, index: int, choice: ChoiceText) -> dict:
         logprobs = None if self.logprobs is None else self._logprobs(choice.logprobs)
@@ -262,8 +306,21 @@ class ChatFormat(ResponseFormat):
         }
 
 
+@dataclass(frozen=True)
 class CompletionFormat(ResponseFormat):
-    """/v1/completions: text per choice; a stream sends one chunk per event, finish included."""
+    """/v1/completions: text per choice; a stream sends one chunk per event, finish included.
+
+    With `echo` (one `EchoedPrompt` per prompt; choice i answers prompt i // `n`), each
+    choice's text starts with its prompt's, and its logprobs with the prompt tokens' (the
+    first one's logprob and alternatives `null`, as OpenAI's); `text_offset` counts through
+    the prompt tokens' text, then from the end of the echoed prompt. A stream sends the
+    echo as each choice's first chunk, once its prompt is scored (the engine scores it
+    before the first token)."""
+
+    echo: tuple[EchoedPrompt, ...] = ()
+    n: int = 1
+    _scored: dict[int, list[TokenLogprobs]] = field(default_factory=dict)  # per streamed choice, until echoed
+    _echoed: set[int] = field(default_factory=set)  # streamed choices whose echo is sent
 
     id_prefix = "cmpl"
     prompt_param = "prompt"
@@ -271,19 +328,52 @@ class CompletionFormat(ResponseFormat):
     chunk_object = "text_completion"
 
     def _choice(self, index: int, choice: ChoiceText) -> dict:
-        logprobs = None if self.logprobs is None else self._logprobs(choice.logprobs, 0)
-        return {"index": index, "text": choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        echo = self.echo[index // self.n] if self.echo else None
+        text, logprobs = choice.text, None
+        if self.logprobs is not None:
+            logprobs = self._logprobs(choice.logprobs, len(echo.text) if echo else 0)
+            if echo:
+                logprobs = _joined(self._echo_logprobs(echo, choice.prompt_logprobs), logprobs)
+        if echo:
+            text = echo.text + text
+        out = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self._vllm_prompt_logprobs(choice.prompt_logprobs)
+        return out
 
     def _event_chunks(self, head: ResponseHead, event: ChoiceEvent, sent_before: int | None) -> Iterator[dict]:
-        # text_offset counts from the start of the choice's text, across chunks.
-        logprobs = self._logprobs(event.logprobs, sent_before or 0) if self._wants_logprobs(event.logprobs) else None
+        if self.echo and event.index not in self._echoed:
+            scored = self._scored.setdefault(event.index, [])
+            scored += event.prompt_logprobs
+            if not (event.text or event.token_ids or event.finish_reason):
+                return  # still scoring the prompt
+            self._echoed.add(event.index)
+            yield self._echo_chunk(head, event.index, self._scored.pop(event.index))
+        # text_offset counts from the start of the choice's text (after its echo), across chunks.
+        start = (sent_before or 0) + (len(self.echo[event.index // self.n].text) if self.echo else 0)
+        logprobs = self._logprobs(event.logprobs, start) if self._wants_logprobs(event.logprobs) else None
         if event.text or logprobs or event.finish_reason:
             yield self._chunk(
                 head,
                 {"index": event.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason},
             )
 
-    def _logprobs(self, entries: list[TokenLogprobs], text_start: int) -> dict:
+    def _echo_chunk(self, head: ResponseHead, index: int, scored: list[TokenLogprobs]) -> dict:
+        echo = self.echo[index // self.n]
+        logprobs = self._echo_logprobs(echo, scored) if self.logprobs is not None else None
+        return self._chunk(head, {"index": index, "text": echo.text, "logprobs": logprobs, "finish_reason": None})
+
+    def _echo_logprobs(self, echo: EchoedPrompt, scored: list[TokenLogprobs]) -> dict:
+        """The prompt's part of the logprobs: its first token with nulls, then each scored token
+        with as many alternatives as `logprobs` asks (the engine may have scored more, for
+        vLLM's prompt_logprobs)."""
+        first = _token_text(self.tokenizer, echo.first_token_id)
+        rest = self._logprobs(scored, len(first), top=self.logprobs)
+        return _joined({"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}, rest)
+
+    def _logprobs(self, entries: list[TokenLogprobs], text_start: int, top: int | None = None) -> dict:
+        """`top`: how many alternatives to keep; None keeps every one the engine sent (for the
+        completion's tokens that is the count asked for)."""
         tokens = [_token_text(self.tokenizer, e.token_id) for e in entries]
         offsets, position = [], text_start
         for token in tokens:
@@ -292,10 +382,14 @@ class CompletionFormat(ResponseFormat):
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
-            # Every alternative the engine sent: completions' `logprobs` is itself the count asked for.
-            "top_logprobs": [{_token_text(self.tokenizer, t): lp for t, lp in e.top} for e in entries],
+            "top_logprobs": [{_token_text(self.tokenizer, t): lp for t, lp in e.top[:top]} for e in entries],
             "text_offset": offsets,
         }
+
+
+def _joined(first: dict, second: dict) -> dict:
+    """Two runs of completions logprobs, one after the other."""
+    return {key: first[key] + second[key] for key in first}
 
 
 def _tool_finish(reason: str | None) -> str | None:
