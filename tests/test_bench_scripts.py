@@ -123,6 +123,31 @@ def test_bench_structured_compares_constrained_with_unconstrained(tiny_checkpoin
     assert "one JSON schema" in text and "schema compile cold" in text
 
 
+def test_bench_scoring_compares_prompt_logprobs_with_a_transformers_forward(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "scoring.json"
+    args = (
+        "--questions",
+        "3",
+        "--choices",
+        "2",
+        "--context-tokens",
+        "20",
+        "--ending-tokens",
+        "5",
+        "--hf-batch",
+        "4",
+        "--repeats",
+        "1",
+    )
+    text = run_script("bench_scoring.py", "--model", str(tiny_checkpoint), *args, "--json", str(out))
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 6 and result["engine_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
+    assert result["max_loglikelihood_difference"] < 1e-3 and result["same_best_ending"] == 1.0
+    assert "prompt_logprobs" in text
+
+
 def test_soak_engine_reports_memory_per_round_and_a_verdict(tiny_checkpoint: Path) -> None:
     text = run_script(
         "soak_engine.py",
