@@ -18,9 +18,10 @@ from splitinfer.server.tool_calls import TOOL_CALL_FORMAT_NAMES
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitinfer-server",
-        description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models, "
-        "/health, /metrics) in front of a splitinfer engine. It keeps no state: the model, tokenizer and chat "
-        "template come from the engine, so any number of servers can share one engine and restart freely.",
+        description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/responses, "
+        "/v1/models, vLLM's /tokenize and /detokenize, /health, /metrics) in front of a splitinfer engine. It keeps "
+        "no state: the model, tokenizer and chat template come from the engine, so any number of servers can share "
+        "one engine and restart freely.",
     )
     p.add_argument(
         "--engine",
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "take long (a CPU prefill). A closed connection counts at once (default: %(default)s).",
     )
     p.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="Serve GET /tokenizer_info (vLLM's): the tokenizer's configuration and the chat template. Off by "
+        "default, as in vLLM, since it shows every client the operator's template and settings.",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -79,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         tool_call_parser=args.tool_call_parser,
         max_request_bytes=args.max_request_bytes,
         engine_stall_timeout_s=args.engine_stall_timeout,
+        enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
     )
     server = OpenAIServer(config)
     uvicorn.run(

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from splitinfer.server import tokenization
 from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClient, EngineUnavailable, Health
 from splitinfer.server.errors import APIError, engine_unavailable, internal_error
 from splitinfer.server.generation import ChoiceEvent, ChoiceSpec, Timing, merged_choices
@@ -69,6 +70,7 @@ class ServerConfig:
     tool_call_parser: str = "auto"  # a TOOL_CALL_FORMATS name, "auto" (the checkpoint's) or "none"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    enable_tokenizer_info: bool = False  # GET /tokenizer_info shows the tokenizer config and chat template
 
 
 class OpenAIServer:
@@ -86,9 +88,15 @@ class OpenAIServer:
             Route("/v1/completions", self._endpoint("completions", self.completions), methods=["POST"]),
             Route("/v1/models", self._endpoint("models", self.models), methods=["GET"]),
             Route("/v1/models/{model_id:path}", self._endpoint("model", self.model), methods=["GET"]),
+            Route("/tokenize", self._endpoint("tokenize", self.tokenize), methods=["POST"]),
+            Route("/detokenize", self._endpoint("detokenize", self.detokenize), methods=["POST"]),
             Route("/health", guarded(self.health), methods=["GET"]),
             Route("/metrics", guarded(self.metrics_endpoint), methods=["GET"]),
         ]
+        if config.enable_tokenizer_info:
+            routes.append(
+                Route("/tokenizer_info", self._endpoint("tokenizer_info", self.tokenizer_info), methods=["GET"])
+            )
         self.app = Starlette(routes=routes, lifespan=self._lifespan, exception_handlers=EXCEPTION_HANDLERS)
 
     # Lifecycle -----------------------------------------------------------------------
@@ -144,7 +152,7 @@ class OpenAIServer:
         req = parse_chat(body)
         ctx.check_model(req.common.model)
         tools, common = req.tools, req.common
-        prompt_ids = ctx.chat_prompt(req.messages, tools.template_tools if tools is not None else None)
+        prompt_ids = ctx.chat_prompt(req.messages, tools.template_tools if tools else None, req.prompt_options)
         max_tokens = ctx.max_tokens(len(prompt_ids), common.max_tokens)
         top = req.top_logprobs if req.logprobs else None
         tool_parser, markers = None, frozenset()
@@ -184,6 +192,17 @@ class OpenAIServer:
         ctx = self.context()
         ctx.check_model(request.path_params["model_id"])
         return JSONResponse(ctx.card())
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_request_bytes)
+        return JSONResponse(tokenization.tokenize(self.context(), body))
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_request_bytes)
+        return JSONResponse(tokenization.detokenize(self.context(), body))
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return JSONResponse(tokenization.tokenizer_info(self.context()))
 
     async def health(self, request: Request) -> Response:
         if self.client.health is Health.READY:

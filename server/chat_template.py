@@ -78,12 +78,13 @@ TEXT_PART_SEPARATOR = "\n"
 class ChatTemplate:
     """A chat template compiled once, rendered once per request."""
 
-    __slots__ = ("_template", "_special_tokens", "_is_fallback")
+    __slots__ = ("source", "_template", "_special_tokens", "_is_fallback")
 
     def __init__(self, source: str, special_tokens: Mapping[str, str], is_fallback: bool = False) -> None:
         """`source` is the template's text, `special_tokens` the tokenizer's named special tokens
         (`Tokenizer.special_tokens_map`). Raises `ChatTemplateError` (param None) when the
         template does not compile."""
+        self.source = source  # the template's text, as /tokenizer_info reports it
         self._template = compile_chat_template(source)
         self._special_tokens = dict(special_tokens)
         self._is_fallback = is_fallback
@@ -110,9 +111,14 @@ class ChatTemplate:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool = False,
     ) -> str:
         """The prompt text for OpenAI-style chat messages and, if any, the request's `tools`
         (`[{"type": "function", "function": {"name", "description", "parameters"}}]`).
+
+        `continue_final_message`: the text ends inside the last message, right after its
+        content, so the model continues it (a reply begun by the client); it excludes
+        `add_generation_prompt`, as in transformers.
 
         Raises `ChatTemplateError` naming the field for invalid or unsupported messages or
         tools, and with param `messages` when the template rejects the conversation (a
@@ -120,8 +126,14 @@ class ChatTemplate:
         id that is not 9 characters long) or fails while rendering.
         """
         plain = normalize_messages(messages)
+        if continue_final_message and add_generation_prompt:
+            _fail(
+                "'continue_final_message' and 'add_generation_prompt' cannot both be true: the first continues the "
+                "last message, the second starts a new one",
+                "continue_final_message",
+            )
         try:
-            return self._template.render(
+            rendered = self._template.render(
                 messages=plain,
                 # None when there are none, as transformers passes it: templates test
                 # `tools is not none`, which an undefined variable would pass.
@@ -132,6 +144,22 @@ class ChatTemplate:
             )
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"the chat template rejected the messages: {exc}", "messages") from None
+        return _cut_after_final_message(rendered, plain[-1]) if continue_final_message else rendered
+
+
+def _cut_after_final_message(rendered: str, final: Mapping[str, Any]) -> str:
+    """`rendered` up to the end of the final message's content, as transformers cuts it: at the
+    content's last occurrence, keeping its trailing whitespace only where the template did."""
+    content = final.get("content") or ""
+    if not content.strip() or content.strip() not in rendered:
+        _fail(
+            "'continue_final_message' needs a final message with text that the chat template writes out",
+            "messages",
+        )
+    stripped = content.strip()
+    at = rendered.rindex(stripped)
+    keep = len(content) if rendered[at:].strip() == stripped else len(stripped)
+    return rendered[: at + keep]
 
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

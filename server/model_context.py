@@ -24,6 +24,16 @@ from splitinfer.server.chat_template import ChatTemplate
 from splitinfer.server.errors import APIError, bad_request
 from splitinfer.server.tool_calls import TOOL_CALL_FORMATS, ToolCallFormat, detect_tool_call_format
 
+
+@dataclass(frozen=True, slots=True)
+class ChatPromptOptions:
+    """How messages become a prompt: vLLM's chat extensions, with transformers' defaults."""
+
+    add_generation_prompt: bool = True  # end with the assistant's header, so the model replies
+    continue_final_message: bool = False  # end inside the last message, so the model continues it
+    add_special_tokens: bool = False  # run the tokenizer's post-processor too (a second BOS, usually)
+
+
 NO_CHAT_TEMPLATE = (
     "this model has no chat template: its checkpoint has none (chat_template.jinja or tokenizer_config.json's "
     "chat_template) and its tokenizer is not Llama 3's, whose format could be assumed. The operator can start the "
@@ -91,16 +101,25 @@ class ModelContext:
             "max_model_len": self.info.max_model_len,
         }
 
-    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def chat_prompt(
+        self, messages: list[dict], tools: list[dict] | None = None, options: ChatPromptOptions = ChatPromptOptions()
+    ) -> list[int]:
         """The messages (and the request's tools) rendered with the chat template, as token ids: the
         "tool_use" template when there are tools and the checkpoint has one, as transformers picks."""
         template = self.tool_template if tools and self.tool_template is not None else self.template
         if template is None:
             raise bad_request(NO_CHAT_TEMPLATE, code="chat_template_missing")
         try:
-            prompt = template.render(messages, add_generation_prompt=True, tools=tools)
+            prompt = template.render(
+                messages,
+                add_generation_prompt=options.add_generation_prompt,
+                tools=tools,
+                continue_final_message=options.continue_final_message,
+            )
         except ChatTemplateError as exc:
             raise bad_request(str(exc), param=exc.param) from None
+        if options.add_special_tokens:
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
         return self.tokenizer.encode_chat_prompt(prompt)
 
     def require_tool_format(self) -> ToolCallFormat:

@@ -28,6 +28,7 @@ from splitinfer.protocol.fields import MAX_INT, MAX_TOKEN_ID, MIN_INT
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS  # completions too: OpenAI caps it at 5
 from splitinfer.server.errors import bad_request
 from splitinfer.server.generation import ChoiceSpec
+from splitinfer.server.model_context import ChatPromptOptions
 from splitinfer.server.responses import new_id
 from splitinfer.server.structured_output import parse_constraint
 from splitinfer.server.tool_request import ToolRequest, parse_tools
@@ -71,6 +72,7 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     tools: ToolRequest | None
+    prompt_options: ChatPromptOptions
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +83,7 @@ class CompletionRequest:
     echo: bool  # each choice's text and logprobs begin with its prompt's
 
 
-def _typed(body: dict, name: str, types: type | tuple[type, ...], what: str, default: object = None) -> object:
+def typed_field(body: dict, name: str, types: type | tuple[type, ...], what: str, default: object = None) -> object:
     value = body.get(name)
     if value is None:
         return default
@@ -95,7 +97,7 @@ def _typed(body: dict, name: str, types: type | tuple[type, ...], what: str, def
 def _int_in(body: dict, name: str, low: int, high: int, default: int | None = None) -> int | None:
     """An optional integer field in [low, high] (the message never prints a huge int: str()
     refuses past 4300 digits, and a 500 would follow)."""
-    value = _typed(body, name, int, "an integer")
+    value = typed_field(body, name, int, "an integer")
     if value is None:
         return default
     if not low <= value <= high:
@@ -125,7 +127,7 @@ def _logit_bias(body: dict) -> dict[int, object]:
     """JSON object keys are strings: each must be a token id written in ASCII digits (int()
     would also take "+5", " 5", "5_0" and other scripts' digits). The values are judged by
     SamplingParams."""
-    bias = _typed(body, "logit_bias", dict, "an object of token id -> bias", {})
+    bias = typed_field(body, "logit_bias", dict, "an object of token id -> bias", {})
     out = {}
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit() and len(key) <= MAX_TOKEN_ID_DIGITS):
@@ -178,21 +180,21 @@ def _common(
     """What chat and completions share. `min_max_tokens`: 0 where the prompt alone may be
     scored; `scored_prompt`: top alternatives the endpoint itself needs at each prompt
     position (completions' echo with logprobs), None if none."""
-    model = _typed(body, "model", str, "a string")
+    model = typed_field(body, "model", str, "a string")
     if not model:
         raise bad_request("'model' is required", param="model")
     n = _int_in(body, "n", 1, MAX_N, default=1)
-    stream = _typed(body, "stream", bool, "a boolean", False)
-    options = _typed(body, "stream_options", dict, "an object", {})
+    stream = typed_field(body, "stream", bool, "a boolean", False)
+    options = typed_field(body, "stream_options", dict, "an object", {})
     if options and not stream:
         raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
-    include_usage = _typed(options, "include_usage", bool, "a boolean", False)
+    include_usage = typed_field(options, "include_usage", bool, "a boolean", False)
     max_tokens = None
     for name in max_tokens_fields:  # the later name (max_completion_tokens) wins
         value = _int_in(body, name, min_max_tokens, MAX_INT)
         if value is not None:
             max_tokens = value
-    _typed(body, "user", str, "a string")  # OpenAI's end-user id: checked for its type, not used
+    typed_field(body, "user", str, "a string")  # OpenAI's end-user id: checked for its type, not used
     constraint, constraint_param = parse_constraint(body)
     prompt_logprobs = _int_in(body, "prompt_logprobs", 0, MAX_LOGPROBS)
     if prompt_logprobs is not None and stream:
@@ -214,10 +216,8 @@ def _common(
 
 def parse_chat(body: dict) -> ChatRequest:
     _refuse_unsupported(body, UNSUPPORTED_CHAT)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", param="messages")
-    logprobs = _typed(body, "logprobs", bool, "a boolean", False)
+    messages = parse_messages(body)
+    logprobs = typed_field(body, "logprobs", bool, "a boolean", False)
     top_logprobs = _int_in(body, "top_logprobs", 0, MAX_LOGPROBS, default=0)
     if body.get("top_logprobs") is not None and not logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs': true", param="top_logprobs")
@@ -229,7 +229,33 @@ def parse_chat(body: dict) -> ChatRequest:
             "format is the constraint",
             param="tool_choice",
         )
-    return ChatRequest(common=common, messages=messages, logprobs=logprobs, top_logprobs=top_logprobs, tools=tools)
+    return ChatRequest(
+        common=common,
+        messages=messages,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        tools=tools,
+        prompt_options=parse_prompt_options(body),
+    )
+
+
+def parse_messages(body: dict) -> list:
+    """The request's `messages` list (each message is checked as the template renders it)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list", param="messages")
+    return messages
+
+
+def parse_prompt_options(body: dict) -> ChatPromptOptions:
+    """vLLM's `add_generation_prompt`, `continue_final_message` and `add_special_tokens`."""
+    default = ChatPromptOptions()
+    return ChatPromptOptions(
+        **{
+            name: typed_field(body, name, bool, "a boolean", getattr(default, name))
+            for name in ("add_generation_prompt", "continue_final_message", "add_special_tokens")
+        }
+    )
 
 
 def parse_completion(body: dict) -> CompletionRequest:
@@ -238,7 +264,7 @@ def parse_completion(body: dict) -> CompletionRequest:
     if best_of is not None and best_of != body.get("n", 1):
         raise bad_request("'best_of' other than n is not supported", param="best_of", code="unsupported_parameter")
     logprobs = _int_in(body, "logprobs", 0, MAX_LOGPROBS)
-    echo = _typed(body, "echo", bool, "a boolean", False)
+    echo = typed_field(body, "echo", bool, "a boolean", False)
     scores_only = type(body.get("max_tokens")) is int and body["max_tokens"] == 0
     if scores_only and not echo:
         raise bad_request("'max_tokens' may be 0 only with 'echo': true (the prompt is scored)", param="max_tokens")

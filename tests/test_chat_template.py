@@ -170,6 +170,31 @@ def test_text_parts_are_joined_with_newlines(checkpoint_template: ChatTemplate, 
     assert checkpoint_template.render(parts) == expected
 
 
+@pytest.mark.parametrize("reply", ["The answer is", "  Padded, with a trailing space ", "Two\nlines\n"])
+def test_continue_final_message_cuts_like_transformers(
+    checkpoint_template: ChatTemplate, tiny_checkpoint: Path, reply: str
+) -> None:
+    messages = [*CONVERSATIONS["system+user"], {"role": "assistant", "content": reply}]
+    expected = hf_tokenizer(tiny_checkpoint).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    rendered = checkpoint_template.render(messages, add_generation_prompt=False, continue_final_message=True)
+    assert rendered == expected and rendered.endswith(reply.strip())
+
+
+@pytest.mark.parametrize(
+    ("last", "generation_prompt"),
+    [({"role": "assistant", "content": "Sure"}, True), ({"role": "assistant", "content": " "}, False)],
+)
+def test_continue_final_message_refusals_name_the_field(
+    checkpoint_template: ChatTemplate, last: dict, generation_prompt: bool
+) -> None:
+    messages = [{"role": "user", "content": "Hi"}, last]
+    with pytest.raises(ChatTemplateError) as caught:
+        checkpoint_template.render(messages, add_generation_prompt=generation_prompt, continue_final_message=True)
+    assert caught.value.param == ("continue_final_message" if generation_prompt else "messages")
+
+
 def test_developer_role_renders_as_system(checkpoint_template: ChatTemplate) -> None:
     as_developer = [{"role": "developer", "content": "Rules."}, {"role": "user", "content": "Hi"}]
     as_system = [{"role": "system", "content": "Rules."}, {"role": "user", "content": "Hi"}]
