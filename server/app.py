@@ -7,7 +7,9 @@ API key and answering every failure as OpenAI's error JSON, is `http.py`.
 
 Requests: validate the body (`openai_params.py`), turn the messages or prompts into token
 ids within the model's limits (`model_context.py`), run the choices in the engine
-(`generation.py`), answer in the endpoint's format (`responses.py`). A streamed request
+(`generation.py`), answer in the endpoint's format (`responses.py`; the Responses API's,
+which is a chat request in other words, in `responses_request.py` and `responses_api.py`). A
+streamed request
 fetches its first event before the response starts, so a refusal by the engine still gets
 a proper status code; after that, failures are an error event followed by `data: [DONE]`.
 A client that disconnects has its request aborted at once.
@@ -18,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -47,15 +48,18 @@ from splitinfer.server.http import (
 )
 from splitinfer.server.metrics import ServerMetrics
 from splitinfer.server.model_context import ModelContext
-from splitinfer.server.openai_params import Common, choice_specs, parse_chat, parse_completion, with_constraint
-from splitinfer.server.responses import (
-    ChatFormat,
-    CompletionFormat,
-    EchoedPrompt,
-    ResponseFormat,
-    Usage,
-    collect,
+from splitinfer.server.openai_params import (
+    ChatRequest,
+    Common,
+    choice_specs,
+    parse_chat,
+    parse_completion,
+    with_constraint,
 )
+from splitinfer.server.responses import ChatFormat, CompletionFormat, EchoedPrompt, ResponseWriter, Usage, collect
+from splitinfer.server.responses_api import ResponsesAPIFormat
+from splitinfer.server.responses_request import parse_responses, responses_error
+from splitinfer.server.tool_calls import ToolStreamParser
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,12 @@ class OpenAIServer:
         routes = [
             Route("/v1/chat/completions", self._endpoint("chat", self.chat_completions), methods=["POST"]),
             Route("/v1/completions", self._endpoint("completions", self.completions), methods=["POST"]),
+            Route("/v1/responses", self._endpoint("responses", self.responses), methods=["POST"]),
+            Route(
+                "/v1/responses/{response_id:path}",
+                self._endpoint("responses", self.stored_response),
+                methods=["GET", "POST", "DELETE"],
+            ),
             Route("/v1/models", self._endpoint("models", self.models), methods=["GET"]),
             Route("/v1/models/{model_id:path}", self._endpoint("model", self.model), methods=["GET"]),
             Route("/tokenize", self._endpoint("tokenize", self.tokenize), methods=["POST"]),
@@ -150,22 +160,49 @@ class OpenAIServer:
         body = await read_json(request, self.config.max_request_bytes)
         ctx = self.context()
         req = parse_chat(body)
+        common, specs, tool_parser = self._chat_choices(ctx, req)
+        top = req.top_logprobs if req.logprobs else None
+        fmt = ChatFormat(
+            ctx.tokenizer, top, common.include_usage, prompt_logprobs=common.prompt_logprobs, tool_parser=tool_parser
+        )
+        return await self._respond(request, ctx, common, specs, fmt)
+
+    async def responses(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_request_bytes)
+        ctx = self.context()
+        req = parse_responses(body)
+        try:
+            common, specs, tool_parser = self._chat_choices(ctx, req.chat)
+        except APIError as exc:
+            raise responses_error(exc) from None
+        fmt = ResponsesAPIFormat(echoed=req.echoed, tool_parser=tool_parser)
+        return await self._respond(request, ctx, common, specs, fmt)
+
+    async def stored_response(self, request: Request) -> Response:
+        raise APIError(
+            400,
+            "this server keeps no responses, so none can be retrieved, listed, cancelled or deleted; each "
+            "/v1/responses request carries its whole conversation in 'input'",
+            param="response_id",
+            code="unsupported_parameter",
+        )
+
+    def _chat_choices(
+        self, ctx: ModelContext, req: ChatRequest
+    ) -> tuple[Common, list[ChoiceSpec], Callable[[], ToolStreamParser] | None]:
+        """A chat request's engine requests, and the parser of each reply when its tool calls are
+        parsed (a required or named call enforced by a grammar)."""
         ctx.check_model(req.common.model)
         tools, common = req.tools, req.common
         prompt_ids = ctx.chat_prompt(req.messages, tools.template_tools if tools else None, req.prompt_options)
         max_tokens = ctx.max_tokens(len(prompt_ids), common.max_tokens)
-        top = req.top_logprobs if req.logprobs else None
         tool_parser, markers = None, frozenset()
         if tools is not None and tools.parses_calls:
             tool_format = ctx.require_tool_format()
             if tools.enforced:
                 common = with_constraint(common, tools.constraint(tool_format, ctx.tokenizer.token_to_id))
             tool_parser, markers = functools.partial(tools.parser, tool_format), ctx.tool_markers
-        fmt = ChatFormat(
-            ctx.tokenizer, top, common.include_usage, prompt_logprobs=common.prompt_logprobs, tool_parser=tool_parser
-        )
-        specs = choice_specs(common, [prompt_ids], max_tokens, keep_special=markers)
-        return await self._respond(request, ctx, common, specs, fmt)
+        return common, choice_specs(common, [prompt_ids], max_tokens, keep_special=markers), tool_parser
 
     async def completions(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_request_bytes)
@@ -222,7 +259,7 @@ class OpenAIServer:
     # Generation ----------------------------------------------------------------------
 
     async def _respond(
-        self, request: Request, ctx: ModelContext, common: Common, specs: list[ChoiceSpec], fmt: ResponseFormat
+        self, request: Request, ctx: ModelContext, common: Common, specs: list[ChoiceSpec], fmt: ResponseWriter
     ) -> Response:
         timing = Timing()
         events = merged_choices(self.client, ctx.tokenizer, specs, timing)
@@ -245,7 +282,7 @@ class OpenAIServer:
             if not streaming:  # whatever went wrong, no choice may stay running in the engine
                 await events.aclose()
         chunks = fmt.chunks(head, _prepended(first, events), usage)
-        return EventSourceResponse(self._sse(chunks, events, timing, usage, fmt.prompt_param), sep="\n")
+        return EventSourceResponse(self._sse(chunks, events, timing, usage, fmt), sep="\n")
 
     async def _sse(
         self,
@@ -253,22 +290,23 @@ class OpenAIServer:
         events: AsyncGenerator[ChoiceEvent, None],
         timing: Timing,
         usage: Usage,
-        prompt_param: str,
+        fmt: ResponseWriter,
     ) -> AsyncIterator[dict]:
-        """SSE events: each chunk, then [DONE]. A failure mid-stream (the status is sent by now)
-        becomes an error event before the [DONE]."""
+        """SSE events: each chunk, then [DONE] where the format ends so. A failure mid-stream (the
+        status is sent by now) becomes an error event, the stream's last."""
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
-                    yield {"data": json.dumps(chunk)}
+                    yield fmt.sse(chunk)
             self.metrics.observe_request(timing, usage)
         except ENGINE_ERRORS as exc:
-            yield {"data": json.dumps(engine_error(exc, prompt_param).body())}
-        except Exception as exc:  # a bug of ours: the client still gets an error event and [DONE]
-            yield {"data": json.dumps(internal_error(exc, "a streamed response").body())}
+            yield fmt.sse(fmt.error_chunk(engine_error(exc, fmt.prompt_param)))
+        except Exception as exc:  # a bug of ours: the client still gets an error event (and [DONE])
+            yield fmt.sse(fmt.error_chunk(internal_error(exc, "a streamed response")))
         finally:
             await events.aclose()  # ends (aborts) every choice still running, the client gone or not
-        yield {"data": "[DONE]"}
+        if fmt.ends_with_done:
+            yield {"data": "[DONE]"}
 
 
 def _echoed(ctx: ModelContext, given: str | list[int], ids: list[int]) -> EchoedPrompt:

@@ -10,6 +10,7 @@ way for both (`Usage`), and both end a stream with the same usage chunk when ask
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -19,6 +20,7 @@ from typing import ClassVar
 
 from splitinfer.protocol import TokenLogprobs
 from splitinfer.protocol.tokenizer import Tokenizer
+from splitinfer.server.errors import APIError
 from splitinfer.server.generation import ChoiceEvent
 from splitinfer.server.tool_calls import (
     ArgumentsDelta,
@@ -117,9 +119,39 @@ def usage_chunk(head: ResponseHead, obj: str, usage: Usage) -> dict:
     return {**head.fields(obj), "system_fingerprint": None, "choices": [], "usage": usage.body()}
 
 
+class ResponseWriter(ABC):
+    """What an endpoint's answer needs to be sent (`OpenAIServer._respond`): the whole
+    response, or the stream's chunks and how each goes out as a server-sent event."""
+
+    prompt_param: ClassVar[str]  # the request field that holds the prompt, for errors about it
+    ends_with_done: ClassVar[bool] = True  # chat and completions streams end with `data: [DONE]`
+
+    @abstractmethod
+    def head(self, model: str) -> ResponseHead:
+        """The response's id, model and time, fixed before the first event."""
+
+    @abstractmethod
+    def body(self, head: ResponseHead, choices: list[ChoiceText], usage: Usage) -> dict:
+        """The non-streamed response."""
+
+    @abstractmethod
+    def chunks(
+        self, head: ResponseHead, events: AsyncIterator[ChoiceEvent], usage: Usage
+    ) -> AsyncGenerator[dict, None]:
+        """A stream's chunks, in order, counting the events into `usage`."""
+
+    def sse(self, chunk: dict) -> dict:
+        """One chunk as sse-starlette sends it."""
+        return {"data": json.dumps(chunk)}
+
+    def error_chunk(self, error: APIError) -> dict:
+        """What a stream sends when it fails after its status went out."""
+        return error.body()
+
+
 @dataclass(frozen=True)
-class ResponseFormat(ABC):
-    """How one request's response looks: built once per request by its endpoint."""
+class ResponseFormat(ResponseWriter):
+    """How one chat or completions response looks: built once per request by its endpoint."""
 
     tokenizer: Tokenizer  # to spell out the tokens of logprobs
     logprobs: int | None  # how many top logprobs per token; None: no logprobs asked for
@@ -127,7 +159,6 @@ class ResponseFormat(ABC):
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs: top N per prompt token; None: not asked
 
     id_prefix: ClassVar[str]
-    prompt_param: ClassVar[str]  # the request field that holds the prompt, for errors about it
     response_object: ClassVar[str]  # the whole response's `object`
     chunk_object: ClassVar[str]  # each streamed chunk's `object`
 
