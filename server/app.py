@@ -8,10 +8,10 @@ API key and answering every failure as OpenAI's error JSON, is `http.py`.
 Requests: validate the body (`openai_params.py`), turn the messages or prompts into token
 ids within the model's limits (`model_context.py`), run the choices in the engine
 (`generation.py`), answer in the endpoint's format (`responses.py`; the Responses API's,
-which is a chat request in other words, in `responses_request.py` and `responses_api.py`). A
-streamed request
-fetches its first event before the response starts, so a refusal by the engine still gets
-a proper status code; after that, failures are an error event followed by `data: [DONE]`.
+which is a chat request in other words, in `responses_request.py` and `responses_api.py`).
+A streamed request fetches its first event before the response starts, so a refusal by the
+engine still gets a proper status code; after that, a failure is an error event (then
+`data: [DONE]` for chat and completions).
 A client that disconnects has its request aborted at once.
 """
 
