@@ -132,8 +132,8 @@ def _refuse_unsupported(body: dict) -> None:
         _unsupported("top_logprobs", "'top_logprobs' is not supported by /v1/responses; use /v1/chat/completions")
     include = typed_field(body, "include", list, "a list", [])
     for i, name in enumerate(include):
-        if name not in INCLUDABLE:
-            _unsupported(f"include[{i}]", f"'include' of {name!r} is not supported by this server")
+        if not isinstance(name, str) or name not in INCLUDABLE:
+            _unsupported(f"include[{i}]", f"'include' of {_show(name)} is not supported by this server")
     typed_field(body, "store", bool, "a boolean")
     for name in ("service_tier", "prompt_cache_key", "safety_identifier", "user"):
         typed_field(body, name, str, "a string")

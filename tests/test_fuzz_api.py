@@ -1,6 +1,7 @@
 """The API fuzzed with hostile requests against a real engine and a real server process.
 
-Requests are built from the OpenAI chat and completions schemas, then up to four fields
+Requests are built from the OpenAI chat, completions and Responses schemas (and vLLM's
+tokenizer endpoints), then up to four fields
 are replaced by hostile values: integers at and past 64 bits, huge and tiny floats, the
 NaN and Infinity tokens, numbers past a double (`1e400`), lone surrogates, control and
 bidi characters, nesting deeper than any parser should follow, wrong types, empty and huge
@@ -262,6 +263,119 @@ def test_fuzzed_openai_requests_never_get_a_5xx(stack: Stack) -> None:
             path, body = request
             response = client.post(stack.url + path, content=body.encode("utf-8"))
             check_response(response)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        one()
+    print(f"{sum(statuses.values())} fuzzed requests, by status: {dict(sorted(statuses.items()))}")
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, "the fuzzer reaches both outcomes"
+    assert_engine_healthy(stack)
+
+
+# The Responses API and the tokenizer endpoints ------------------------------------------
+
+input_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "output_text", "refusal", "input_image"]) | junk, "text": texts}
+)
+input_item = (
+    message
+    | st.fixed_dictionaries(
+        {
+            "type": st.just("message"),
+            "role": st.sampled_from(["user", "assistant"]) | junk,
+            "content": st.lists(input_part, max_size=2) | junk,
+        }
+    )
+    | st.fixed_dictionaries(
+        {
+            "type": st.just("function_call"),
+            "call_id": texts | junk,
+            "name": texts | junk,
+            "arguments": st.sampled_from(['{"a": 1}', "{}", "[]", "{"]) | texts | junk,
+        }
+    )
+    | st.fixed_dictionaries({"type": st.just("function_call_output"), "call_id": texts | junk, "output": texts | junk})
+    | st.fixed_dictionaries({"type": st.sampled_from(["reasoning", "item_reference", "web_search_call"]) | junk})
+)
+flat_tool = st.fixed_dictionaries(
+    {
+        "type": st.just("function") | junk,
+        "name": st.sampled_from(["f", "get_weather"]) | texts | junk,
+        "parameters": st.just({"type": "object", "properties": {"a": {"type": "integer"}}}) | junk,
+    }
+)
+RESPONSES_VALUES = {
+    "model": texts | junk,
+    "input": texts | st.lists(input_item, max_size=4) | junk,
+    "instructions": texts | junk,
+    "max_output_tokens": numeric("max_tokens"),
+    "temperature": numeric("temperature"),
+    "top_p": numeric("top_p"),
+    "tools": st.lists(flat_tool, max_size=2) | junk,
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "name": "f"}]) | junk,
+    "parallel_tool_calls": st.booleans() | junk,
+    "text": st.fixed_dictionaries(
+        {"format": st.sampled_from([{"type": "json_object"}, {"type": "json_schema", "name": "x"}]) | junk}
+    )
+    | junk,
+    "stream": st.booleans() | junk,
+    "store": st.booleans() | junk,
+    "metadata": st.dictionaries(texts, texts | junk, max_size=3) | junk,
+    "previous_response_id": st.none() | texts | junk,
+    "include": st.lists(texts, max_size=2) | junk,
+    "reasoning": st.none() | junk,
+    "truncation": st.sampled_from(["auto", "disabled"]) | junk,
+}
+TOKENIZE_VALUES = {
+    "model": texts | junk,
+    "prompt": texts | junk,
+    "messages": st.lists(message, max_size=3) | junk,
+    "add_special_tokens": st.booleans() | junk,
+    "add_generation_prompt": st.booleans() | junk,
+    "continue_final_message": st.booleans() | junk,
+    "return_token_strs": st.booleans() | junk,
+    "tools": junk,
+    "tokens": token_lists | junk,
+}
+
+
+@st.composite
+def other_requests(draw: st.DrawFn) -> tuple[str, str]:
+    """A /v1/responses, /tokenize or /detokenize request with up to four hostile fields."""
+    path = draw(st.sampled_from(["/v1/responses", "/tokenize", "/detokenize"]))
+    if path == "/v1/responses":
+        body: dict = {"model": "tiny", "input": "Hello", "max_output_tokens": 3}
+        values = RESPONSES_VALUES
+    else:
+        body = {"prompt": "Hello"} if path == "/tokenize" else {"tokens": [1, 2, 3]}
+        values = TOKENIZE_VALUES
+    for field in draw(st.lists(st.sampled_from(sorted(values)), max_size=4, unique=True)):
+        body[field] = draw(values[field])
+    return path, dump(body)
+
+
+def check_other_response(response: httpx.Response) -> None:
+    """As `check_response`; a Responses stream is typed events, the last a terminal one."""
+    assert response.status_code < 500, response.text[:500]
+    if response.status_code >= 400:
+        assert_openai_error(response.json()["error"])
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        events = [json.loads(line[6:]) for line in response.text.split("\n") if line.startswith("data: ")]
+        assert [e["sequence_number"] for e in events] == list(range(len(events))), response.text[-300:]
+        assert events[-1]["type"] in ("response.completed", "response.incomplete"), events[-1]
+    else:
+        assert isinstance(response.json(), dict)
+
+
+def test_fuzzed_responses_and_tokenizer_requests_never_get_a_5xx(stack: Stack) -> None:
+    statuses: dict[int, int] = {}
+    with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as client:
+
+        @FUZZ
+        @given(other_requests())
+        def one(request: tuple[str, str]) -> None:
+            path, body = request
+            response = client.post(stack.url + path, content=body.encode("utf-8"))
+            check_other_response(response)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         one()
