@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import httpx
 import jsonschema
 import openai
+import pydantic
 import pytest
 from conftest import FAMILIES
 from procs import free_port, start_engine, start_server, stop
@@ -46,6 +47,11 @@ FORM = {
     "required": ["name", "age"],
     "additionalProperties": False,
 }
+
+
+class Person(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=8)
+    age: int = pydantic.Field(ge=0)
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,11 @@ def test_a_json_schema_format_is_enforced(served: Served) -> None:
     same_reply(out, reassembled(served, **params))
     json_object = create(served, input="JSON please", text={"format": {"type": "json_object"}}, max_output_tokens=200)
     assert isinstance(json.loads(json_object.output_text), dict)
+    # The SDK's pydantic helpers: the schema comes from the model, the answer is parsed into it.
+    parsed = served.client.responses.parse(model=MODEL, input="Who?", text_format=Person, max_output_tokens=200)
+    assert isinstance(parsed.output_parsed, Person)
+    with served.client.responses.stream(model=MODEL, input="Who?", text_format=Person, max_output_tokens=200) as s:
+        assert isinstance(s.get_final_response().output_parsed, Person)
 
 
 def test_input_items_with_parts_and_roles(served: Served) -> None:
