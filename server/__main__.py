@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import uvicorn
 
@@ -19,14 +20,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="splitinfer-server",
         description="An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/responses, "
-        "/v1/models, vLLM's /tokenize and /detokenize, /health, /metrics) in front of a splitinfer engine. It keeps "
-        "no state: the model, tokenizer and chat template come from the engine, so any number of servers can share "
-        "one engine and restart freely.",
+        "/v1/models, vLLM's /tokenize and /detokenize, /health, /metrics) in front of one or more splitinfer "
+        "engines. It keeps no state: the models, tokenizers and chat templates come from the engines, so any "
+        "number of servers can share them and restart freely, and an engine started or stopped loads or unloads "
+        "its model in every server.",
     )
     p.add_argument(
         "--engine",
-        default=default_engine_address(),
-        help="Address of the engine's socket: ipc:///path or tcp://host:port (default: %(default)s).",
+        action="append",
+        default=None,
+        metavar="ADDR",
+        help="Address of an engine's socket: ipc:///path or tcp://host:port. Repeat it to serve several engines: "
+        "each serves the model it names, engines with the same model are replicas, and requests are routed to the "
+        f"least loaded replica, preferring the one that has the prompt's prefix cached (default: "
+        f"{default_engine_address()}).",
+    )
+    p.add_argument(
+        "--engines-file",
+        default=None,
+        metavar="FILE",
+        help="A file of engine addresses, one per line ('#' starts a comment), served besides any --engine.",
+    )
+    p.add_argument(
+        "--routing",
+        default="prefix-affinity",
+        choices=["prefix-affinity", "least-loaded"],
+        help="How a request picks among a model's replicas: prefix-affinity sends a prompt to the replica that "
+        "was sent its beginning, unless it is much busier than the least loaded; least-loaded ignores prefixes "
+        "and takes equally loaded replicas in turn (default: %(default)s).",
     )
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (default: %(default)s).")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: %(default)s).")
@@ -36,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--served-model-name",
         default=None,
-        help="Model name clients must send and /v1/models reports (default: the engine's).",
+        help="Model name clients must send and /v1/models reports, with a single engine (default: the engine's; "
+        "with several, each engine names its model with its own --served-model-name).",
     )
     p.add_argument(
         "--tool-call-parser",
@@ -76,17 +98,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def engine_addresses(flags: list[str] | None, file: str | None) -> tuple[str, ...]:
+    """The --engine flags, then the file's lines; the default address when there are none."""
+    addresses = list(flags or [])
+    if file is not None:
+        for line in Path(file).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                addresses.append(line)
+    if not addresses:
+        return (default_engine_address(),)
+    repeated = sorted({a for a in addresses if addresses.count(a) > 1})
+    if repeated:
+        raise ValueError(f"engine addresses given more than once: {', '.join(repeated)}")
+    return tuple(addresses)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        addresses = engine_addresses(args.engine, args.engines_file)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.served_model_name is not None and len(addresses) > 1:
+        parser.error("--served-model-name applies to a single engine; start each engine with its own")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
-        engine_address=args.engine,
+        engine_addresses=addresses,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         tool_call_parser=args.tool_call_parser,
         max_request_bytes=args.max_request_bytes,
         engine_stall_timeout_s=args.engine_stall_timeout,
         enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
+        prefix_affinity=args.routing == "prefix-affinity",
     )
     server = OpenAIServer(config)
     uvicorn.run(

@@ -17,7 +17,6 @@ A client that disconnects has its request aborted at once.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import logging
@@ -32,7 +31,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from splitinfer.server import tokenization
-from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClient, EngineUnavailable, Health
+from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClient
+from splitinfer.server.engine_pool import EnginePool, Lease
 from splitinfer.server.errors import APIError, engine_unavailable, internal_error
 from splitinfer.server.generation import ChoiceEvent, ChoiceSpec, Timing, merged_choices
 from splitinfer.server.http import (
@@ -59,6 +59,7 @@ from splitinfer.server.openai_params import (
 from splitinfer.server.responses import ChatFormat, CompletionFormat, EchoedPrompt, ResponseWriter, Usage, collect
 from splitinfer.server.responses_api import ResponsesAPIFormat
 from splitinfer.server.responses_request import parse_responses, responses_error
+from splitinfer.server.router import Router
 from splitinfer.server.tool_calls import ToolStreamParser
 
 logger = logging.getLogger(__name__)
@@ -68,25 +69,28 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    engine_address: str
+    engine_addresses: tuple[str, ...]
     api_key: str | None = None
     served_model_name: str | None = None
     tool_call_parser: str = "auto"  # a TOOL_CALL_FORMATS name, "auto" (the checkpoint's) or "none"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     enable_tokenizer_info: bool = False  # GET /tokenizer_info shows the tokenizer config and chat template
+    prefix_affinity: bool = True  # route a prompt to the replica that was sent its prefix (router.py)
 
 
 class OpenAIServer:
-    def __init__(self, config: ServerConfig, client: EngineClient | None = None) -> None:
+    def __init__(self, config: ServerConfig, pool: EnginePool | None = None) -> None:
         self.config = config
-        self.client = client or EngineClient(
-            config.engine_address, connect_timeout_s=2.0, stall_timeout_s=config.engine_stall_timeout_s
+        self.pool = pool or EnginePool(
+            config.engine_addresses,
+            lambda address: EngineClient(address, connect_timeout_s=2.0, stall_timeout_s=config.engine_stall_timeout_s),
+            served_model_name=config.served_model_name,
+            tool_call_parser=config.tool_call_parser,
+            router=Router(affinity=config.prefix_affinity),
         )
         self.metrics = ServerMetrics()
         self._api_key = APIKey(config.api_key)
-        self._context: ModelContext | None = None
-        self._connector: asyncio.Task | None = None
         routes = [
             Route("/v1/chat/completions", self._endpoint("chat", self.chat_completions), methods=["POST"]),
             Route("/v1/completions", self._endpoint("completions", self.completions), methods=["POST"]),
@@ -113,35 +117,11 @@ class OpenAIServer:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self._connector = asyncio.create_task(self._connect_until_ready())
+        await self.pool.start()  # connects in the background: the server answers 503 until then
         try:
             yield
         finally:
-            self._connector.cancel()
-            await self.client.close()
-
-    async def _connect_until_ready(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                info = await self.client.start()
-                logger.info(
-                    "engine %s ready: model %s, max_model_len %d", info.engine_id, info.model_name, info.max_model_len
-                )
-                return
-            except EngineUnavailable as exc:
-                logger.warning("%s; retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, 2.0)
-
-    def context(self) -> ModelContext:
-        """The model as the connected engine describes it; 503 while there is none."""
-        info = self.client.info
-        if self.client.health is not Health.READY or info is None:
-            raise engine_unavailable(f"not connected to {self.config.engine_address}")
-        if self._context is None or self._context.info.engine_id != info.engine_id:
-            self._context = ModelContext.from_hello(info, self.config.served_model_name, self.config.tool_call_parser)
-        return self._context
+            await self.pool.close()
 
     def _endpoint(self, name: str, handler: Handler) -> Handler:
         """A /v1 route: the API key checked, every failure answered (`http.answer`), counted by status."""
@@ -157,9 +137,8 @@ class OpenAIServer:
     # Endpoints -----------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_request_bytes)
-        ctx = self.context()
-        req = parse_chat(body)
+        req = parse_chat(await read_json(request, self.config.max_request_bytes))
+        ctx = self.pool.context(req.common.model)
         common, specs, tool_parser = self._chat_choices(ctx, req)
         top = req.top_logprobs if req.logprobs else None
         fmt = ChatFormat(
@@ -168,10 +147,9 @@ class OpenAIServer:
         return await self._respond(request, ctx, common, specs, fmt)
 
     async def responses(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_request_bytes)
-        ctx = self.context()
-        req = parse_responses(body)
+        req = parse_responses(await read_json(request, self.config.max_request_bytes))
         try:
+            ctx = self.pool.context(req.chat.common.model)
             common, specs, tool_parser = self._chat_choices(ctx, req.chat)
         except APIError as exc:
             raise responses_error(exc) from None
@@ -192,7 +170,6 @@ class OpenAIServer:
     ) -> tuple[Common, list[ChoiceSpec], Callable[[], ToolStreamParser] | None]:
         """A chat request's engine requests, and the parser of each reply when its tool calls are
         parsed (a required or named call enforced by a grammar)."""
-        ctx.check_model(req.common.model)
         tools, common = req.tools, req.common
         prompt_ids = ctx.chat_prompt(req.messages, tools.template_tools if tools else None, req.prompt_options)
         max_tokens = ctx.max_tokens(len(prompt_ids), common.max_tokens)
@@ -205,10 +182,8 @@ class OpenAIServer:
         return common, choice_specs(common, [prompt_ids], max_tokens, keep_special=markers), tool_parser
 
     async def completions(self, request: Request) -> Response:
-        body = await read_json(request, self.config.max_request_bytes)
-        ctx = self.context()
-        req = parse_completion(body)
-        ctx.check_model(req.common.model)
+        req = parse_completion(await read_json(request, self.config.max_request_bytes))
+        ctx = self.pool.context(req.common.model)
         prompts = ctx.completion_prompts(req.prompts)
         max_tokens = min(ctx.max_tokens(len(ids), req.common.max_tokens) for ids in prompts)
         echo = tuple(_echoed(ctx, given, ids) for given, ids in zip(req.prompts, prompts)) if req.echo else ()
@@ -223,37 +198,44 @@ class OpenAIServer:
         return await self._respond(request, ctx, req.common, choice_specs(req.common, prompts, max_tokens), fmt)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [self.context().card()]})
+        return JSONResponse({"object": "list", "data": [ctx.card() for ctx in self.pool.contexts()]})
 
     async def model(self, request: Request) -> Response:
-        ctx = self.context()
-        ctx.check_model(request.path_params["model_id"])
-        return JSONResponse(ctx.card())
+        return JSONResponse(self.pool.context(request.path_params["model_id"]).card())
 
     async def tokenize(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_request_bytes)
-        return JSONResponse(tokenization.tokenize(self.context(), body))
+        return JSONResponse(tokenization.tokenize(self._tokenizer_context(body), body))
 
     async def detokenize(self, request: Request) -> Response:
         body = await read_json(request, self.config.max_request_bytes)
-        return JSONResponse(tokenization.detokenize(self.context(), body))
+        return JSONResponse(tokenization.detokenize(self._tokenizer_context(body), body))
 
     async def tokenizer_info(self, request: Request) -> Response:
-        return JSONResponse(tokenization.tokenizer_info(self.context()))
+        model = request.query_params.get("model")
+        return JSONResponse(
+            tokenization.tokenizer_info(self.pool.context(model) if model else self.pool.only_context())
+        )
+
+    def _tokenizer_context(self, body: dict) -> ModelContext:
+        """The model a tokenizer request names, or the only one served (`model` is optional there)."""
+        model = tokenization.requested_model(body)
+        return self.pool.context(model) if model is not None else self.pool.only_context()
 
     async def health(self, request: Request) -> Response:
-        if self.client.health is Health.READY:
-            with contextlib.suppress(EngineUnavailable, asyncio.TimeoutError):
-                await self.client.ping(timeout_s=1.0)
-                return JSONResponse({"status": "ok", "engine_id": self.client.info.engine_id})
-        return engine_unavailable(self.client.health.value).response()
+        healthy, body = await self.pool.health()
+        if healthy:
+            return JSONResponse(body)
+        # OpenAI's error JSON, as every failure here, with the engines' states beside it.
+        if body["missing_models"]:
+            why = "no engine serving " + ", ".join(f"'{m}'" for m in body["missing_models"]) + " is connected"
+        else:
+            why = "no engine is connected and answering"
+        return JSONResponse({**engine_unavailable(why).body(), **body}, status_code=503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        stats = None
-        if self.client.health is Health.READY:
-            with contextlib.suppress(EngineUnavailable, asyncio.TimeoutError):
-                stats = await self.client.stats(timeout_s=1.0)
-        self.metrics.observe_engine(stats)
+        await self.pool.refresh_stats()
+        self.metrics.observe_engines(self.pool)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # Generation ----------------------------------------------------------------------
@@ -262,7 +244,9 @@ class OpenAIServer:
         self, request: Request, ctx: ModelContext, common: Common, specs: list[ChoiceSpec], fmt: ResponseWriter
     ) -> Response:
         timing = Timing()
-        events = merged_choices(self.client, ctx.tokenizer, specs, timing)
+        lease = self.pool.route(ctx, specs[0].prompt_token_ids, len(specs))
+        self.metrics.routed.labels(lease.handle.address, ctx.name).inc()
+        events = merged_choices(lease.client, ctx.tokenizer, specs, timing)
         head = fmt.head(ctx.name)
         usage = Usage(common.n)
         streaming = False
@@ -281,13 +265,15 @@ class OpenAIServer:
         finally:
             if not streaming:  # whatever went wrong, no choice may stay running in the engine
                 await events.aclose()
+                lease.release()
         chunks = fmt.chunks(head, _prepended(first, events), usage)
-        return EventSourceResponse(self._sse(chunks, events, timing, usage, fmt), sep="\n")
+        return EventSourceResponse(self._sse(chunks, events, lease, timing, usage, fmt), sep="\n")
 
     async def _sse(
         self,
         chunks: AsyncGenerator[dict, None],
         events: AsyncGenerator[ChoiceEvent, None],
+        lease: Lease,
         timing: Timing,
         usage: Usage,
         fmt: ResponseWriter,
@@ -305,6 +291,7 @@ class OpenAIServer:
             yield fmt.sse(fmt.error_chunk(internal_error(exc, "a streamed response")))
         finally:
             await events.aclose()  # ends (aborts) every choice still running, the client gone or not
+            lease.release()
         if fmt.ends_with_done:
             yield {"data": "[DONE]"}
 

@@ -1,8 +1,9 @@
 """Prometheus metrics of one server (`GET /metrics`), in a registry of its own.
 
 Request counts by endpoint and status, TTFT, inter-token and end-to-end latency, tokens
-in and out, and the engine's waiting and running requests and KV usage (asked of the
-engine at each scrape, so they are fresh and cost nothing in between).
+in and out, and per engine (labels `engine`, its address, and `model`): whether it is
+connected, its waiting and running requests, KV usage and prefix-cache hit rate (from the
+pool's stats, at most half a second old), and the requests this server has routed to it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from splitinfer.protocol import StatsReply
-
 if TYPE_CHECKING:
+    from splitinfer.server.engine_pool import EnginePool
     from splitinfer.server.generation import Timing
     from splitinfer.server.responses import Usage
 
@@ -48,10 +48,36 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("splitinfer_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("splitinfer_generation_tokens", "Generated tokens", registry=r)
-        self.waiting = Gauge("splitinfer_engine_waiting_requests", "Requests waiting in the engine", registry=r)
-        self.running = Gauge("splitinfer_engine_running_requests", "Requests running in the engine", registry=r)
-        self.kv_usage = Gauge("splitinfer_engine_kv_cache_usage", "Share of KV-cache blocks in use (0-1)", registry=r)
-        self.engine_up = Gauge("splitinfer_engine_up", "1 while the engine answers, else 0", registry=r)
+        per_engine = ["engine", "model"]
+        self.routed = Counter(
+            "splitinfer_routed_requests", "HTTP requests this server routed to each engine", per_engine, registry=r
+        )
+        self.waiting = Gauge(
+            "splitinfer_engine_waiting_requests", "Requests waiting in the engine", per_engine, registry=r
+        )
+        self.running = Gauge(
+            "splitinfer_engine_running_requests", "Requests running in the engine", per_engine, registry=r
+        )
+        self.kv_usage = Gauge(
+            "splitinfer_engine_kv_cache_usage", "Share of KV-cache blocks in use (0-1)", per_engine, registry=r
+        )
+        self.prefix_hit_rate = Gauge(
+            "splitinfer_engine_prefix_cache_hit_rate",
+            "Share of prompt tokens served from the prefix cache",
+            per_engine,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "splitinfer_engine_inflight_requests",
+            "Engine requests this server has routed to it and not seen end",
+            per_engine,
+            registry=r,
+        )
+        self._load_gauges = (self.waiting, self.running, self.kv_usage, self.prefix_hit_rate, self.inflight)
+        self._engine_labels: dict[str, tuple[str, str]] = {}  # address -> the labels its series have now
+        self.engine_up = Gauge(
+            "splitinfer_engine_up", "1 while the engine is connected, else 0", ["engine"], registry=r
+        )
 
     def observe_request(self, timing: Timing, usage: Usage) -> None:
         """A request that completed: its latencies and token counts."""
@@ -63,12 +89,26 @@ class ServerMetrics:
         self.prompt_tokens.inc(usage.prompt_tokens)
         self.generation_tokens.inc(usage.completion_tokens)
 
-    def observe_engine(self, stats: StatsReply | None) -> None:
-        self.engine_up.set(0 if stats is None else 1)
-        if stats is not None:
-            self.waiting.set(stats.waiting)
-            self.running.set(stats.running)
-            self.kv_usage.set(stats.kv_usage)
+    def observe_engines(self, pool: EnginePool) -> None:
+        """Each configured engine's state, from the pool's latest stats (at most a poll old).
+        An engine's load series are dropped while it is down: stale numbers would mislead."""
+        for handle in pool.handles:
+            self.engine_up.labels(handle.address).set(1 if handle.live else 0)
+            stats = handle.stats if handle.live and handle.stats_engine_id == handle.engine_id else None
+            labels = (handle.address, handle.client.info.model_name) if stats is not None else None
+            shown = self._engine_labels.get(handle.address)
+            if shown is not None and shown != labels:  # down, or back with another model
+                for gauge in self._load_gauges:
+                    gauge.remove(*shown)
+                del self._engine_labels[handle.address]
+            if labels is None:
+                continue
+            self._engine_labels[handle.address] = labels
+            self.waiting.labels(*labels).set(stats.waiting)
+            self.running.labels(*labels).set(stats.running)
+            self.kv_usage.labels(*labels).set(stats.kv_usage)
+            self.prefix_hit_rate.labels(*labels).set(stats.prefix_hit_rate)
+            self.inflight.labels(*labels).set(handle.inflight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

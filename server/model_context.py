@@ -15,6 +15,7 @@ none refuses requests that want tool calls parsed (`tool_call_format_unknown`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from splitinfer.protocol import HelloReply
@@ -23,6 +24,25 @@ from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.chat_template import ChatTemplate
 from splitinfer.server.errors import APIError, bad_request
 from splitinfer.server.tool_calls import TOOL_CALL_FORMATS, ToolCallFormat, detect_tool_call_format
+
+
+def replica_identity(info: HelloReply) -> str:
+    """A digest of what replicas of one model must share: everything a server reads from the
+    HelloReply to serve it, but the engine's id and lease (`engine_pool.py`)."""
+    digest = hashlib.sha256()
+    for part in (
+        info.model_name,
+        str(info.max_model_len),
+        str(info.vocab_size),
+        repr(info.eos_token_ids),
+        repr(info.chat_template),
+        repr(info.tool_chat_template),
+        str(info.block_size),
+    ):
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    for name in sorted(info.tokenizer_files):
+        digest.update(name.encode("utf-8", "surrogatepass") + b"\0" + info.tokenizer_files[name] + b"\0")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +72,7 @@ class ModelContext:
     tool_template: ChatTemplate | None  # the checkpoint's "tool_use" template: requests with tools
     tool_format: ToolCallFormat | None  # None: tool calls cannot be parsed
     tool_markers: frozenset[int]  # special tokens the tool format writes, kept in the text for its parser
+    identity: str  # what replicas of this model must share (`replica_identity`)
 
     @classmethod
     def from_hello(
@@ -80,6 +101,7 @@ class ModelContext:
             tool_template=tool_template,
             tool_format=tool_format,
             tool_markers=markers,
+            identity=replica_identity(info),
         )
 
     def check_model(self, model: str) -> None:

@@ -14,7 +14,8 @@ vLLM count tokens through us without loading a tokenizer themselves.
   the chat template served. Off unless the server runs with --enable-tokenizer-info-endpoint,
   as in vLLM: it shows the operator's template and configuration to every client.
 
-`model` is optional in each body (vLLM's), and checked when given.
+`model` is optional in each body (vLLM's) while the server serves one model; with several
+it picks the model (for /tokenizer_info, the `model` query parameter).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ DEFAULT_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # what transformers loads f
 
 
 def tokenize(ctx: ModelContext, body: dict) -> dict:
-    _check_model(ctx, body)
     return_strs = typed_field(body, "return_token_strs", bool, "a boolean", False)
     if "messages" in body and "prompt" in body:
         raise bad_request("send either 'prompt' (text) or 'messages' (a chat), not both", param="prompt")
@@ -46,7 +46,6 @@ def tokenize(ctx: ModelContext, body: dict) -> dict:
 
 
 def detokenize(ctx: ModelContext, body: dict) -> dict:
-    _check_model(ctx, body)
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
         raise bad_request("'tokens' must be a list of token ids", param="tokens")
@@ -79,7 +78,6 @@ def _text_ids(ctx: ModelContext, body: dict) -> list[int]:
     return ctx.tokenizer.encode(prompt, add_special_tokens=add_special)
 
 
-def _check_model(ctx: ModelContext, body: dict) -> None:
-    model = typed_field(body, "model", str, "a string")
-    if model is not None:
-        ctx.check_model(model)
+def requested_model(body: dict) -> str | None:
+    """The request's `model`, optional here (vLLM's): None picks the server's only model."""
+    return typed_field(body, "model", str, "a string")

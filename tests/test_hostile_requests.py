@@ -39,7 +39,7 @@ class Stack:
         return httpx.post(self.url + path, content=raw, headers=headers or AUTH, timeout=60)
 
     def engine_id(self) -> str:
-        return httpx.get(self.url + "/health").json()["engine_id"]
+        return httpx.get(self.url + "/health").json()["engines"][0]["engine_id"]
 
 
 @pytest.fixture(scope="module")

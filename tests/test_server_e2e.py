@@ -430,7 +430,7 @@ def test_32_concurrent_mixed_requests_through_both_servers_equal_their_sequentia
 def engine_stats(stack: Stack) -> dict[str, float]:
     text = httpx.get(f"{stack.url(stack.open_port)}/metrics").text
     return {
-        name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+        name: float(re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M).group(1))
         for name in ("splitinfer_engine_running_requests", "splitinfer_engine_kv_cache_usage")
     }
 
