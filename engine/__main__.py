@@ -10,7 +10,8 @@ import sys
 from splitinfer.engine.cli_args import add_engine_arguments, engine_config
 from splitinfer.engine.errors import ConfigError, EngineDeadError
 from splitinfer.engine.service import DEFAULT_LEASE_S, EngineService
-from splitinfer.protocol import DEFAULT_LIMITS, default_engine_address
+from splitinfer.protocol import DEFAULT_LIMITS, default_engine_address, parse_address
+from splitinfer.protocol.curve import EngineKeys, require_keys_for
 
 logger = logging.getLogger("splitinfer.engine")
 
@@ -47,6 +48,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_LIMITS.max_frame_bytes,
         help="Largest message accepted from a client; bigger ones get an error reply. (default: %(default)s)",
     )
+    security = p.add_argument_group(
+        "security",
+        "CURVE keys authenticate and encrypt the engine's socket across hosts (make them with splitinfer-keys). "
+        "A tcp:// address other than loopback needs them, or --insecure.",
+    )
+    security.add_argument(
+        "--curve-secret-key",
+        default=None,
+        metavar="FILE",
+        help="The engine's key pair: the NAME.key_secret file splitinfer-keys wrote.",
+    )
+    security.add_argument(
+        "--curve-allowed-keys",
+        default=None,
+        metavar="DIR",
+        help="Directory of the public keys (NAME.key files) of the servers allowed to connect; read again when an "
+        "unknown key knocks, so adding a server needs no restart.",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="Bind a tcp:// address reachable from other hosts without keys: anyone who reaches it can use the engine.",
+    )
     p.add_argument(
         "--log-level",
         default="INFO",
@@ -54,6 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Logging verbosity. (default: %(default)s)",
     )
     return p
+
+
+def engine_keys(args: argparse.Namespace) -> EngineKeys | None:
+    """The CURVE settings the flags give; ValueError for half of them, for unreadable keys, and
+    for an address others can reach without keys (unless --insecure)."""
+    if (args.curve_secret_key is None) != (args.curve_allowed_keys is None):
+        raise ValueError("--curve-secret-key and --curve-allowed-keys go together")
+    keys = None
+    if args.curve_secret_key is not None:
+        keys = EngineKeys.load(args.curve_secret_key, args.curve_allowed_keys)
+    parse_address(args.address)  # a bad address is reported as such first
+    require_keys_for(args.address, keys is not None, args.insecure)
+    return keys
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,12 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         build_parser().error(str(exc))
     try:
+        keys = engine_keys(args)
+    except ValueError as exc:  # before the model loads: a refusal should not take minutes
+        logger.error("cannot start: %s", exc)
+        return 2
+    try:
         service = EngineService.start(
             config,
             args.address,
             lease_s=args.lease_s,
             served_model_name=args.served_model_name,
             max_frame_bytes=args.max_frame_bytes,
+            keys=keys,
         )
     except (ValueError, OSError) as exc:  # bad checkpoint or flags, address in use: one clear line
         logger.error("cannot start: %s", exc)

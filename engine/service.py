@@ -39,6 +39,7 @@ from pathlib import Path
 
 import zmq
 from msgspec.structs import force_setattr
+from zmq.auth.thread import ThreadAuthenticator
 
 from splitinfer.engine.clients import ClientRegistry, ClientSession
 from splitinfer.engine.config import EngineConfig
@@ -72,6 +73,7 @@ from splitinfer.protocol.chat_template import (
     find_chat_template,
     find_tool_chat_template,
 )
+from splitinfer.protocol.curve import EngineKeys, HandshakeWatch, secure_server_socket
 from splitinfer.protocol.tokenizer import read_tokenizer_files
 
 logger = logging.getLogger(__name__)
@@ -224,9 +226,11 @@ class EngineService:
         limits: Limits,
         chat_template: str | None,
         tool_chat_template: str | None = None,
+        guards: tuple[ThreadAuthenticator, HandshakeWatch] | None = None,
     ) -> None:
         self.core = core
         self.socket = sock
+        self._guards = guards  # CURVE's authenticator and handshake log, stopped with the socket
         self.address = address
         self.ipc_path = ipc_path
         self.limits = limits
@@ -258,8 +262,9 @@ class EngineService:
         lease_s: float = DEFAULT_LEASE_S,
         served_model_name: str | None = None,
         max_frame_bytes: int | None = None,
+        keys: EngineKeys | None = None,
     ) -> EngineService:
-        """Check the address, load the model, bind, and log `ready`."""
+        """Check the address, load the model, bind (as a CURVE server with `keys`), and log `ready`."""
         started = time.perf_counter()
         parsed = parse_address(address)
         limits = (
@@ -273,7 +278,7 @@ class EngineService:
         chat_template = served_chat_template(config)  # and on a chat template that cannot work
         tool_chat_template = served_tool_chat_template(config)
         core = EngineCore(config)
-        sock = cls._bind(address, ipc_path, limits)
+        sock, guards = cls._bind(address, ipc_path, limits, keys)
         service = cls(
             core,
             sock,
@@ -284,11 +289,13 @@ class EngineService:
             limits,
             chat_template,
             tool_chat_template,
+            guards,
         )
         kv = core.stats().kv
         logger.info(
-            "ready on %s in %.1f s (pid %d): model %s, KV cache %d blocks = %d tokens, max_model_len %d",
+            "ready on %s%s in %.1f s (pid %d): model %s, KV cache %d blocks = %d tokens, max_model_len %d",
             address,
+            f" (CURVE, clients' keys in {keys.allowed.directory})" if keys is not None else "",
             time.perf_counter() - started,
             os.getpid(),
             service.hello_reply.model_name,
@@ -299,8 +306,14 @@ class EngineService:
         return service
 
     @staticmethod
-    def _bind(address: str, ipc_path: Path | None, limits: Limits) -> zmq.Socket:
-        sock = zmq.Context.instance().socket(zmq.ROUTER)
+    def _bind(
+        address: str, ipc_path: Path | None, limits: Limits, keys: EngineKeys | None
+    ) -> tuple[zmq.Socket, tuple[ThreadAuthenticator, HandshakeWatch] | None]:
+        context = zmq.Context.instance()
+        sock = context.socket(zmq.ROUTER)
+        guards = None
+        if keys is not None:
+            guards = (secure_server_socket(sock, keys.own, keys.allowed, context), HandshakeWatch(sock))
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished client raises, not drops
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting under its routing id takes it over
         sock.setsockopt(zmq.LINGER, 1000)
@@ -311,14 +324,14 @@ class EngineService:
         try:
             sock.bind(address)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
+            _close(sock, guards, linger_ms=0)
             raise OSError(f"cannot bind {address}: {exc}") from exc
         finally:
             if old_umask is not None:
                 os.umask(old_umask)
         if ipc_path is not None:
             os.chmod(ipc_path, 0o600)
-        return sock
+        return sock, guards
 
     def _build_hello_reply(
         self, served_model_name: str, lease_s: float, chat_template: str | None, tool_chat_template: str | None
@@ -629,7 +642,7 @@ class EngineService:
             self._send_outputs(self.core.step())
         for session in self.clients.sessions():
             self._send(session.identity, Shutdown(message=reason))
-        self.socket.close(linger=1000)
+        _close(self.socket, self._guards, linger_ms=1000)
         self._wake_r.close()
         self._wake_w.close()
         if self.ipc_path is not None:
@@ -638,6 +651,15 @@ class EngineService:
             except FileNotFoundError:
                 pass
         logger.info("stopped")
+
+
+def _close(sock: zmq.Socket, guards: tuple[ThreadAuthenticator, HandshakeWatch] | None, linger_ms: int) -> None:
+    """Close the socket and, with CURVE, its handshake log before and its authenticator after."""
+    if guards is not None:
+        guards[1].stop()
+    sock.close(linger=linger_ms)
+    if guards is not None:
+        guards[0].stop()
 
 
 def for_client(out: RequestOutput, request_id: str) -> RequestOutput:

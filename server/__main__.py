@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 
-from splitinfer.protocol import default_engine_address
+from splitinfer.protocol import default_engine_address, parse_address
+from splitinfer.protocol.curve import ClientKeys, load_key_pair, load_public_key
 from splitinfer.server.app import DEFAULT_MAX_REQUEST_BYTES, OpenAIServer, ServerConfig
 from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S
 from splitinfer.server.tool_calls import TOOL_CALL_FORMAT_NAMES
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines-file",
         default=None,
         metavar="FILE",
-        help="A file of engine addresses, one per line ('#' starts a comment), served besides any --engine.",
+        help="A file of engines, one per line: an address and, for a CURVE engine with its own key, its public key "
+        "file ('#' starts a comment). Served besides any --engine.",
     )
     p.add_argument(
         "--routing",
@@ -90,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         "default, as in vLLM, since it shows every client the operator's template and settings.",
     )
     p.add_argument(
+        "--curve-secret-key",
+        default=None,
+        metavar="FILE",
+        help="This server's CURVE key pair (the NAME.key_secret file splitinfer-keys wrote), for engines that "
+        "require keys; the engine must list its NAME.key among its --curve-allowed-keys.",
+    )
+    p.add_argument(
+        "--curve-engine-key",
+        default=None,
+        metavar="FILE",
+        help="The engines' CURVE public key (the engine's NAME.key file); an engine listed in --engines-file may "
+        "give its own after its address.",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -98,34 +115,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def engine_addresses(flags: list[str] | None, file: str | None) -> tuple[str, ...]:
-    """The --engine flags, then the file's lines; the default address when there are none."""
-    addresses = list(flags or [])
+@dataclass(frozen=True, slots=True)
+class EngineEntry:
+    address: str
+    public_key_file: str | None = None  # the engine's CURVE public key, if given beside its address
+
+
+def engine_entries(flags: list[str] | None, file: str | None) -> tuple[EngineEntry, ...]:
+    """The --engine flags, then the file's lines ("ADDRESS [ENGINE_PUBLIC_KEY_FILE]"); the
+    default address when there are none."""
+    entries = [EngineEntry(flag) for flag in flags or []]
     if file is not None:
-        for line in Path(file).read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line:
-                addresses.append(line)
-    if not addresses:
-        return (default_engine_address(),)
+        for number, line in enumerate(Path(file).read_text().splitlines(), start=1):
+            fields = line.split("#", 1)[0].split()
+            if len(fields) > 2:
+                raise ValueError(f"{file}:{number}: expected 'ADDRESS [ENGINE_PUBLIC_KEY_FILE]', got {line.strip()!r}")
+            if fields:
+                entries.append(EngineEntry(*fields))
+    if not entries:
+        return (EngineEntry(default_engine_address()),)
+    addresses = [entry.address for entry in entries]
     repeated = sorted({a for a in addresses if addresses.count(a) > 1})
     if repeated:
         raise ValueError(f"engine addresses given more than once: {', '.join(repeated)}")
-    return tuple(addresses)
+    for address in addresses:
+        parse_address(address)
+    return tuple(entries)
+
+
+def client_keys(
+    entries: tuple[EngineEntry, ...], secret_key_file: str | None, engine_key_file: str | None
+) -> dict[str, ClientKeys]:
+    """Each engine's CURVE settings: this server's pair, and its public key (its own line's, else
+    --curve-engine-key). Without --curve-secret-key, none (ValueError if keys are half given)."""
+    if secret_key_file is None:
+        if engine_key_file is not None or any(e.public_key_file for e in entries):
+            raise ValueError("engine public keys need this server's own: give --curve-secret-key")
+        return {}
+    own = load_key_pair(secret_key_file)
+    keys = {}
+    for entry in entries:
+        key_file = entry.public_key_file or engine_key_file
+        if key_file is None:
+            raise ValueError(
+                f"no public key for the engine at {entry.address}: give --curve-engine-key, or its key file after its "
+                "address in --engines-file"
+            )
+        keys[entry.address] = ClientKeys(own, load_public_key(key_file))
+    return keys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        addresses = engine_addresses(args.engine, args.engines_file)
+        entries = engine_entries(args.engine, args.engines_file)
+        keys = client_keys(entries, args.curve_secret_key, args.curve_engine_key)
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
+    addresses = tuple(entry.address for entry in entries)
     if args.served_model_name is not None and len(addresses) > 1:
         parser.error("--served-model-name applies to a single engine; start each engine with its own")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         engine_addresses=addresses,
+        engine_keys=keys,
         api_key=args.api_key,
         served_model_name=args.served_model_name,
         tool_call_parser=args.tool_call_parser,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette.sse import EventSourceResponse
@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from splitinfer.protocol.curve import ClientKeys
 from splitinfer.server import tokenization
 from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClient
 from splitinfer.server.engine_pool import EnginePool, Lease
@@ -77,6 +78,7 @@ class ServerConfig:
     engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     enable_tokenizer_info: bool = False  # GET /tokenizer_info shows the tokenizer config and chat template
     prefix_affinity: bool = True  # route a prompt to the replica that was sent its prefix (router.py)
+    engine_keys: Mapping[str, ClientKeys] = field(default_factory=dict)  # CURVE, by engine address
 
 
 class OpenAIServer:
@@ -84,7 +86,12 @@ class OpenAIServer:
         self.config = config
         self.pool = pool or EnginePool(
             config.engine_addresses,
-            lambda address: EngineClient(address, connect_timeout_s=2.0, stall_timeout_s=config.engine_stall_timeout_s),
+            lambda address: EngineClient(
+                address,
+                connect_timeout_s=2.0,
+                stall_timeout_s=config.engine_stall_timeout_s,
+                keys=config.engine_keys.get(address),
+            ),
             served_model_name=config.served_model_name,
             tool_call_parser=config.tool_call_parser,
             router=Router(affinity=config.prefix_affinity),

@@ -59,6 +59,7 @@ from splitinfer.protocol import (
     decode,
     encode,
 )
+from splitinfer.protocol.curve import ClientKeys
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,16 @@ TRANSPORT_HEARTBEAT_S = 1.0
 TRANSPORT_TIMEOUT_S = 3.0
 # Messages either way that may wait in the socket (requests sent during a long engine step).
 SOCKET_QUEUE_MESSAGES = 100_000
+# What the socket monitor reports: a closed connection, and a handshake the engine refused.
+HANDSHAKE_FAILURES = frozenset(
+    {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+)
+WATCHED_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
 # How long the engine's loop may answer nothing before it counts as wedged: far above any
 # single step (a CPU prefill of a full token budget on a large model takes minutes).
 DEFAULT_STALL_TIMEOUT_S = 300.0
@@ -114,8 +125,10 @@ class EngineClient:
         connect_timeout_s: float = 10.0,
         max_backoff_s: float = 2.0,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        keys: ClientKeys | None = None,
     ) -> None:
         self.address = address
+        self.keys = keys  # CURVE: our key pair and the engine's public key
         self.client_id = client_id or f"server-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # A new nonce per process: the engine aborts what an earlier process under this id left.
         self.nonce = uuid.uuid4().hex
@@ -136,6 +149,7 @@ class EngineClient:
         self._tasks: list[asyncio.Task] = []
         self._reconnecting: asyncio.Task | None = None
         self._closed = False
+        self._handshake_logged = False  # a refused handshake is logged once per outage
 
     # Connection ----------------------------------------------------------------------
 
@@ -157,6 +171,7 @@ class EngineClient:
             logger.warning("connected to a new engine instance %s (was %s)", info.engine_id, self.info.engine_id)
         self.info = info
         self._last_heard = time.monotonic()
+        self._handshake_logged = False
         self.health = Health.READY
         logger.info("connected to engine %s at %s: model %s", info.engine_id, self.address, info.model_name)
         return info
@@ -186,7 +201,9 @@ class EngineClient:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(1000 * TRANSPORT_TIMEOUT_S))
         # A name of our own: pyzmq's default is named by the socket's file descriptor, which
         # the next socket reuses while the last one's monitor may still be connected to it.
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, addr=f"inproc://engine-monitor-{uuid.uuid4().hex}")
+        monitor = sock.get_monitor_socket(WATCHED_EVENTS, addr=f"inproc://engine-monitor-{uuid.uuid4().hex}")
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.address)
         self._socket, self._monitor = sock, monitor
         self._tasks.append(asyncio.create_task(self._receive(sock), name="engine-receive"))
@@ -262,10 +279,26 @@ class EngineClient:
         heartbeats timed out) into `unavailable`."""
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] in HANDSHAKE_FAILURES:
+                self._handshake_failed(event["event"])
+                continue
             if event["event"] == zmq.EVENT_DISCONNECTED and sock is self._socket:
                 await self._let_receive_drain(sock)
                 if sock is self._socket:
                     self._lost("the connection to the engine closed")
+
+    def _handshake_failed(self, event: int) -> None:
+        """Say once per outage why the engine does not answer: it refused the handshake."""
+        if self._handshake_logged:
+            return
+        self._handshake_logged = True
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            why = "it does not allow this server's CURVE key (add its .key file to the engine's --curve-allowed-keys)"
+        elif self.keys is None:
+            why = "it wants CURVE keys (start the server with --curve-secret-key and --curve-engine-key)"
+        else:
+            why = "the handshake failed: is --curve-engine-key the engine's public key?"
+        logger.error("the engine at %s refuses this server: %s; retrying", self.address, why)
 
     @staticmethod
     async def _let_receive_drain(sock: zmq.asyncio.Socket) -> None:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitinfer.server.__main__ import build_parser, engine_addresses, main
+from splitinfer.server.__main__ import EngineEntry, build_parser, engine_entries, main
 from splitinfer.server.router import (
     AFFINITY_SLACK_REQUESTS,
     Candidate,
@@ -99,13 +99,20 @@ def test_a_short_shared_beginning_does_not_pull_requests_together() -> None:
     assert picks.count("a") == picks.count("b") == 4
 
 
-def test_engine_addresses_from_flags_and_file(tmp_path) -> None:
+def test_engines_from_flags_and_file(tmp_path) -> None:
     listed = tmp_path / "engines.txt"
-    listed.write_text("# the replicas\nipc:///a.sock\n\n  tcp://10.0.0.2:5555  # second host\n")
-    assert engine_addresses(["ipc:///x.sock"], str(listed)) == ("ipc:///x.sock", "ipc:///a.sock", "tcp://10.0.0.2:5555")
-    assert len(engine_addresses(None, None)) == 1  # the default address
+    listed.write_text("# the replicas\nipc:///a.sock\n\n  tcp://10.0.0.2:5555 keys/b.key # second host\n")
+    assert engine_entries(["ipc:///x.sock"], str(listed)) == (
+        EngineEntry("ipc:///x.sock"),
+        EngineEntry("ipc:///a.sock"),
+        EngineEntry("tcp://10.0.0.2:5555", "keys/b.key"),
+    )
+    assert len(engine_entries(None, None)) == 1  # the default address
     with pytest.raises(ValueError, match="ipc:///a.sock"):
-        engine_addresses(["ipc:///a.sock"], str(listed))
+        engine_entries(["ipc:///a.sock"], str(listed))
+    listed.write_text("tcp://h:1 a.key extra\n")
+    with pytest.raises(ValueError, match="engines.txt:1"):
+        engine_entries(None, str(listed))
 
 
 @pytest.mark.parametrize(
@@ -114,6 +121,8 @@ def test_engine_addresses_from_flags_and_file(tmp_path) -> None:
         (["--engine", "ipc:///a", "--engine", "ipc:///b", "--served-model-name", "x"], "single engine"),
         (["--engine", "ipc:///a", "--engine", "ipc:///a"], "more than once"),
         (["--engines-file", "/nonexistent/engines.txt"], "engines.txt"),
+        (["--engine", "tcp://h:1", "--curve-engine-key", "e.key"], "--curve-secret-key"),
+        (["--engine", "nowhere"], "nowhere"),
     ],
 )
 def test_bad_engine_lists_are_refused_at_start(argv: list[str], message: str, capsys) -> None:
