@@ -120,8 +120,8 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
         assert proc.returncode in (130, 143)
         time.sleep(0.5)
         assert [pid for pid in descendants if pid_alive(pid)] == [], "orphans left running"
-        assert {p.name for p in run_dir.iterdir()} >= {"engine.log", f"server-{port}.log", f"server-{port + 1}.log"}
-        assert "stopped" in (run_dir / "engine.log").read_text()
+        assert {p.name for p in run_dir.iterdir()} >= {"engine-0.log", f"server-{port}.log", f"server-{port + 1}.log"}
+        assert "stopped" in (run_dir / "engine-0.log").read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -141,8 +141,104 @@ def test_start_distributed_help_documents_every_flag() -> None:
         "--served-model-name",
         "--engine-address",
         "--run-dir",
+        "--config",
+        "[[engines]]",
+        "served_model_name",
         "--help",
         "--device",
         "--num-kv-blocks",
     ):
         assert flag in out
+
+
+def test_a_fleet_from_toml_two_models_one_twice_behind_two_servers(make_checkpoint, tmp_path: Path) -> None:
+    from conftest import FAMILIES
+
+    llama, qwen = make_checkpoint(*FAMILIES["llama"]), make_checkpoint(*FAMILIES["qwen2"])
+    port = two_free_ports()
+    engine_args = '["--kv-cache-gb", "0.05", "--dtype", "float32"]'
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f"""
+[servers]
+count = 2
+port = {port}
+args = ["--routing", "least-loaded"]
+
+[[engines]]
+model = "{llama}"
+served_model_name = "alpha"
+device = "cpu"
+args = {engine_args}
+
+[[engines]]
+model = "{llama}"
+served_model_name = "alpha"
+device = "cpu"
+args = {engine_args}
+
+[[engines]]
+model = "{qwen}"
+served_model_name = "beta"
+device = "cpu"
+args = {engine_args}
+"""
+    )
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT), "--config", str(config), "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    output = ""
+    descendants: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops everything" not in output:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, f"the script exited early:\n{output}"
+            output += line
+            assert time.monotonic() < deadline, output
+        assert "3 engines (pids" in output and "models: alpha, beta" in output
+        for p in (port, port + 1):
+            models = httpx.get(f"http://127.0.0.1:{p}/v1/models").json()["data"]
+            assert sorted(m["id"] for m in models) == ["alpha", "beta"]
+            health = httpx.get(f"http://127.0.0.1:{p}/health").json()
+            assert health["models"] == {"alpha": 2, "beta": 1}
+        descendants = children_of(proc.pid)
+        assert len(descendants) >= 5
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        assert proc.returncode == 143
+        time.sleep(0.5)
+        assert [pid for pid in descendants if pid_alive(pid)] == [], "orphans left running"
+        assert all("stopped" in (run_dir / f"engine-{i}.log").read_text() for i in range(3))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in descendants:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[servers]\ncount = 1\n", "at least one [[engines]]"),
+        ("[[engines]]\nmodle = 'x'\n", "unknown key(s) modle"),
+        ("[[engines]]\nmodel = 'x'\nargs = '--a'\n", "'args' must be a list"),
+        ("[servers]\nport = 0\n[[engines]]\nmodel = 'x'\n", "port must be a port number"),
+        ("[serverz]\n", "unknown table"),
+        ("[[engines]\n", "fleet.toml"),
+    ],
+)
+def test_bad_fleet_files_are_refused_naming_what_is_wrong(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "fleet.toml"
+    config.write_text(toml)
+    done = subprocess.run(
+        ["bash", str(SCRIPT), "--config", str(config)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
