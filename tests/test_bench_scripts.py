@@ -174,3 +174,20 @@ def test_bench_decode_inputs_times_the_host_side_of_a_decode_step() -> None:
     text = run_script("bench_decode_inputs.py", "--sizes", "2x3,4x5", "--steps", "5")
     rows = [line.split() for line in text.splitlines() if line.split()[:2] in (["2", "3"], ["4", "5"])]
     assert len(rows) == 2 and all(float(row[2]) > 0 for row in rows)
+
+
+def test_bench_routing_times_the_decision_and_one_engine_against_two_replicas(tiny_checkpoint: Path) -> None:
+    args = ("--requests", "6", "--concurrency", "3", "--output-tokens", "3", "--repeats", "1")
+    text = run_script(
+        "bench_routing.py",
+        "--model",
+        str(tiny_checkpoint),
+        *args,
+        "--index-entries",
+        "2000",
+        "--choose-prompt-tokens",
+        "256",
+    )
+    assert "2 replicas: p50" in text and "8 replicas: p50" in text
+    assert "1 engine " in text and "2 replicas " in text and "throughput, 2 replicas / 1 engine" in text
+    assert "cores; each engine runs 1 torch thread(s)" in text
