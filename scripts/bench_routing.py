@@ -2,6 +2,7 @@
 """What routing over several engines costs and what a second replica gives.
 
     python scripts/bench_routing.py                      # a tiny random checkpoint, on CPU
+    python scripts/bench_routing.py --preset bench --concurrency 8 --requests 32 --output-tokens 16
     python scripts/bench_routing.py --model DIR --device cuda:0 --second-device cuda:1
 
 1. The routing decision alone, in process: `Router.choose` for prompts of --prompt-tokens
@@ -34,6 +35,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from splitinfer.server.router import MAX_ENTRIES  # noqa: E402
 
@@ -165,7 +167,14 @@ def summarize(label: str, runs: list[tuple[list[float], float, int]]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=None, help="Checkpoint (default: a tiny random Llama, built here).")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="Checkpoint (default: a random one of --preset: tiny, built in a temporary directory, or bench, "
+        "the ~100M-parameter one of bench_engine.py under .cache/bench-model).",
+    )
+    p.add_argument("--preset", choices=["tiny", "bench"], default="tiny", help="See --model (default: tiny).")
     p.add_argument("--device", default="cpu", help="The first engine's device (default: %(default)s).")
     p.add_argument("--second-device", default=None, help="The second replica's device (default: --device).")
     p.add_argument("--engine-threads", type=int, default=1, help="Torch threads per engine (default: %(default)s).")
@@ -191,7 +200,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench-routing-") as tmp_dir:
         tmp = Path(tmp_dir)
-        if args.model is None:
+        if args.model is None and args.preset == "bench":
+            from bench_engine import build_bench_checkpoint
+
+            args.model = Path(build_bench_checkpoint())
+        elif args.model is None:
             args.model = tmp / "model"
             subprocess.run([PYTHON, str(REPO / "scripts" / "make_tiny_model.py"), str(args.model)], check=True)
         if not args.engine_args and args.device == "cpu":
