@@ -105,7 +105,9 @@ class EnginePool:
         self._served_model_name = served_model_name
         self._tool_call_parser = tool_call_parser
         self._contexts: dict[str, ModelContext] = {}  # engine id -> its context
-        self._seen_models: set[str] = set()  # every model a live engine ever served
+        # The model each address served when last connected: the models this server is configured
+        # with (an engine restarted with another model no longer counts for the old one).
+        self._last_model: dict[str, str] = {}
         self._refused: set[str] = set()  # engine ids left out as conflicting replicas (logged once)
         self._tasks: list[asyncio.Task] = []
 
@@ -199,7 +201,7 @@ class EnginePool:
                     )
                 continue
             models.setdefault(context.name, []).append((handle, context))
-            self._seen_models.add(context.name)
+            self._last_model[handle.address] = context.name
         return models
 
     def contexts(self) -> list[ModelContext]:
@@ -212,7 +214,7 @@ class EnginePool:
         serving = self._serving()
         if model in serving:
             return serving[model][0][1]
-        if model in self._seen_models:
+        if model in self._last_model.values():
             raise engine_unavailable(f"no engine serving the model '{model}' is connected now")
         if any(handle.client.info is None for handle in self.handles):
             waiting = [h.address for h in self.handles if h.client.info is None]
@@ -257,7 +259,8 @@ class EnginePool:
     # Health ----------------------------------------------------------------------------
 
     async def health(self) -> tuple[bool, dict]:
-        """Healthy while at least one engine answers a ping and every model ever served has one."""
+        """Healthy while at least one engine answers a ping and every configured model (`_last_model`)
+        has a live engine."""
         live = [h for h in self.handles if h.live]
 
         async def answers(handle: EngineHandle) -> bool:
@@ -268,7 +271,7 @@ class EnginePool:
 
         answering = dict(zip(live, await asyncio.gather(*(answers(h) for h in live))))
         serving = self._serving()
-        missing = sorted(self._seen_models - set(serving))
+        missing = sorted(set(self._last_model.values()) - set(serving))
         engines = []
         for handle in self.handles:
             state = handle.client.health.value if handle.client.info is not None else "connecting"
@@ -276,7 +279,7 @@ class EnginePool:
                 state = "not answering"
             entry = {"address": handle.address, "state": state, "engine_id": handle.engine_id}
             if handle.client.info is not None:
-                entry["model"] = self._model_name(handle)
+                entry["model"] = self.model_name(handle)
             engines.append(entry)
         healthy = any(answering.values()) and not missing
         body = {
@@ -288,5 +291,6 @@ class EnginePool:
         }
         return healthy, body
 
-    def _model_name(self, handle: EngineHandle) -> str:
+    def model_name(self, handle: EngineHandle) -> str:
+        """The name clients use for the model of a handle that has connected."""
         return self._served_model_name or handle.client.info.model_name

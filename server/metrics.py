@@ -95,7 +95,7 @@ class ServerMetrics:
         for handle in pool.handles:
             self.engine_up.labels(handle.address).set(1 if handle.live else 0)
             stats = handle.stats if handle.live and handle.stats_engine_id == handle.engine_id else None
-            labels = (handle.address, handle.client.info.model_name) if stats is not None else None
+            labels = (handle.address, pool.model_name(handle)) if stats is not None else None
             shown = self._engine_labels.get(handle.address)
             if shown is not None and shown != labels:  # down, or back with another model
                 for gauge in self._load_gauges:
