@@ -256,3 +256,33 @@ def test_stopping_a_models_only_engine_unloads_it_and_starting_it_loads_it(fleet
         wait_until(lambda s=server: fleet.models(s) == ["alpha", "beta"], what="beta loaded again")
         assert httpx.get(fleet.url(server) + "/health").status_code == 200
         assert fleet.sdk(server).completions.create(model="beta", prompt="Hi", max_tokens=1).choices
+
+
+def test_a_replica_unlike_its_model_gets_no_requests(fleet: Fleet) -> None:
+    """An engine naming the model 'alpha' but serving another checkpoint: the server logs it and
+    routes every request to the real replica, whose answers it can read."""
+    address = f"ipc://{fleet.tmp}/impostor.sock"
+    impostor = start_engine(
+        fleet.checkpoints["beta"], address, fleet.tmp / "engine-impostor.log", "--served-model-name", "alpha"
+    )
+    port = free_port()
+    log = fleet.tmp / "server-impostor.log"
+    server = start_server(fleet.addresses["a1"], port, log, "--engine", address)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: "unlike that model's other engines" in log.read_text(), what="the impostor logged")
+        replies = asyncio.run(
+            _completions(url, [{"model": "alpha", "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0}] * 8)
+        )
+        assert all(r["usage"]["completion_tokens"] == 2 for r in replies)
+        routed = re.findall(
+            r'^splitinfer_routed_requests_total\{engine="([^"]+)",[^}]*\} (\S+)$',
+            httpx.get(url + "/metrics").text,
+            re.M,
+        )
+        assert dict(routed) == {fleet.addresses["a1"]: "8.0"}
+        assert httpx.get(url + "/health").json()["models"] == {"alpha": 1}
+        assert log.read_text().count("unlike that model's other engines") == 1
+    finally:
+        stop(server)
+        stop(impostor)
