@@ -241,7 +241,7 @@ class DecodeGraphRunner:
             # One query per sequence: the query offsets never change.
             self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=self.device)
             self.decode_workspace = torch.empty(
-                kernels.decode_workspace_numel(max_bs, config.num_heads, config.head_dim),
+                kernels.decode_workspace_numel(max_bs, model.shard.num_heads, config.head_dim),
                 dtype=torch.float32,
                 device=self.device,
             )

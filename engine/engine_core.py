@@ -185,7 +185,13 @@ class EngineCore:
 
         num_blocks = self._num_kv_blocks()
         self.kv_cache = KVCache.allocate(
-            c.num_layers, num_blocks, config.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device
+            c.num_layers,
+            num_blocks,
+            config.block_size,
+            self.model.shard.num_kv_heads,
+            c.head_dim,
+            self.dtype,
+            self.device,
         )
         self._new_scheduler(num_blocks)
         self.runner = ModelRunner(
@@ -258,7 +264,8 @@ class EngineCore:
 
     def _bytes_per_block(self) -> int:
         c = self.model_config
-        return KVCache.bytes_per_block(c.num_layers, self.config.block_size, c.num_kv_heads, c.head_dim, self.dtype)
+        kv_heads = self.model.shard.num_kv_heads  # this rank's, with tensor parallelism
+        return KVCache.bytes_per_block(c.num_layers, self.config.block_size, kv_heads, c.head_dim, self.dtype)
 
     def _num_kv_blocks(self) -> int:
         per_block = self._bytes_per_block()
@@ -346,7 +353,7 @@ class EngineCore:
         self.model(ids, ids, batch)
         torch.cuda.synchronize(self.device)
         activations = torch.cuda.max_memory_allocated(self.device) - base
-        workspace = 4 * kernels.decode_workspace_numel(max_bs, c.num_heads, c.head_dim)
+        workspace = 4 * kernels.decode_workspace_numel(max_bs, self.model.shard.num_heads, c.head_dim)
         return activations + workspace + GRAPH_FIXED_RESERVE
 
     # The step API -------------------------------------------------------------------

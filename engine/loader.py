@@ -2,7 +2,9 @@
 
 Files are memory-mapped with `safe_open`; every tensor's presence and shape is checked
 from the headers before any data moves, then tensors are copied one at a time into the
-model's (fused) parameters on the target device, so host memory peaks at one tensor.
+model's (fused) parameters on the target device, so host memory peaks at one tensor. A
+tensor-parallel rank reads only its slice of each tensor (`WeightSource.part`) from the
+mapping, so its host memory stays near its shard, never the whole model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from splitinfer.engine.errors import CheckpointError
-from splitinfer.engine.model import CausalLM
+from splitinfer.engine.model import CausalLM, WeightSource
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,7 @@ class WeightFiles:
 
 @dataclass(frozen=True, slots=True)
 class _Copy:
-    name: str
-    dest: torch.Tensor
+    source: WeightSource
     nbytes: int
 
 
@@ -103,7 +104,7 @@ def load_weights(model: CausalLM, path: str | Path) -> LoadReport:
     files = find_weight_files(path)
     handles = {file: _open(file) for file in sorted(set(files.tensor_files.values()))}
     plan = _plan(model, files, handles)
-    _warn_unexpected(files.tensor_files, {name for name, _ in model.weight_sources()}, model.config.tie_word_embeddings)
+    _warn_unexpected(files.tensor_files, {w.name for w in model.weight_sources()}, model.config.tie_word_embeddings)
 
     total_bytes = sum(copy.nbytes for copies in plan.values() for copy in copies)
     show_progress = total_bytes >= PROGRESS_BYTES and len(plan) > 1
@@ -115,10 +116,10 @@ def load_weights(model: CausalLM, path: str | Path) -> LoadReport:
             shard_bytes = 0
             for copy in tensors:
                 try:
-                    tensor = handle.get_tensor(copy.name)
+                    tensor = _read(handle, copy.source)
                 except SafetensorError as exc:
-                    raise CheckpointError(file, f"tensor '{copy.name}' cannot be read: {exc}") from exc
-                copy.dest.copy_(tensor)
+                    raise CheckpointError(file, f"tensor '{copy.source.name}' cannot be read: {exc}") from exc
+                copy.source.dest.copy_(tensor)
                 shard_bytes += copy.nbytes
             copied += shard_bytes
             if show_progress:
@@ -156,7 +157,8 @@ def _plan(model: CausalLM, files: WeightFiles, handles: dict) -> dict[Path, list
     plan: dict[Path, list[_Copy]] = {file: [] for file in handles}
     # Which family's rules made the expectation, since config.json decides what a checkpoint must hold.
     why = f"a {model.config.architecture} with this config.json"
-    for name, dest in model.weight_sources():
+    for source in model.weight_sources():
+        name = source.name
         file = files.tensor_files.get(name)
         if file is None:
             raise CheckpointError(files.source, f"missing tensor '{name}', which {why} has")
@@ -165,10 +167,24 @@ def _plan(model: CausalLM, files: WeightFiles, handles: dict) -> dict[Path, list
             raise CheckpointError(file, f"missing tensor '{name}' ({INDEX_FILE} says it is in this file)")
         sliced = handle.get_slice(name)
         shape = list(sliced.get_shape())
-        if shape != list(dest.shape):
-            raise CheckpointError(file, f"tensor '{name}' has shape {shape}, expected {list(dest.shape)} for {why}")
-        plan[file].append(_Copy(name, dest, dest.numel() * _DTYPE_BYTES.get(sliced.get_dtype(), 4)))
+        if shape != source.checkpoint_shape:
+            raise CheckpointError(
+                file, f"tensor '{name}' has shape {shape}, expected {source.checkpoint_shape} for {why}"
+            )
+        plan[file].append(_Copy(source, source.dest.numel() * _DTYPE_BYTES.get(sliced.get_dtype(), 4)))
     return {file: copies for file, copies in plan.items() if copies}
+
+
+def _read(handle, source: WeightSource) -> torch.Tensor:
+    """The tensor, or only the rank's slice of it: sliced in the memory mapping, so nothing
+    else of it is read."""
+    if source.part is None:
+        return handle.get_tensor(source.name)
+    part, length = source.part, source.dest.shape[source.part.dim]
+    sliced = handle.get_slice(source.name)
+    if part.dim == 0:
+        return sliced[part.start : part.start + length]
+    return sliced[:, part.start : part.start + length]
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

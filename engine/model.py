@@ -18,6 +18,7 @@ layer's forward takes only the step's hidden states, positions and attention met
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from splitinfer.engine import cpu_linear
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model_config import ModelConfig
+from splitinfer.engine.parallel import SINGLE, ShardPlan, TensorParallel
 from splitinfer.kernels import AttentionMetadata, Backend
 
 
@@ -54,13 +56,39 @@ class Linear(nn.Module):
         return cpu_linear.linear(x, self.weight, self.bias, self.packed, self.upcast)
 
 
+class RowParallelLinear(Linear):
+    """A Linear whose input features are split across the ranks (o_proj, down_proj): each rank
+    multiplies its columns, the partial sums are all-reduced, then the bias is added once."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel) -> None:
+        super().__init__(in_features, out_features, bias)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return super().forward(x)
+        y = self.tp.all_reduce(cpu_linear.linear(x, self.weight, None, self.packed, self.upcast))
+        return y if self.bias is None else y + self.bias
+
+
 class VocabEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+    """The token embedding; with tensor parallelism each rank holds rows [start, start + count)
+    of the vocabulary, looks up its own tokens, and the ranks' rows are summed."""
+
+    def __init__(self, hidden_size: int, shard: ShardPlan, tp: TensorParallel) -> None:
         super().__init__()
-        self.weight = _empty_param(vocab_size, hidden_size)
+        self.weight = _empty_param(shard.vocab_count, hidden_size)
+        self.start = shard.vocab_start
+        self.tp = tp
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        hidden = F.embedding(torch.where(mine, local, 0), self.weight)
+        hidden.masked_fill_(~mine.unsqueeze(-1), 0)
+        return self.tp.all_reduce(hidden)
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +113,15 @@ class Attention(nn.Module):
     then it writes no K/V and can only attend within the batch (the profiling forwards that
     size the cache)."""
 
-    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rope_cache: torch.Tensor) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_index: int,
+        backend: Backend,
+        rope_cache: torch.Tensor,
+        shard: ShardPlan,
+        tp: TensorParallel,
+    ) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.backend = backend
@@ -94,15 +130,16 @@ class Attention(nn.Module):
         self.rope_cache = rope_cache
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, Hkv, D]
         self.v_cache: torch.Tensor | None = None
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
         self.head_dim = config.head_dim
-        self.q_size = config.q_size
-        self.kv_size = config.kv_size
+        self.q_size = shard.num_heads * config.head_dim
+        self.kv_size = shard.num_kv_heads * config.head_dim
         self.scale = config.head_dim**-0.5
         self.window = config.layer_windows[layer_index]
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_bias)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, config.o_bias, tp)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, backend) if config.qk_norm else None
 
@@ -144,10 +181,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend, shard: ShardPlan, tp: TensorParallel) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        inter = shard.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, config.mlp_bias, tp)
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,12 +193,20 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int, backend: Backend, rope_cache: torch.Tensor) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_index: int,
+        backend: Backend,
+        rope_cache: torch.Tensor,
+        shard: ShardPlan,
+        tp: TensorParallel,
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.self_attn = Attention(config, layer_index, backend, rope_cache)
+        self.self_attn = Attention(config, layer_index, backend, rope_cache, shard, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
-        self.mlp = MLP(config, backend)
+        self.mlp = MLP(config, backend, shard, tp)
 
     def forward(
         self,
@@ -181,10 +227,14 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor, shard: ShardPlan, tp: TensorParallel
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, backend, rope_cache) for i in range(config.num_layers))
+        self.embed_tokens = VocabEmbedding(config.hidden_size, shard, tp)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, backend, rope_cache, shard, tp) for i in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, backend)
 
 
@@ -192,31 +242,38 @@ class CausalLM(nn.Module):
     """The whole model. Create it with `build`, fill it with `engine.loader.load_weights`, and
     bind the KV cache once it is allocated (`bind_kv_cache`; `ModelRunner` does)."""
 
-    def __init__(self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor) -> None:
+    def __init__(
+        self, config: ModelConfig, backend: Backend, rope_cache: torch.Tensor, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
+        self.shard = ShardPlan.of(config, tp)  # this rank's heads, intermediate and vocabulary slices
         self.backend = backend  # which kernels every op runs: `uses_triton` says whether graphs may capture it
         # fp32 [max_positions, head_dim] cos|sin, the one table every layer rotates by (a plain
         # attribute, not a buffer, so it stays fp32 whatever the model dtype: the angles of
         # late positions need the precision).
         self.rope_cache = rope_cache
         self.kv_cache: KVCache | None = None
-        self.model = DecoderModel(config, backend, rope_cache)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
+        self.model = DecoderModel(config, backend, rope_cache, self.shard, tp)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, self.shard.vocab_count)
         self.packed_lm_head: cpu_linear.PackedWeight | None = None  # the (tied or not) lm_head weight, prepacked
         self.upcast: cpu_linear.Upcast | None = None  # the lm_head's, as every Linear's
 
     @classmethod
-    def build(cls, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> CausalLM:
-        """Allocate the (uninitialised) model directly on `device` in `dtype`: no host copy, no init.
-        The kernel backend is chosen here, once, from the device and SPLITINFER_KERNELS."""
+    def build(
+        cls, config: ModelConfig, device: torch.device, dtype: torch.dtype, tp: TensorParallel = SINGLE
+    ) -> CausalLM:
+        """Allocate the (uninitialised) model directly on `device` in `dtype`: no host copy, no init;
+        with tensor parallelism, only this rank's shard (`parallel.py`). The kernel backend is
+        chosen here, once, from the device and SPLITINFER_KERNELS."""
         backend = kernels.select_backend(device)
         # Computed outside the meta-device block below, which would make it a meta tensor.
         rope_cache = kernels.rope_cos_sin_cache(
             config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         ).to(device)
         with torch.device("meta"):
-            model = cls(config, backend, rope_cache)
+            model = cls(config, backend, rope_cache, tp)
         model = model.to(dtype=dtype).to_empty(device=device)
         return model.eval()
 
@@ -244,11 +301,14 @@ class CausalLM(nn.Module):
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 
-    def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits of the rows `indices` selects (e.g. `ForwardBatch.logits_indices`); all rows when None."""
+    def compute_logits(self, hidden: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor | None:
+        """fp32 logits of the rows `indices` selects (e.g. `ForwardBatch.logits_indices`); all rows
+        when None. With tensor parallelism each rank computes its vocabulary slice and rank 0
+        gets the whole logits; the other ranks get None."""
         if indices is not None:
             hidden = hidden.index_select(0, indices)
-        return cpu_linear.linear(hidden, self.lm_head_weight, None, self.packed_lm_head, self.upcast).float()
+        logits = cpu_linear.linear(hidden, self.lm_head_weight, None, self.packed_lm_head, self.upcast).float()
+        return self.tp.gather_columns(logits, self.shard.vocab_size)
 
     def _matmul_linears(self) -> list[Linear]:
         """The Linear modules of the layers (the lm_head is applied by `compute_logits`)."""
@@ -273,41 +333,78 @@ class CausalLM(nn.Module):
             module.upcast = upcast
         self.upcast = upcast
 
-    def weight_sources(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint tensor name, destination view) for every tensor the checkpoint must provide.
+    def weight_sources(self) -> Iterator[WeightSource]:
+        """Every tensor the checkpoint must provide: its name, the destination view, and the
+        slice of it this rank holds (None: the whole tensor).
 
-        Fused parameters appear once per source tensor, each with the rows it fills.
-        """
-        c = self.config
-        yield "model.embed_tokens.weight", self.model.embed_tokens.weight
+        Fused parameters appear once per source tensor, each with the rows it fills."""
+        c, shard = self.config, self.shard
+        d = c.head_dim
+        vocab = Slice(0, shard.vocab_start, c.vocab_size)
+        yield WeightSource("model.embed_tokens.weight", self.model.embed_tokens.weight, vocab)
+        q_rows = Slice(0, shard.head_start * d, c.q_size)
+        kv_rows = Slice(0, shard.kv_head_start * d, c.kv_size)
+        gate_up_rows = Slice(0, shard.intermediate_start, c.intermediate_size)
+        o_columns = Slice(1, shard.head_start * d, c.q_size)
+        down_columns = Slice(1, shard.intermediate_start, c.intermediate_size)
         for i, layer in enumerate(self.model.layers):
             prefix = f"model.layers.{i}"
             attn, mlp = layer.self_attn, layer.mlp
-            qkv_rows = {
-                "q_proj": (0, c.q_size),
-                "k_proj": (c.q_size, c.kv_size),
-                "v_proj": (c.q_size + c.kv_size, c.kv_size),
-            }
-            for name, (start, size) in qkv_rows.items():
-                yield f"{prefix}.self_attn.{name}.weight", attn.qkv_proj.weight.narrow(0, start, size)
+            q, kv = attn.q_size, attn.kv_size
+            qkv_rows = {"q_proj": (0, q, q_rows), "k_proj": (q, kv, kv_rows), "v_proj": (q + kv, kv, kv_rows)}
+            for name, (start, size, part) in qkv_rows.items():
+                yield WeightSource(
+                    f"{prefix}.self_attn.{name}.weight", attn.qkv_proj.weight.narrow(0, start, size), part
+                )
                 if attn.qkv_proj.bias is not None:
-                    yield f"{prefix}.self_attn.{name}.bias", attn.qkv_proj.bias.narrow(0, start, size)
-            yield f"{prefix}.self_attn.o_proj.weight", attn.o_proj.weight
+                    yield WeightSource(
+                        f"{prefix}.self_attn.{name}.bias", attn.qkv_proj.bias.narrow(0, start, size), part
+                    )
+            yield WeightSource(f"{prefix}.self_attn.o_proj.weight", attn.o_proj.weight, o_columns)
             if attn.o_proj.bias is not None:
-                yield f"{prefix}.self_attn.o_proj.bias", attn.o_proj.bias
+                yield WeightSource(f"{prefix}.self_attn.o_proj.bias", attn.o_proj.bias)
             if attn.q_norm is not None and attn.k_norm is not None:
-                yield f"{prefix}.self_attn.q_norm.weight", attn.q_norm.weight
-                yield f"{prefix}.self_attn.k_norm.weight", attn.k_norm.weight
+                yield WeightSource(f"{prefix}.self_attn.q_norm.weight", attn.q_norm.weight)
+                yield WeightSource(f"{prefix}.self_attn.k_norm.weight", attn.k_norm.weight)
+            inter = shard.intermediate_size
             for j, name in enumerate(("gate_proj", "up_proj")):
-                rows = (j * c.intermediate_size, c.intermediate_size)
-                yield f"{prefix}.mlp.{name}.weight", mlp.gate_up_proj.weight.narrow(0, *rows)
+                yield WeightSource(
+                    f"{prefix}.mlp.{name}.weight", mlp.gate_up_proj.weight.narrow(0, j * inter, inter), gate_up_rows
+                )
                 if mlp.gate_up_proj.bias is not None:
-                    yield f"{prefix}.mlp.{name}.bias", mlp.gate_up_proj.bias.narrow(0, *rows)
-            yield f"{prefix}.mlp.down_proj.weight", mlp.down_proj.weight
+                    yield WeightSource(
+                        f"{prefix}.mlp.{name}.bias", mlp.gate_up_proj.bias.narrow(0, j * inter, inter), gate_up_rows
+                    )
+            yield WeightSource(f"{prefix}.mlp.down_proj.weight", mlp.down_proj.weight, down_columns)
             if mlp.down_proj.bias is not None:
-                yield f"{prefix}.mlp.down_proj.bias", mlp.down_proj.bias
-            yield f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight
-            yield f"{prefix}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight
-        yield "model.norm.weight", self.model.norm.weight
+                yield WeightSource(f"{prefix}.mlp.down_proj.bias", mlp.down_proj.bias)
+            yield WeightSource(f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight)
+            yield WeightSource(f"{prefix}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
+        yield WeightSource("model.norm.weight", self.model.norm.weight)
         if self.lm_head is not None:
-            yield "lm_head.weight", self.lm_head.weight
+            yield WeightSource("lm_head.weight", self.lm_head.weight, vocab)
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """Which part of a checkpoint tensor a rank holds: along `dim`, from `start`, as many as its
+    destination has, of the `full` the checkpoint tensor has along `dim`."""
+
+    dim: int
+    start: int
+    full: int
+
+
+@dataclass(frozen=True, slots=True)
+class WeightSource:
+    name: str  # the checkpoint tensor
+    dest: torch.Tensor  # where it goes (a view of a parameter)
+    part: Slice | None = None  # None: the whole tensor
+
+    @property
+    def checkpoint_shape(self) -> list[int]:
+        """The shape the checkpoint tensor must have."""
+        shape = list(self.dest.shape)
+        if self.part is not None:
+            shape[self.part.dim] = self.part.full
+        return shape

@@ -165,7 +165,7 @@ class ModelRunner:
         if not self.model.backend.uses_triton:
             return []
         start = time.perf_counter()
-        splits = kernels.decode_split_batches(self.max_num_seqs, self.model.config.num_kv_heads, self.device)
+        splits = kernels.decode_split_batches(self.max_num_seqs, self.model.shard.num_kv_heads, self.device)
         for decodes in splits.values():
             self._harmless_forward(decodes, [2], cached_prefix=True)
         self._harmless_forward(0, [2], cached_prefix=True)

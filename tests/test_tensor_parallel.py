@@ -1,0 +1,85 @@
+"""Tensor parallelism on CPU over gloo: a model split over 2 ranks computes the logits of the
+unsplit one, for every family and the KV-head layouts (split, and replicated when there are
+fewer KV heads than ranks), through a fresh prefill and a mixed step over the paged KV cache;
+each rank holds and reads about half the weights; splits the model does not allow are refused
+before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import FAMILIES, VARIANTS
+from procs import free_port
+from tp_worker import load, run_rank, two_steps
+
+from splitinfer.engine.errors import ConfigError
+from splitinfer.engine.model_config import ModelConfig
+from splitinfer.engine.parallel import ShardPlan, TensorParallel, check_tensor_parallel
+
+TOL = 1e-4
+CASES = {
+    "llama (GQA 2:1, 2 KV heads split)": FAMILIES["llama"],
+    "llama (1 KV head, replicated; tied embeddings)": VARIANTS["gqa4-llama3-tied"],
+    "llama (biases, 3 shards)": VARIANTS["gqa2-linear-bias"],
+    "qwen2 (q/k/v bias)": FAMILIES["qwen2"],
+    "llama (a vocabulary of 509: the last rank's slice is shorter)": ("--vocab", "509", "--no-tie", "--seed", "9"),
+    "qwen3 (q/k norms)": FAMILIES["qwen3"],
+    "mistral (sliding window, 1 KV head)": FAMILIES["mistral"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_compute_the_logits_of_one(make_checkpoint, tmp_path: Path, case: str) -> None:
+    checkpoint = make_checkpoint(*CASES[case])
+    model, whole_read = load(checkpoint)
+    reference = two_steps(model)
+    whole_params = sum(p.numel() * p.element_size() for p in model.parameters())
+    mp.spawn(run_rank, (2, free_port(), str(checkpoint), str(tmp_path)), nprocs=2, join=True)
+    logits = torch.load(tmp_path / "logits.pt")
+    assert logits.shape == reference.shape
+    assert (logits - reference).abs().max().item() < TOL
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    for rank in range(2):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # Half of every split weight; the norms (and replicated KV heads) are whole on each rank.
+        assert 0.45 < report["param_bytes"] / whole_params < 0.6, report
+        assert 0.45 < report["read_bytes"] / whole_read < 0.6, report
+
+
+def test_the_shard_plan_covers_every_head_and_row_once() -> None:
+    for heads, kv, size in [(8, 8, 4), (8, 2, 2), (8, 2, 4), (8, 1, 8), (32, 8, 8)]:
+        fields = dict(num_heads=heads, num_kv_heads=kv, intermediate_size=64, vocab_size=1001, path=Path("m"))
+        config = _config(**fields)
+        plans = [ShardPlan.of(config, TensorParallel(r, size)) for r in range(size)]
+        assert sorted(h for p in plans for h in range(p.head_start, p.head_start + p.num_heads)) == list(range(heads))
+        assert sum(p.vocab_count for p in plans) == 1001
+        assert [p.vocab_start for p in plans] == sorted(p.vocab_start for p in plans)
+        for p in plans:  # each rank's q heads read only its KV heads
+            group = heads // kv
+            needed = {h // group for h in range(p.head_start, p.head_start + p.num_heads)}
+            assert needed <= set(range(p.kv_head_start, p.kv_head_start + p.num_kv_heads))
+
+
+def _config(**fields) -> ModelConfig:
+    config = object.__new__(ModelConfig)
+    for name, value in fields.items():
+        object.__setattr__(config, name, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    ("fields", "size", "message"),
+    [
+        (dict(num_heads=6, num_kv_heads=2, intermediate_size=64), 4, "6 attention heads"),
+        (dict(num_heads=8, num_kv_heads=3, intermediate_size=64), 2, "3 KV heads"),
+        (dict(num_heads=8, num_kv_heads=8, intermediate_size=66), 4, "intermediate size 66"),
+        (dict(num_heads=8, num_kv_heads=8, intermediate_size=64), 0, "at least 1"),
+    ],
+)
+def test_splits_the_model_does_not_allow_are_refused(fields: dict, size: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_tensor_parallel(_config(**fields, vocab_size=100, path=Path("m")), size)
