@@ -95,29 +95,45 @@ def require_keys_for(address: str, has_keys: bool, insecure: bool) -> None:
 
 class AllowedKeys:
     """The ZAP credentials provider: a client key is allowed if its public key file is in
-    `directory`. Unknown keys re-read the directory; each refused key is logged once."""
+    `directory`, read again at each handshake (handshakes are rare: a connection's first
+    moment), so adding a key lets its server in and removing one keeps it out of new
+    connections, with no restart. A file that does not read as a key (half copied, garbled)
+    is skipped and logged; each refused key is logged once."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ValueError(f"the allowed-keys directory {self.directory} does not exist")
         self._lock = threading.Lock()
+        self._unreadable: set[str] = set()  # files logged as not keys
         self._allowed = self._read()
         self._refused: set[bytes] = set()
         if not self._allowed:
             logger.warning("no public keys in %s: every client will be refused", self.directory)
 
     def _read(self) -> frozenset[bytes]:
-        return frozenset(zmq.auth.load_certificates(str(self.directory)))
+        """The public keys of the directory's .key files. Never raises: an exception here would
+        end pyzmq's authenticator thread, and every later handshake would hang."""
+        keys = set()
+        try:
+            files = sorted(self.directory.glob("*.key"))
+        except OSError as exc:
+            logger.error("cannot list the allowed keys in %s (%s): keeping the keys read before", self.directory, exc)
+            return getattr(self, "_allowed", frozenset())
+        for file in files:
+            try:
+                keys.add(zmq.auth.load_certificate(str(file))[0])
+            except (OSError, ValueError) as exc:
+                if file.name not in self._unreadable:
+                    self._unreadable.add(file.name)
+                    logger.warning("skipping %s: not a CURVE public key file (%s)", file, exc)
+        return frozenset(keys)
 
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by the authenticator's thread with the client's Z85 public key."""
         with self._lock:
-            if key in self._allowed:
-                return True
             self._allowed = self._read()
             if key in self._allowed:
-                logger.info("client key %s allowed (newly added to %s)", key.decode(), self.directory)
                 return True
             if key not in self._refused:
                 self._refused.add(key)

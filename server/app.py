@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -33,7 +33,7 @@ from starlette.routing import Route
 from splitinfer.protocol.curve import ClientKeys
 from splitinfer.server import tokenization
 from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClient
-from splitinfer.server.engine_pool import EnginePool, Lease
+from splitinfer.server.engine_pool import EnginePool
 from splitinfer.server.errors import APIError, engine_unavailable, internal_error
 from splitinfer.server.generation import ChoiceEvent, ChoiceSpec, Timing, merged_choices
 from splitinfer.server.http import (
@@ -271,16 +271,22 @@ class OpenAIServer:
             raise APIError(500, "the engine produced no output", code="internal_error") from None
         finally:
             if not streaming:  # whatever went wrong, no choice may stay running in the engine
-                await events.aclose()
                 lease.release()
+                await events.aclose()
         chunks = fmt.chunks(head, _prepended(first, events), usage)
-        return EventSourceResponse(self._sse(chunks, events, lease, timing, usage, fmt), sep="\n")
+
+        async def end_of_stream() -> None:
+            # However the response ends, even cancelled before its first event: the lease is
+            # released and every choice still running aborted.
+            lease.release()
+            await events.aclose()
+
+        return _Stream(self._sse(chunks, events, timing, usage, fmt), end_of_stream)
 
     async def _sse(
         self,
         chunks: AsyncGenerator[dict, None],
         events: AsyncGenerator[ChoiceEvent, None],
-        lease: Lease,
         timing: Timing,
         usage: Usage,
         fmt: ResponseWriter,
@@ -298,9 +304,24 @@ class OpenAIServer:
             yield fmt.sse(fmt.error_chunk(internal_error(exc, "a streamed response")))
         finally:
             await events.aclose()  # ends (aborts) every choice still running, the client gone or not
-            lease.release()
         if fmt.ends_with_done:
             yield {"data": "[DONE]"}
+
+
+class _Stream(EventSourceResponse):
+    """An SSE response that runs `on_end` however it ends: finished, failed, or cancelled
+    before its generator ever started (a client gone while the headers were being sent), when
+    the generator's own `finally` would never run."""
+
+    def __init__(self, content: AsyncIterator[dict], on_end: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, sep="\n")
+        self._on_end = on_end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_end()
 
 
 def _echoed(ctx: ModelContext, given: str | list[int], ids: list[int]) -> EchoedPrompt:

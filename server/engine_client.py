@@ -161,11 +161,13 @@ class EngineClient:
 
     async def _connect(self, timeout_s: float) -> HelloReply:
         self._open_socket()
+        sock = self._socket
         self._hello = asyncio.get_running_loop().create_future()
         try:
             info = await asyncio.wait_for(self._handshake(), timeout_s)
         except asyncio.TimeoutError:
-            self.health = Health.UNAVAILABLE
+            if self._socket is sock:  # not if another attempt has replaced (and maybe connected) it
+                self.health = Health.UNAVAILABLE
             raise EngineUnavailable(f"the engine at {self.address} did not answer within {timeout_s:.1f} s") from None
         if self.info is not None and info.engine_id != self.info.engine_id:
             logger.warning("connected to a new engine instance %s (was %s)", info.engine_id, self.info.engine_id)
@@ -295,9 +297,14 @@ class EngineClient:
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             why = "it does not allow this server's CURVE key (add its .key file to the engine's --curve-allowed-keys)"
         elif self.keys is None:
-            why = "it wants CURVE keys (start the server with --curve-secret-key and --curve-engine-key)"
+            why = (
+                "the handshake failed; if the engine wants CURVE keys, start the server with --curve-secret-key and "
+                "--curve-engine-key"
+            )
         else:
-            why = "the handshake failed: is --curve-engine-key the engine's public key?"
+            why = (
+                "the CURVE handshake failed: the engine may not use CURVE, or --curve-engine-key is not its public key"
+            )
         logger.error("the engine at %s refuses this server: %s; retrying", self.address, why)
 
     @staticmethod
@@ -380,8 +387,10 @@ class EngineClient:
                 self._lost(f"the engine's loop has answered nothing for {silent:.0f} s")
 
     def _lost(self, why: str) -> None:
-        """The engine is gone: fail in-flight requests (retryable) and reconnect in the background."""
-        if self._closed or self.health is Health.UNAVAILABLE:
+        """The engine is gone: fail in-flight requests (retryable) and reconnect in the background.
+        Only from READY: while connecting, the loop that connects retries by itself (a refused
+        handshake closes the connection too, and a second loop would race the first)."""
+        if self._closed or self.health is not Health.READY:
             return
         logger.warning("engine unavailable: %s; %d in-flight request(s) failed; reconnecting", why, len(self._streams))
         self.health = Health.UNAVAILABLE

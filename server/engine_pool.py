@@ -109,6 +109,7 @@ class EnginePool:
         # with (an engine restarted with another model no longer counts for the old one).
         self._last_model: dict[str, str] = {}
         self._refused: set[str] = set()  # engine ids left out as conflicting replicas (logged once)
+        self._identities: dict[str, str] = {}  # model -> the identity its serving replicas share
         self._tasks: list[asyncio.Task] = []
 
     # Lifecycle -------------------------------------------------------------------------
@@ -141,12 +142,17 @@ class EnginePool:
                 return
             except EngineUnavailable as exc:
                 logger.warning("%s; retrying in %.1f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(2 * backoff, 2.0)
+            except Exception:  # a bug of ours must not silently stop this engine's connecting
+                logger.exception("connecting to the engine at %s failed; retrying in %.1f s", handle.address, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 2.0)
 
     async def _poll_stats(self) -> None:
         while True:
-            await self.refresh_stats()
+            try:
+                await self.refresh_stats()
+            except Exception:  # a bug of ours must not freeze the load the router sees
+                logger.exception("polling the engines' stats failed")
             await asyncio.sleep(STATS_INTERVAL_S)
 
     async def refresh_stats(self) -> None:
@@ -158,8 +164,10 @@ class EnginePool:
         engine_id = handle.engine_id
         try:
             stats = await handle.client.stats(timeout_s=STATS_TIMEOUT_S)
-        except (EngineUnavailable, asyncio.TimeoutError):
-            handle.stats = None  # a long step or a lost engine (the client judges which): unknown now
+        except asyncio.TimeoutError:
+            return  # a long step: the last stats stand
+        except EngineUnavailable:
+            handle.stats = None  # gone: nothing is known of it now
             return
         handle.stats, handle.stats_engine_id = stats, engine_id
         handle.others = max(0, stats.running + stats.waiting - sent_with)
@@ -180,28 +188,33 @@ class EnginePool:
         return context
 
     def _serving(self) -> dict[str, list[tuple[EngineHandle, ModelContext]]]:
-        """Each model with a live engine: its replicas, the first one configured first. A live
-        engine that differs from its model's first replica is left out."""
-        models: dict[str, list[tuple[EngineHandle, ModelContext]]] = {}
-        identities: dict[str, str] = {}
+        """Each model with a live engine: its replicas, in configuration order. A model's
+        replicas share the identity of the ones already serving it (`_identities`, kept while
+        any of them is live); an engine that joins under the name with another identity is
+        left out and logged once."""
+        live: dict[str, list[tuple[EngineHandle, ModelContext]]] = {}
         for handle in self.handles:
-            if not handle.live:
-                continue
-            context = self._context_of(handle)
-            first = identities.setdefault(context.name, context.identity)
-            if context.identity != first:
-                if handle.engine_id not in self._refused:
+            if handle.live:
+                context = self._context_of(handle)
+                live.setdefault(context.name, []).append((handle, context))
+                self._last_model[handle.address] = context.name
+        models: dict[str, list[tuple[EngineHandle, ModelContext]]] = {}
+        for name, candidates in live.items():
+            identity = self._identities.get(name)
+            if identity is None or all(c.identity != identity for _, c in candidates):
+                identity = self._identities[name] = candidates[0][1].identity
+            for handle, context in candidates:
+                if context.identity == identity:
+                    models.setdefault(name, []).append((handle, context))
+                elif handle.engine_id not in self._refused:
                     self._refused.add(handle.engine_id)
                     logger.error(
                         "engine %s at %s serves %r unlike that model's other engines (a different checkpoint, "
                         "tokenizer, template or limits); it gets no requests until it matches",
                         handle.engine_id,
                         handle.address,
-                        context.name,
+                        name,
                     )
-                continue
-            models.setdefault(context.name, []).append((handle, context))
-            self._last_model[handle.address] = context.name
         return models
 
     def contexts(self) -> list[ModelContext]:

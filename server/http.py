@@ -184,6 +184,9 @@ async def run_unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself cancelled (a server shutting down): so is the work
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
     if task.done():

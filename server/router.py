@@ -111,7 +111,8 @@ class Router:
         if hashes:
             matched = self.index.matches(hashes)
             best = max(candidates, key=lambda c: (matched.get(c.key, 0), -c.load))
-            share = matched.get(best.key, 0) * block_size / max(prompt_len, 1)
+            # Of the part of the prompt the index looks at (its first MAX_CHUNKS blocks).
+            share = matched.get(best.key, 0) * block_size / max(min(prompt_len, MAX_CHUNKS * block_size), 1)
             if (
                 share >= AFFINITY_MIN_SHARE
                 and best.load <= min_load + slack(min_load)

@@ -153,7 +153,7 @@ def test_only_servers_with_allowed_keys_are_served(tiny_checkpoint: Path, tmp_pa
         assert text.count(f"refused a client with the CURVE key {rogue_key}") == 1
         assert text.count("failed the CURVE handshake") == 1
         assert "refuses this server: it does not allow" in (tmp_path / "rogue.log").read_text()
-        assert "refuses this server: it wants CURVE keys" in (tmp_path / "plain.log").read_text()
+        assert "if the engine wants CURVE keys, start the server with" in (tmp_path / "plain.log").read_text()
         # Allowing the rogue's key lets it in, with no engine restart.
         shutil.copy(keys / "rogue.key", allowed / "rogue.key")
         wait_for(lambda: healthy(rogue))
@@ -164,3 +164,18 @@ def test_only_servers_with_allowed_keys_are_served(tiny_checkpoint: Path, tmp_pa
             stop(proc)
         stop(engine)
     wait_for_log(engine, engine_log, "stopped", timeout_s=1)
+
+
+def test_allowed_keys_survive_a_garbled_file_and_follow_removals(tmp_path: Path) -> None:
+    from splitinfer.protocol.curve import AllowedKeys
+
+    allowed = tmp_path / "allowed"
+    make_key_pair(allowed, "one")
+    make_key_pair(allowed, "two")
+    one, two = load_public_key(allowed / "one.key"), load_public_key(allowed / "two.key")
+    keys = AllowedKeys(allowed)
+    assert keys.callback("*", one) and keys.callback("*", two)
+    (allowed / "half-copied.key").write_text('metadata\ncurve\n    public-key = "abc')  # not a key
+    (allowed / "two.key").unlink()  # revoked
+    assert keys.callback("*", one)  # the garbled file is skipped, nothing raised
+    assert not keys.callback("*", two)

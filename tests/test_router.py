@@ -130,3 +130,13 @@ def test_bad_engine_lists_are_refused_at_start(argv: list[str], message: str, ca
         main(argv)
     assert exited.value.code == 2 and message in capsys.readouterr().err
     assert build_parser().parse_args(["--engine", "ipc:///a"]).routing == "prefix-affinity"
+
+
+def test_affinity_holds_for_prompts_longer_than_the_index_looks_at() -> None:
+    from splitinfer.server.router import MAX_CHUNKS
+
+    router = Router()
+    shared = list(range(3 * MAX_CHUNKS * BLOCK))  # three times what the index hashes
+    first = router.choose([Candidate("a", 0, 0.0), Candidate("b", 0, 0.0)], shared + [1], BLOCK)
+    again = [router.choose([Candidate("a", 0, 0.0), Candidate("b", 0, 0.0)], shared + [i], BLOCK) for i in range(4)]
+    assert again == [first] * 4
