@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--curve-allowed-keys",
         default=None,
         metavar="DIR",
-        help="Directory of the public keys (NAME.key files) of the servers allowed to connect; read again when an "
-        "unknown key knocks, so adding a server needs no restart.",
+        help="Directory of the public keys (NAME.key files) of the servers allowed to connect; read again at each "
+        "handshake, so adding or removing a server needs no restart.",
     )
     security.add_argument(
         "--insecure",

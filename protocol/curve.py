@@ -10,8 +10,8 @@
 The engine holds its key pair and a directory of the public keys of the clients it serves;
 a client (a server) holds its own pair and the engine's public key. A client whose key is
 not allowed never completes the handshake, so nothing it sends reaches the engine, and the
-engine logs each refused key once (`AllowedKeys`). The directory is read again when an
-unknown key knocks, so allowing a new server needs no engine restart.
+engine logs each refused key once (`AllowedKeys`). The directory is read again at each
+handshake, so allowing or revoking a server needs no engine restart.
 
 An engine refuses to bind a `tcp://` address other than loopback without keys unless told
 `--insecure` (`require_keys_for`): anyone who reaches such a socket could use the engine.
