@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:  # bad checkpoint or flags, address in use: one clear line
         logger.error("cannot start: %s", exc)
         return 2
+    except EngineDeadError as exc:  # a tensor-parallel rank failed while the engine started
+        logger.error("cannot start: %s", exc)
+        return 1
     try:
         service.run_until_signalled()
     except EngineDeadError:

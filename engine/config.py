@@ -107,6 +107,18 @@ class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True):
             extra={"group": "batching", "flag": "--no-prefix-caching"},
         ),
     ] = True
+    tensor_parallel_size: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=64,
+            description="Split the model over this many ranks (tensor parallelism, over torch.distributed): the "
+            "engine is rank 0 and starts the others as worker processes; with --device cuda rank i runs on GPU "
+            "i (NCCL), on CPU they share the machine (gloo). Must divide the attention heads and the MLP's "
+            "intermediate size.",
+            extra={"group": "model and memory"},
+        ),
+    ] = 1
     enforce_eager: Annotated[
         bool, Meta(description="Do not capture CUDA graphs for decode.", extra={"group": "batching"})
     ] = False

@@ -27,18 +27,22 @@ request in it fails too (a broken device) does `step` raise, with `EngineDeadErr
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.multiprocessing as mp
 
 from splitinfer import kernels
 from splitinfer.engine import cpu_linear, prompt_logprobs
 from splitinfer.engine.block_pool import BlockPool, BlockPoolStats
 from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.cuda_graph import decode_buckets
-from splitinfer.engine.errors import ContextLengthError, EngineDeadError, RequestError
+from splitinfer.engine.errors import ConfigError, ContextLengthError, EngineDeadError, RequestError
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.grammar import GrammarCompiler, GrammarError, MaskBuilder
 from splitinfer.engine.isolation import IsolatingExecutor, ItemResult
@@ -49,10 +53,12 @@ from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
 from splitinfer.engine.model import CausalLM
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.model_runner import ModelRunner
+from splitinfer.engine.parallel import SINGLE, TensorParallel, check_tensor_parallel
 from splitinfer.engine.prompt_logprobs import ScoringPlan
 from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.sampler import Sampler
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
+from splitinfer.engine.tp_ranks import Driver, Rendezvous, StepChannel, free_port, watch_workers, worker_main
 from splitinfer.protocol import RequestOutput, TokenLogprobs
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -81,6 +87,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if index >= count:
         raise ValueError(f"device {str(device)!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return torch.device("cuda", index)
+
+
+def build_shard(config: ModelConfig, device: str, dtype: torch.dtype, tp: TensorParallel) -> CausalLM:
+    """A tensor-parallel worker's model: its shard, built and loaded on its device."""
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    model = CausalLM.build(config, torch_device, dtype, tp)
+    load_weights(model, config.path)
+    return model
 
 
 def graphs_off_reason(device: torch.device, enforce_eager: bool, triton_kernels: bool) -> str | None:
@@ -160,8 +176,15 @@ class EngineCore:
             )
         self.max_model_len = config.max_model_len or c.max_position_embeddings
 
-        self.model = CausalLM.build(c, self.device, self.dtype)
+        # Rank 0 of `tensor_parallel_size`: the workers start (and join the group) first.
+        self.tp_failure: str | None = None  # set by the workers' watchdog when one exits unasked
+        self.on_tp_failure: Callable[[], None] | None = None  # the engine loop's wake-up, if any
+        tp, driver = self._start_tensor_parallel(c)
+        self.model = CausalLM.build(c, self.device, self.dtype, tp)
         load_weights(self.model, c.path)
+        if driver is not None:
+            self.model.driver = driver
+            watch_workers(driver, self._worker_died)
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()
         if self.device.type == "cpu" and cpu_linear.half_matmul_is_slow(self.dtype):
@@ -175,6 +198,9 @@ class EngineCore:
             )
         # Known once the model is on its device: the KV sizing reserves the graphs' memory by it.
         self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, self.model.backend.uses_triton)
+        if self.graphs_off is None and driver is not None:
+            # Every rank would have to replay its own graph in step: not built yet.
+            self.graphs_off = "tensor parallelism (decode graphs are not captured across ranks yet)"
         self.stop_ids = frozenset(c.eos_token_ids)
         self.grammar = GrammarCompiler(c.path / "tokenizer.json", c.vocab_size, sorted(self.stop_ids))
         self.masks = MaskBuilder(c.vocab_size, config.max_num_seqs)
@@ -261,6 +287,57 @@ class EngineCore:
             extra / 1e9,
             ", ".join(map(str, sorted(rows))),
         )
+
+    def _start_tensor_parallel(self, c: ModelConfig) -> tuple[TensorParallel, Driver | None]:
+        """Rank 0's place and, with workers, the driver that keeps them in step. Refuses a split
+        the model or the machine does not allow before anything loads."""
+        size = self.config.tensor_parallel_size
+        check_tensor_parallel(c, size)
+        if size == 1:
+            return SINGLE, None
+        if self.device.type == "cuda":
+            if self.device.index not in (None, 0):
+                raise ConfigError("with --tensor-parallel-size, give --device cuda: rank i runs on GPU i", "device")
+            if size > torch.cuda.device_count():
+                raise ConfigError(
+                    f"--tensor-parallel-size {size} needs {size} GPUs; {torch.cuda.device_count()} are visible",
+                    "tensor_parallel_size",
+                )
+        rendezvous = Rendezvous("127.0.0.1", free_port(), size, "nccl" if self.device.type == "cuda" else "gloo")
+        context = mp.get_context("spawn")
+        workers = []
+        for rank in range(1, size):
+            device = f"cuda:{rank}" if self.device.type == "cuda" else "cpu"
+            build = functools.partial(build_shard, c, device, self.dtype)
+            worker = context.Process(
+                target=worker_main, args=(rank, rendezvous, build, os.getpid()), name=f"tp-rank-{rank}"
+            )
+            worker.start()
+            workers.append(worker)
+        logger.info(
+            "tensor parallelism: %d ranks over %s; worker pids %s",
+            size,
+            rendezvous.backend,
+            ", ".join(str(w.pid) for w in workers),
+        )
+        try:
+            model_group, cpu_group = rendezvous.init(0)
+        except Exception:
+            for worker in workers:
+                worker.kill()
+            raise
+        return TensorParallel(0, size, model_group), Driver(StepChannel(cpu_group), workers)
+
+    def _worker_died(self, why: str) -> None:
+        logger.error("%s: the engine stops", why)
+        self.tp_failure = why
+        if self.on_tp_failure is not None:
+            self.on_tp_failure()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (the engine process does on its way out)."""
+        if self.model.driver is not None:
+            self.model.driver.stop()
 
     def _bytes_per_block(self) -> int:
         c = self.model_config

@@ -57,6 +57,16 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
         self._next_id = 0
 
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (they also exit with this process)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.parallel import SINGLE, ShardPlan, TensorParallel
+
+if TYPE_CHECKING:
+    from splitinfer.engine.tp_ranks import Driver
 from splitinfer.kernels import AttentionMetadata, Backend
 
 
@@ -249,6 +253,8 @@ class CausalLM(nn.Module):
         self.config = config
         self.tp = tp
         self.shard = ShardPlan.of(config, tp)  # this rank's heads, intermediate and vocabulary slices
+        # Rank 0 of several: sends each call on the model to the other ranks first (`tp_ranks.py`).
+        self.driver: Driver | None = None
         self.backend = backend  # which kernels every op runs: `uses_triton` says whether graphs may capture it
         # fp32 [max_positions, head_dim] cos|sin, the one table every layer rotates by (a plain
         # attribute, not a buffer, so it stays fp32 whatever the model dtype: the angles of
@@ -280,6 +286,8 @@ class CausalLM(nn.Module):
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         """Give every layer its views of `kv_cache`, once it is allocated; from then on a forward
         whose batch has slots writes its K/V there, and attention may read cached prefixes."""
+        if self.driver is not None:
+            self.driver.bind_kv(kv_cache.num_blocks, kv_cache.block_size)
         self.kv_cache = kv_cache
         for layer in self.model.layers:
             layer.self_attn.bind_kv_cache(kv_cache)
@@ -294,6 +302,15 @@ class CausalLM(nn.Module):
         With a KV cache bound, the new tokens' K/V are written at `batch.slot_mapping` (none
         when it is None); without one, nothing is written and `batch` may not have a cached prefix.
         """
+        if self.driver is None:
+            return self._forward(input_ids, positions, batch)
+        self.driver.forward(input_ids, positions, batch)
+        try:
+            return self._forward(input_ids, positions, batch)
+        except Exception as exc:  # the other ranks are left mid-call, out of step: fatal, whatever failed
+            raise self.driver.collective_failed(exc) from exc
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:
@@ -305,6 +322,15 @@ class CausalLM(nn.Module):
         """fp32 logits of the rows `indices` selects (e.g. `ForwardBatch.logits_indices`); all rows
         when None. With tensor parallelism each rank computes its vocabulary slice and rank 0
         gets the whole logits; the other ranks get None."""
+        if self.driver is None:
+            return self._logits(hidden, indices)
+        self.driver.logits(indices)
+        try:
+            return self._logits(hidden, indices)
+        except Exception as exc:  # as in `forward`: the other ranks wait in the gather
+            raise self.driver.collective_failed(exc) from exc
+
+    def _logits(self, hidden: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor | None:
         if indices is not None:
             hidden = hidden.index_select(0, indices)
         logits = cpu_linear.linear(hidden, self.lm_head_weight, None, self.packed_lm_head, self.upcast).float()

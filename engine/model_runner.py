@@ -54,6 +54,9 @@ class ModelRunner:
         max_blocks = -(-max_model_len // self.block_size)
         self.graph_runner = DecodeGraphRunner(model, max_num_seqs, max_blocks, use_cuda_graphs)
 
+    def _first_rows(self, n: int) -> torch.Tensor:
+        return torch.arange(n, dtype=torch.int64, device=self.device)
+
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
@@ -141,8 +144,8 @@ class ModelRunner:
         if plan.is_decode_only and len(plan.scheduled) <= self.graph_runner.max_batch_size:
             n = len(plan.scheduled)
             hidden = self._decode_hidden(plan)
-            if self.model.packed_lm_head is None:
-                return self.model.compute_logits(hidden[:n])
+            if self.model.packed_lm_head is None:  # rows by index: a call other ranks can mirror
+                return self.model.compute_logits(hidden, self._first_rows(n))
             # CPU with prepacked weights: the lm_head over the whole bucket, whose row count
             # is one the packed matmul serves (n could be any count up to max_num_seqs, and
             # each new one would leave oneDNN state behind); the padding rows are dropped.

@@ -251,6 +251,7 @@ class EngineService:
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        core.on_tp_failure = self._wake  # a tensor-parallel worker's death must not wait for a message
 
     # Start-up ------------------------------------------------------------------------
 
@@ -371,6 +372,10 @@ class EngineService:
     def request_stop(self) -> None:
         """Ask the loop to stop (safe from a signal handler or another thread)."""
         self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the loop from its wait for messages (safe from another thread)."""
         try:
             self._wake_w.send(b"x")
         except (BlockingIOError, OSError):
@@ -392,6 +397,8 @@ class EngineService:
 
     def run_once(self) -> None:
         """One iteration: receive (blocking only when idle), expire leases, step, send."""
+        if self.core.tp_failure is not None:  # a tensor-parallel worker exited (the watchdog woke us)
+            raise EngineDeadError(self.core.tp_failure)
         busy = self.core.has_unfinished()
         start = time.perf_counter()
         self._receive(timeout_ms=0 if busy else int(1000 * self.clients.lease_s / 4))
@@ -643,6 +650,7 @@ class EngineService:
         for session in self.clients.sessions():
             self._send(session.identity, Shutdown(message=reason))
         _close(self.socket, self._guards, linger_ms=1000)
+        self.core.close()
         self._wake_r.close()
         self._wake_w.close()
         if self.ipc_path is not None:

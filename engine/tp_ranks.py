@@ -1,0 +1,283 @@
+"""The engine's tensor-parallel ranks: rank 0 is the engine process itself; ranks 1..N-1 are
+worker processes it starts, each holding its shard of the model (`parallel.py`).
+
+Rank 0 keeps the scheduler, the block pool and the sampler. Its model carries a `Driver`:
+every call rank 0 makes on the model (a forward, logits of some rows, binding the KV cache)
+is first sent to the workers over `StepChannel`, which then make the same call on their
+shard, so the collectives inside the model (all-reduces, the logits gather) meet in the
+same order on every rank. Workers never schedule or sample; they only follow. Whatever
+rank 0 runs (steps, warm-up, the KV profiling forward, prompt scoring in slices, the
+liveness probe) is mirrored without any of it knowing.
+
+`StepChannel` packs one call into two broadcasts over a CPU gloo group (a fixed header of
+int64s, then one int64 payload holding every tensor), whatever backend the model's own
+collectives use.
+
+Faults: a worker that dies makes rank 0's next collective fail (gloo sees the connection
+close) or time out (`COLLECTIVE_TIMEOUT_S`); the driver turns that into `EngineDeadError`
+naming the rank, which stops the engine the usual way (in-flight requests end, clients are
+told). A watchdog thread also notices a worker's exit while rank 0 is not in a collective
+(between steps, or while loading). Workers exit when rank 0 goes away: their wait for the
+next call fails, and on Linux the kernel signals them when their parent dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from splitinfer.engine.errors import EngineDeadError
+from splitinfer.engine.forward_batch import ForwardBatch
+from splitinfer.engine.kv_cache import KVCache
+
+logger = logging.getLogger(__name__)
+
+COLLECTIVE_TIMEOUT_S = 60.0  # a rank silent this long in a collective counts as hung
+HEADER = 64  # int64s of a call's header
+FORWARD, LOGITS, BIND_KV, STOP = 1, 2, 3, 4
+_DTYPES = {torch.int64: 1, torch.int32: 2}
+_DTYPE_OF = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendezvous:
+    """Where the ranks meet: torch.distributed's TCP store on rank 0's host."""
+
+    address: str
+    port: int
+    world_size: int
+    backend: str  # "gloo" (CPU) or "nccl" (CUDA)
+
+    def init(self, rank: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """Join the group: (the model's group, the CPU group calls travel on)."""
+        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        dist.init_process_group(
+            self.backend,
+            init_method=f"tcp://{self.address}:{self.port}",
+            rank=rank,
+            world_size=self.world_size,
+            timeout=timeout,
+        )
+        cpu = dist.new_group(backend="gloo", timeout=timeout) if self.backend != "gloo" else dist.group.WORLD
+        return dist.group.WORLD, cpu
+
+
+class StepChannel:
+    """Rank 0's calls to the workers: an op, a few ints, a few integer tensors (or None)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def send(self, op: int, ints: list[int], tensors: list[torch.Tensor | None]) -> None:
+        header = [op, len(ints), len(tensors), *ints]
+        payload = []
+        for tensor in tensors:
+            if tensor is None:
+                header += [0, -1, 0, 0]
+                continue
+            shape = list(tensor.shape) + [1] * (2 - tensor.dim())
+            header += [_DTYPES[tensor.dtype], tensor.dim(), *shape]
+            payload.append(tensor.detach().reshape(-1).to("cpu", torch.int64))
+        if len(header) > HEADER:
+            raise ValueError(f"a tensor-parallel call needs {len(header)} header fields, more than {HEADER}")
+        packed = torch.zeros(HEADER, dtype=torch.int64)
+        packed[: len(header)] = torch.tensor(header, dtype=torch.int64)
+        dist.broadcast(packed, src=0, group=self.group)
+        data = torch.cat(payload) if payload else torch.empty(0, dtype=torch.int64)
+        if data.numel():  # as `receive` decides: by the element count, empty tensors included
+            dist.broadcast(data, src=0, group=self.group)
+
+    def receive(self) -> tuple[int, list[int], list[torch.Tensor | None]]:
+        packed = torch.empty(HEADER, dtype=torch.int64)
+        dist.broadcast(packed, src=0, group=self.group)
+        header = packed.tolist()
+        op, n_ints, n_tensors = header[0], header[1], header[2]
+        ints = header[3 : 3 + n_ints]
+        specs = [header[3 + n_ints + 4 * i : 7 + n_ints + 4 * i] for i in range(n_tensors)]
+        total = sum(rows * cols for _, dim, rows, cols in specs if dim >= 0)
+        payload = torch.empty(total, dtype=torch.int64)
+        if total:
+            dist.broadcast(payload, src=0, group=self.group)
+        tensors: list[torch.Tensor | None] = []
+        offset = 0
+        for code, dim, rows, cols in specs:
+            if dim < 0:
+                tensors.append(None)
+                continue
+            flat = payload[offset : offset + rows * cols].to(_DTYPE_OF[code])
+            offset += rows * cols
+            tensors.append(flat.view(rows, cols) if dim == 2 else flat.view(rows) if dim == 1 else flat.view(()))
+        return op, ints, tensors
+
+
+def _forward_call(input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch):
+    ints = [batch.max_seqlen_q, int(batch.has_cached_prefix), batch.num_decode_seqs]
+    tensors = [input_ids, positions, batch.cu_seqlens_q, batch.seq_lens, batch.slot_mapping, batch.block_tables]
+    return ints, tensors
+
+
+def _forward_args(ints: list[int], tensors: list, device: torch.device):
+    input_ids, positions, cu, seq_lens, slots, tables = (t.to(device) if t is not None else None for t in tensors)
+    batch = ForwardBatch(
+        cu_seqlens_q=cu,
+        seq_lens=seq_lens,
+        max_seqlen_q=ints[0],
+        slot_mapping=slots,
+        block_tables=tables,
+        has_cached_prefix=bool(ints[1]),
+        num_decode_seqs=ints[2],
+    )
+    return input_ids, positions, batch
+
+
+class Driver:
+    """Rank 0's side: sends each model call to the workers first, and watches them."""
+
+    def __init__(self, channel: StepChannel, workers: list[mp.Process]) -> None:
+        self.channel = channel
+        self.workers = workers  # rank i + 1 is workers[i]
+        self._stopped = False
+
+    def dead_worker(self) -> str | None:
+        """Which worker has exited, said for a log line; None while all live."""
+        for rank, proc in enumerate(self.workers, start=1):
+            if proc.exitcode is not None:
+                how = f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit status {proc.exitcode}"
+                return f"tensor-parallel rank {rank} (pid {proc.pid}) exited ({how})"
+        return None
+
+    def _send(self, op: int, ints: list[int], tensors: list) -> None:
+        try:
+            self.channel.send(op, ints, tensors)
+        except RuntimeError as exc:  # gloo: a peer closed, or the timeout passed
+            raise EngineDeadError(self.dead_worker() or f"a tensor-parallel rank stopped answering: {exc}") from exc
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
+        self._send(FORWARD, *_forward_call(input_ids, positions, batch))
+
+    def logits(self, indices: torch.Tensor | None) -> None:
+        self._send(LOGITS, [], [indices])
+
+    def bind_kv(self, num_blocks: int, block_size: int) -> None:
+        self._send(BIND_KV, [num_blocks, block_size], [])
+
+    def collective_failed(self, exc: Exception) -> EngineDeadError:
+        """What a failure inside a mirrored call means: a rank is gone, or rank 0 failed midway
+        and left the others waiting in a collective. Either way the ranks are out of step."""
+        return EngineDeadError(
+            self.dead_worker() or f"a tensor-parallel call failed midway, the ranks are out of step: {exc!r}"
+        )
+
+    def stop(self) -> None:
+        """Tell the workers to exit and wait for them (killing any that do not)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.dead_worker() is None:
+            try:
+                self.channel.send(STOP, [], [])
+            except RuntimeError:
+                pass
+        for proc in self.workers:
+            proc.join(timeout=10)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def watch_workers(driver: Driver, on_death: Callable[[str], None], interval_s: float = 0.5) -> threading.Thread:
+    """A daemon thread that calls `on_death(why)` once when a worker exits unasked."""
+
+    def watch() -> None:
+        stop = threading.Event()
+        while not stop.wait(interval_s):
+            if driver._stopped:
+                return
+            why = driver.dead_worker()
+            if why is not None:
+                on_death(why)
+                return
+
+    thread = threading.Thread(target=watch, name="tp-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
+# The workers -------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: be sent SIGKILL when the engine process dies, whatever killed it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: a worker still exits when its next collective fails
+
+
+def worker_main(rank: int, rendezvous: Rendezvous, build: Callable[[object], object], parent_pid: int) -> None:
+    """A worker's life: join the group, build and load its shard (`build(tp)` returns the
+    model), then follow rank 0's calls until STOP or until rank 0 is gone."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the engine, which stops the workers
+    from splitinfer.engine.parallel import TensorParallel
+
+    model_group, cpu_group = rendezvous.init(rank)
+    model = build(TensorParallel(rank, rendezvous.world_size, model_group))
+    channel = StepChannel(cpu_group)
+    device = model.rope_cache.device
+    hidden = None
+    try:
+        with torch.inference_mode():
+            while True:
+                op, ints, tensors = channel.receive()
+                if op == FORWARD:
+                    hidden = model(*_forward_args(ints, tensors, device))
+                elif op == LOGITS:
+                    indices = tensors[0].to(device) if tensors[0] is not None else None
+                    model.compute_logits(hidden, indices)
+                elif op == BIND_KV:
+                    num_blocks, block_size = ints
+                    c = model.config
+                    model.bind_kv_cache(
+                        KVCache.allocate(
+                            c.num_layers,
+                            num_blocks,
+                            block_size,
+                            model.shard.num_kv_heads,
+                            c.head_dim,
+                            next(model.parameters()).dtype,
+                            device,
+                        )
+                    )
+                elif op == STOP:
+                    return
+    except RuntimeError as exc:
+        # Rank 0 gone (its connection closed) ends this worker quietly; anything else is said.
+        if not dist.is_initialized() or "Connection closed" not in str(exc):
+            logger.exception("tensor-parallel rank %d failed", rank)
+        return
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,154 @@
+"""Tensor parallelism through the engine: two ranks (the engine and one gloo worker process)
+generate exactly what one rank and transformers generate, with chunked prefill, prefix reuse
+and preemption; through the engine process and an HTTP server the openai SDK gets the same
+text; a worker killed mid-serving stops the engine with an error naming its rank, the server
+answers 503, a restarted engine serves again, and no worker outlives its engine."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from conftest import FAMILIES, VARIANTS
+from hf_oracle import hf_greedy
+from procs import free_port, start_engine, start_server, stop
+
+from splitinfer.engine import LLM, SamplingParams
+
+CASES = {
+    "llama, 2 KV heads split": FAMILIES["llama"],
+    "llama, 1 KV head replicated": VARIANTS["gqa4-llama3-tied"],
+    "qwen2": FAMILIES["qwen2"],
+}
+# A small KV cache (20 blocks of 4) and token budget (16): prompts are prefilled in chunks, and
+# eight at once cannot all keep their blocks, so the newest are preempted and recomputed.
+SETTINGS = dict(
+    device="cpu", dtype="float32", num_kv_blocks=20, block_size=4, max_num_batched_tokens=16, max_num_seqs=8
+)
+NEW_TOKENS = 12
+
+
+def mixed_prompts(vocab: int) -> list[list[int]]:
+    """16 prompts of 3 to 40 tokens; half of them begin with the same 24 tokens (prefix reuse)."""
+    rng = random.Random(5)
+    shared = [rng.randrange(3, vocab) for _ in range(24)]
+    prompts = []
+    for i in range(16):
+        own = [rng.randrange(3, vocab) for _ in range(rng.randrange(3, 17))]
+        prompts.append(shared + own if i % 2 else own + [rng.randrange(3, vocab) for _ in range(rng.randrange(0, 24))])
+    return prompts
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_generate_what_one_and_transformers_do(make_checkpoint, case: str) -> None:
+    path = make_checkpoint(*CASES[case])
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    with LLM(path, **SETTINGS) as one:
+        prompts = mixed_prompts(one.config.vocab_size)
+        single = [o.token_ids for o in one.generate(prompts, params)]
+    with LLM(path, tensor_parallel_size=2, **SETTINGS) as two:
+        split = [o.token_ids for o in two.generate(prompts, params)]
+        stats = two.engine.stats()
+    assert split == single
+    assert stats.num_preemptions > 0 and stats.kv.prefix_hit_tokens > 0, stats
+    for prompt, tokens in list(zip(prompts, split))[:6]:
+        assert tokens == hf_greedy(path, prompt, NEW_TOKENS)
+
+
+def test_a_split_the_model_does_not_allow_is_refused_before_loading(make_checkpoint) -> None:
+    path = make_checkpoint(*FAMILIES["llama"])  # 4 attention heads
+    with pytest.raises(ValueError, match="--tensor-parallel-size 3 does not divide its 4 attention heads"):
+        LLM(path, device="cpu", dtype="float32", tensor_parallel_size=3)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def tp_workers(engine_pid: int) -> list[int]:
+    """The engine's tensor-parallel workers: its children that multiprocessing spawned (not its
+    resource tracker)."""
+
+    def cmdline(pid: int) -> str:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+
+    return [pid for pid in children(engine_pid) if "spawn_main" in cmdline(pid)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path: Path) -> None:
+    path = make_checkpoint(*FAMILIES["llama"])
+    address = f"ipc://{tmp_path}/engine.sock"
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    port = free_port()
+    texts = {}
+    server = None
+    engine = None
+    try:
+        for size in ("1", "2"):
+            log = tmp_path / f"engine-tp{size}.log"
+            engine = start_engine(path, address, log, "--served-model-name", "tiny", "--tensor-parallel-size", size)
+            if server is None:
+                server = start_server(address, port, tmp_path / "server.log")
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2, timeout=60)
+            reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+            texts[size] = reply.choices[0].message.content
+            if size == "1":
+                stop(engine)
+        assert texts["2"] == texts["1"] and texts["1"]
+        # kill -9 of the worker while a long request runs.
+        [worker] = tp_workers(engine.pid)
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            killed = time.monotonic()
+            os.kill(worker, signal.SIGKILL)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and "engine_unavailable" in rest[-2]
+        assert engine.wait(30) == 1
+        took = time.monotonic() - killed
+        log_text = (tmp_path / "engine-tp2.log").read_text()
+        assert re.search(r"tensor-parallel rank 1 \(pid \d+\) exited \(killed by signal 9\)", log_text), log_text[
+            -2000:
+        ]
+        assert took < 15, took
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 503
+        # Restarted, it serves again through the same server.
+        engine = start_engine(
+            path, address, tmp_path / "engine-again.log", "--served-model-name", "tiny", "--tensor-parallel-size", "2"
+        )
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+        assert reply.choices[0].message.content == texts["1"]
+        workers = tp_workers(engine.pid)
+        assert len(workers) == 1
+    finally:
+        if server is not None:
+            stop(server)
+        if engine is not None:
+            stop(engine)
+    time.sleep(1)
+    assert not [pid for pid in workers if alive(pid)], "a worker outlived its engine"
