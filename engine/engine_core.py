@@ -89,13 +89,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
-def build_shard(config: ModelConfig, device: str, dtype: torch.dtype, tp: TensorParallel) -> CausalLM:
-    """A tensor-parallel worker's model: its shard, built and loaded on its device."""
+def build_shard(
+    config: ModelConfig,
+    device: str,
+    dtype: torch.dtype,
+    prepack_rows: frozenset[int],
+    upcast: bool,
+    tp: TensorParallel,
+) -> CausalLM:
+    """A tensor-parallel worker's model: its shard, built and loaded on its device, its CPU
+    matmuls set up as rank 0 sets up its own (a slower rank makes every all-reduce wait)."""
     torch_device = torch.device(device)
     if torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     model = CausalLM.build(config, torch_device, dtype, tp)
     load_weights(model, config.path)
+    if prepack_rows and cpu_linear.enough_memory_for(model.matmul_weight_bytes()):
+        model.prepack_cpu_weights(prepack_rows)
+    if upcast:
+        model.upcast_cpu_matmuls(cpu_linear.Upcast())
     return model
 
 
@@ -187,7 +199,7 @@ class EngineCore:
             watch_workers(driver, self._worker_died)
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()
-        if self.device.type == "cpu" and cpu_linear.half_matmul_is_slow(self.dtype):
+        if self._upcasts():
             self.model.upcast_cpu_matmuls(cpu_linear.Upcast())
             logger.info(
                 "%s matmuls are slow on this CPU: those of %d+ rows (prefill, large decode batches) run in "
@@ -264,11 +276,21 @@ class EngineCore:
             max_model_len=self.max_model_len,
         )
 
+    def _upcasts(self) -> bool:
+        """Whether half-precision matmuls of many rows run in fp32 (`cpu_linear.Upcast`)."""
+        return self.device.type == "cpu" and cpu_linear.half_matmul_is_slow(self.dtype)
+
+    def _prepack_rows(self) -> frozenset[int]:
+        """The decode batch sizes CPU matmul weights are prepacked for; none when off."""
+        if self.device.type != "cpu" or not self.config.cpu_weight_prepack or cpu_linear.check_prepack(self.dtype):
+            return frozenset()
+        # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
+        return frozenset(cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs)))
+
     def _prepack_cpu_weights(self) -> None:
         extra = self.model.matmul_weight_bytes()
         problem = cpu_linear.check_prepack(self.dtype)
-        # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
-        rows = cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs))
+        rows = self._prepack_rows()
         if problem is None and not rows:
             problem = (
                 f"max_num_seqs={self.config.max_num_seqs} gives no decode batch of {cpu_linear.MIN_PACKED_ROWS}+ rows"
@@ -308,7 +330,7 @@ class EngineCore:
         workers = []
         for rank in range(1, size):
             device = f"cuda:{rank}" if self.device.type == "cuda" else "cpu"
-            build = functools.partial(build_shard, c, device, self.dtype)
+            build = functools.partial(build_shard, c, device, self.dtype, self._prepack_rows(), self._upcasts())
             worker = context.Process(
                 target=worker_main, args=(rank, rendezvous, build, os.getpid()), name=f"tp-rank-{rank}"
             )

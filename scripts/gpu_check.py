@@ -29,6 +29,7 @@ STEP_TITLES = {
     "kernels": "3. kernel benchmark",
     "engine": "4. engine vs transformers",
     "http": "5. engine + 2 HTTP servers",
+    "tp": "6. tensor parallelism (2 GPUs)",
     "sanitizer": "compute-sanitizer",
 }
 
@@ -145,6 +146,14 @@ def http_table(path: Path) -> list[str]:
     return lines
 
 
+def tp_table(path: Path) -> list[str]:
+    """bench_tp.py's printed table as it is (a code block): its machine line and one row per size."""
+    if not path.is_file():
+        return ["(not run)"]
+    lines = [line for line in path.read_text().splitlines() if line.startswith(("machine:", " TP", "  "))]
+    return ["```", *lines, "```"] if lines else ["(no table: see tp.log)"]
+
+
 def summarize(out: Path, dry_run: bool, command: str) -> str:
     device = json.loads((out / "device.json").read_text()) if (out / "device.json").is_file() else {}
     steps = read_steps(out)
@@ -191,6 +200,10 @@ def summarize(out: Path, dry_run: bool, command: str) -> str:
         "## Engine + 2 servers, 32 concurrent streams (`scripts/bench_serving.py --duration`)",
         "",
         *http_table(out / "http.json"),
+        "",
+        "## Tensor parallelism (`scripts/bench_tp.py`)",
+        "",
+        *tp_table(out / "tp.log"),
         "",
     ]
     failed = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]

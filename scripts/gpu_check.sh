@@ -33,6 +33,9 @@ printing progress as it goes and writing everything under $OUT (default: gpu-che
                                                                         -> engine.json
   http        scripts/start_distributed.sh (1 engine, 2 servers) and 32 concurrent streams
               for 30 s through both servers; any failed request fails the step -> http.json
+  tp          scripts/bench_tp.py at tensor-parallel sizes 1 and 2 (NCCL, rank i on GPU i): the
+              step split into compute, broadcast, all-reduce and gather (only with 2+ GPUs)
+                                                                        -> tp.log
   sanitizer   compute-sanitizer memcheck over the bf16 paged attention kernel tests, torch's
               caching allocator off (only where compute-sanitizer is installed) -> sanitizer.log
 and then writes summary.md: a table per step. Exit status 0 when every step passed.
@@ -252,6 +255,18 @@ print(f"{failed} failed requests")
 sys.exit(1 if failed else 0)' "$OUT/http.json"
 }
 
+step_tp() {
+    local args=(--model "$MODEL" --device cuda --dtype bfloat16 --sizes 1,2 --requests 32 --output-tokens 64)
+    if [ "$DRY_RUN" = 1 ]; then
+        args=(--model "$MODEL" --device cpu --dtype float32 --sizes 1,2 --requests 2 --output-tokens 4 --kv-cache-gb 0.05)
+    elif [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
+        echo "skipped: tensor parallelism needs 2 GPUs; this machine shows fewer"
+        return 3
+    fi
+    "$PYTHON" scripts/bench_tp.py "${args[@]}" 2>&1 | tee "$OUT/tp.log"
+    return "${PIPESTATUS[0]}"
+}
+
 step_sanitizer() {
     if [ "$DRY_RUN" = 1 ]; then echo "skipped on a dry run"; return 3; fi
     if ! command -v compute-sanitizer >/dev/null; then echo "skipped: compute-sanitizer is not installed"; return 3; fi
@@ -283,6 +298,7 @@ run_step tests 300 step_tests
 run_step kernels 90 step_kernels
 run_step engine 150 step_engine
 run_step http 100 step_http
+run_step tp 120 step_tp
 run_step sanitizer 150 step_sanitizer
 
 log "summary: $OUT/summary.md"

@@ -17,7 +17,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
-STEPS = ["install", "checkpoint", "device", "tests", "kernels", "engine", "http", "sanitizer"]
+STEPS = ["install", "checkpoint", "device", "tests", "kernels", "engine", "http", "tp", "sanitizer"]
 
 
 def run_check(*args: str, out: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
