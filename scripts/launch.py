@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 READY_TIMEOUT_S = 1800.0  # a large checkpoint on a slow disk takes minutes to load
 STOP_TIMEOUT_S = 10.0
+MAX_RESTARTS = 5  # restarts of one engine within RESTART_WINDOW_S before the launcher gives up
+RESTART_WINDOW_S = 600.0
 
 EXAMPLE = """\
 # fleet.toml: two models, one of them twice, each engine on its own GPU, two servers.
@@ -88,6 +90,10 @@ Several engines, from a TOML file:
 {EXAMPLE}
 Both:
   --run-dir DIR          Where logs and sockets go (default: runs/<date-time>).
+  --no-restart           An engine that exits stops everything (default: it is started again,
+                         up to 5 times in 10 minutes, while the servers keep running and
+                         reconnect; in the TOML file, `restart_engines = false`). A server that
+                         exits always stops everything.
   -h, --help             Show this help.
 
 Logs: RUN_DIR/engine-N.log and RUN_DIR/server-PORT.log.
@@ -135,6 +141,7 @@ class ServerSpec:
 class Fleet:
     engines: list[EngineSpec]
     servers: ServerSpec
+    restart_engines: bool = True  # an engine that exits is started again; a server's exit stops all
 
 
 class UsageError(Exception):
@@ -160,6 +167,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
         "--run-dir",
         "--config",
     }
+    flags = {"--no-restart"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -167,7 +175,10 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
             engine_args += argv[i + 1 :]
             break
         name, eq, inline = arg.partition("=")
-        if name in own:
+        if name in flags:
+            values[name] = "1"
+            i += 1
+        elif name in own:
             if eq:
                 values[name] = inline
                 i += 1
@@ -186,10 +197,13 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
             raise UsageError(f"unexpected argument {arg!r} (see --help)")
     run_dir = values.pop("--run-dir", None)
     config = values.pop("--config", None)
+    restart = values.pop("--no-restart", None) is None
     if config is not None:
         if values or engine_args:
-            raise UsageError("--config describes everything but --run-dir: give no other flags with it")
-        return fleet_from_toml(Path(config)), run_dir, Path(config)
+            raise UsageError("--config describes everything but --run-dir and --no-restart: give no other flags")
+        fleet = fleet_from_toml(Path(config))
+        fleet.restart_engines = fleet.restart_engines and restart
+        return fleet, run_dir, Path(config)
     servers = ServerSpec(
         count=_positive(values.get("--servers", "1"), "--servers"),
         host=values.get("--host", "127.0.0.1"),
@@ -203,7 +217,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
         address=values.get("--engine-address"),
         args=engine_args,
     )
-    return Fleet([engine], servers), run_dir, None
+    return Fleet([engine], servers, restart_engines=restart), run_dir, None
 
 
 ENGINE_KEYS = {"model", "served_model_name", "device", "address", "args"}
@@ -219,9 +233,14 @@ def fleet_from_toml(path: Path) -> Fleet:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: {exc}") from None
-    unknown = set(data) - {"servers", "engines"}
+    unknown = set(data) - {"servers", "engines", "restart_engines"}
     if unknown:
-        raise UsageError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected [servers] and [[engines]]")
+        raise UsageError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected restart_engines, [servers] and [[engines]]"
+        )
+    restart = data.get("restart_engines", True)
+    if not isinstance(restart, bool):
+        raise UsageError(f"{path}: 'restart_engines' must be true or false")
     servers = data.get("servers", {})
     _check_keys(servers, SERVER_KEYS, f"{path} [servers]")
     engines = data.get("engines")
@@ -252,7 +271,7 @@ def fleet_from_toml(path: Path) -> Fleet:
         tool_call_parser=_string(servers, "tool_call_parser", f"{path} [servers]"),
         args=_strings(servers, "args", f"{path} [servers]"),
     )
-    return Fleet(specs, server_spec)
+    return Fleet(specs, server_spec, restart_engines=restart)
 
 
 def _check_keys(table: object, allowed: set[str], where: str) -> None:
@@ -316,11 +335,22 @@ class Processes:
 
     def __init__(self) -> None:
         self.started: list[tuple[str, subprocess.Popen, Path]] = []
+        self.commands: dict[str, list[str]] = {}
 
     def start(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen:
         with log.open("ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         self.started.append((name, proc, log))
+        self.commands[name] = cmd
+        return proc
+
+    def restart(self, name: str) -> subprocess.Popen:
+        """Start `name` again, with its command and log, in its place in the stop order."""
+        index = next(i for i, entry in enumerate(self.started) if entry[0] == name)
+        _, _, log = self.started[index]
+        with log.open("ab") as out:
+            proc = subprocess.Popen(self.commands[name], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        self.started[index] = (name, proc, log)
         return proc
 
     def dead(self) -> tuple[str, subprocess.Popen, Path] | None:
@@ -439,12 +469,25 @@ def run(fleet: Fleet, run_dir: Path) -> int:
     body = f'{{"model": "{names[0]}", "messages": [{{"role": "user", "content": "Hello!"}}], "max_tokens": 32}}'
     print(f"    -d {shlex.quote(body)}")
     print("\nCtrl-C stops everything.", flush=True)
+    restarts: dict[str, list[float]] = {}  # engine name -> when it was restarted
     while not stopping:
         dead = procs.dead()
         if dead is not None:
             name, proc, log = dead
+            recent = [t for t in restarts.get(name, []) if time.monotonic() - t < RESTART_WINDOW_S]
+            if name.startswith("engine ") and fleet.restart_engines and len(recent) < MAX_RESTARTS:
+                # The servers keep running and reconnect by themselves once it is ready again.
+                print(
+                    f"{name} (pid {proc.pid}) exited with {proc.returncode}; restarting it ({log})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                restarts[name] = [*recent, time.monotonic()]
+                procs.restart(name)
+                continue
+            why = "; it was restarted too often" if recent else ""
             print(
-                f"error: {name} (pid {proc.pid}) exited with {proc.returncode}; stopping the others ({log})",
+                f"error: {name} (pid {proc.pid}) exited with {proc.returncode}{why}; stopping the others ({log})",
                 file=sys.stderr,
             )
             procs.stop_all()

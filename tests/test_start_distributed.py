@@ -208,8 +208,20 @@ args = {engine_args}
             assert sorted(m["id"] for m in models) == ["alpha", "beta"]
             health = httpx.get(f"http://127.0.0.1:{p}/health").json()
             assert health["models"] == {"alpha": 2, "beta": 1}
+        # An engine killed is started again; the servers carry on and pick it up.
+        beta_pid = int(re.search(r"3 engines \(pids \d+, \d+, (\d+)\)", output).group(1))
+        os.kill(beta_pid, signal.SIGKILL)
+        while "engine 2 (pid" not in output:
+            output += proc.stdout.readline()
+            assert time.monotonic() < deadline + 60, output
+        assert "restarting it" in output
+        for p in (port, port + 1):
+            deadline_back = time.monotonic() + 60
+            while httpx.get(f"http://127.0.0.1:{p}/health").json()["models"] != {"alpha": 2, "beta": 1}:
+                assert time.monotonic() < deadline_back, "beta did not come back"
+                time.sleep(0.2)
         descendants = children_of(proc.pid)
-        assert len(descendants) >= 5
+        assert len(descendants) >= 5 and beta_pid not in descendants
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         assert proc.returncode == 143
@@ -231,7 +243,8 @@ args = {engine_args}
         ("[[engines]]\nmodle = 'x'\n", "unknown key(s) modle"),
         ("[[engines]]\nmodel = 'x'\nargs = '--a'\n", "'args' must be a list"),
         ("[servers]\nport = 0\n[[engines]]\nmodel = 'x'\n", "port must be a port number"),
-        ("[serverz]\n", "unknown table"),
+        ("[serverz]\n", "unknown key(s) serverz"),
+        ("restart_engines = 1\n[[engines]]\nmodel = 'x'\n", "'restart_engines' must be true or false"),
         ("[[engines]\n", "fleet.toml"),
     ],
 )
