@@ -3,7 +3,7 @@
 The server holds no checkpoint: the model's name, context length, vocabulary, tokenizer
 files and chat template all arrive in the engine's `HelloReply`. A `ModelContext` is built
 from one reply (once per engine instance) and turns a request's messages or prompts into
-token ids. It checks the model's name (404) and that prompt token ids are in the vocabulary
+token ids. It checks that prompt token ids are in the vocabulary
 (its own tokenizer must read them); the context length is the engine's to judge. A model
 with no chat template (`ChatTemplate.for_model`) refuses chat requests with a 400 that tells
 the operator what to do (`chat_template_missing`); its completions are served as usual.
@@ -22,7 +22,7 @@ from splitinfer.protocol import HelloReply
 from splitinfer.protocol.chat_template import ChatTemplateError
 from splitinfer.protocol.tokenizer import Tokenizer
 from splitinfer.server.chat_template import ChatTemplate
-from splitinfer.server.errors import APIError, bad_request
+from splitinfer.server.errors import bad_request
 from splitinfer.server.tool_calls import TOOL_CALL_FORMATS, ToolCallFormat, detect_tool_call_format
 
 
@@ -103,15 +103,6 @@ class ModelContext:
             tool_markers=markers,
             identity=replica_identity(info),
         )
-
-    def check_model(self, model: str) -> None:
-        if model != self.name:
-            raise APIError(
-                404,
-                f"the model '{model}' does not exist; this server serves '{self.name}'",
-                param="model",
-                code="model_not_found",
-            )
 
     def card(self) -> dict:
         """The model's entry in /v1/models."""

@@ -253,22 +253,27 @@ def assert_engine_healthy(stack: Stack) -> None:
 # The tests ---------------------------------------------------------------------------
 
 
-def test_fuzzed_openai_requests_never_get_a_5xx(stack: Stack) -> None:
+def fuzz_http(stack: Stack, strategy: st.SearchStrategy, check) -> None:
+    """Send every request `strategy` draws, `check` each response, then the engine must be well."""
     statuses: dict[int, int] = {}
     with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as client:
 
         @FUZZ
-        @given(requests())
+        @given(strategy)
         def one(request: tuple[str, str]) -> None:
             path, body = request
             response = client.post(stack.url + path, content=body.encode("utf-8"))
-            check_response(response)
+            check(response)
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
 
         one()
     print(f"{sum(statuses.values())} fuzzed requests, by status: {dict(sorted(statuses.items()))}")
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, "the fuzzer reaches both outcomes"
     assert_engine_healthy(stack)
+
+
+def test_fuzzed_openai_requests_never_get_a_5xx(stack: Stack) -> None:
+    fuzz_http(stack, requests(), check_response)
 
 
 # The Responses API and the tokenizer endpoints ------------------------------------------
@@ -367,21 +372,7 @@ def check_other_response(response: httpx.Response) -> None:
 
 
 def test_fuzzed_responses_and_tokenizer_requests_never_get_a_5xx(stack: Stack) -> None:
-    statuses: dict[int, int] = {}
-    with httpx.Client(timeout=120, headers={"content-type": "application/json"}) as client:
-
-        @FUZZ
-        @given(other_requests())
-        def one(request: tuple[str, str]) -> None:
-            path, body = request
-            response = client.post(stack.url + path, content=body.encode("utf-8"))
-            check_other_response(response)
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-
-        one()
-    print(f"{sum(statuses.values())} fuzzed requests, by status: {dict(sorted(statuses.items()))}")
-    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, "the fuzzer reaches both outcomes"
-    assert_engine_healthy(stack)
+    fuzz_http(stack, other_requests(), check_other_response)
 
 
 PARAM_VALUES = {name: getattr(SamplingParams(), name) for name in SamplingParams.__struct_fields__}

@@ -23,7 +23,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.gpu])]
 
 def bare_runner(max_num_seqs: int, max_blocks: int, device: str = "cpu") -> DecodeGraphRunner:
     """A runner without a model: enough to load steps into its buffers."""
-    model = SimpleNamespace(rope_cache=torch.empty(0, device=device), config=SimpleNamespace(num_heads=2, head_dim=8))
+    config = SimpleNamespace(num_heads=2, head_dim=8)
+    model = SimpleNamespace(rope_cache=torch.empty(0, device=device), config=config, shard=config)
     return DecodeGraphRunner(model, max_num_seqs, max_blocks, use_cuda_graphs=False)
 
 

@@ -13,36 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from procs import REPO, free_port
+from procs import REPO, children_of, free_port, pid_alive
 
 SCRIPT = REPO / "scripts" / "start_distributed.sh"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant pid of `pid` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [child for child, p in parents.items() if p == parent]
-        found += kids
-        frontier += kids
-    return found
 
 
 def two_free_ports() -> int:

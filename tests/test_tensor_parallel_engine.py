@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import FAMILIES, VARIANTS
 from hf_oracle import hf_greedy
-from procs import free_port, start_engine, start_server, stop
+from procs import children_of, free_port, pid_alive, start_engine, start_server, stop
 
 from splitinfer.engine import LLM, SamplingParams
 
@@ -68,19 +68,6 @@ def test_a_split_the_model_does_not_allow_is_refused_before_loading(make_checkpo
         LLM(path, device="cpu", dtype="float32", tensor_parallel_size=3)
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
 def tp_workers(engine_pid: int) -> list[int]:
     """The engine's tensor-parallel workers: its children that multiprocessing spawned (not its
     resource tracker)."""
@@ -88,15 +75,7 @@ def tp_workers(engine_pid: int) -> list[int]:
     def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
 
-    return [pid for pid in children(engine_pid) if "spawn_main" in cmdline(pid)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    return [pid for pid in children_of(engine_pid) if "spawn_main" in cmdline(pid)]
 
 
 def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path: Path) -> None:
@@ -151,4 +130,4 @@ def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path:
         if engine is not None:
             stop(engine)
     time.sleep(1)
-    assert not [pid for pid in workers if alive(pid)], "a worker outlived its engine"
+    assert not [pid for pid in workers if pid_alive(pid)], "a worker outlived its engine"
