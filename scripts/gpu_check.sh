@@ -13,7 +13,8 @@ Usage: scripts/gpu_check.sh [--dry-run] [--model DIR] [--wheels DIR] [--only STE
 Runs, in order, each step under its own time box (one failure cannot eat the budget),
 printing progress as it goes and writing everything under $OUT (default: gpu-check/):
 
-  install     what is missing of pyzmq, msgspec, starlette, uvicorn, sse-starlette, openai, hypothesis
+  install     what is missing of pyzmq, msgspec, starlette, uvicorn, sse-starlette, openai, hypothesis,
+              llguidance, jsonschema
               (from the wheel folder, `pip install --no-index`, when there is one; else from
               the network), then splitinfer itself (`pip install --no-deps
               --no-build-isolation -e .`) unless it is already importable
@@ -154,7 +155,8 @@ import importlib.util
 wanted = {"zmq": "pyzmq", "msgspec": "msgspec", "starlette": "starlette", "uvicorn": "uvicorn", "sse_starlette": "sse-starlette",
           "openai": "openai", "hypothesis": "hypothesis", "msgpack": "msgpack", "safetensors": "safetensors",
           "tokenizers": "tokenizers", "jinja2": "jinja2", "prometheus_client": "prometheus-client",
-          "httpx": "httpx", "pytest": "pytest", "transformers": "transformers", "triton": "triton"}
+          "httpx": "httpx", "pytest": "pytest", "transformers": "transformers", "triton": "triton",
+          "llguidance": "llguidance", "jsonschema": "jsonschema"}
 print(" ".join(pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None))
 PY
 )

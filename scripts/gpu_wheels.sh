@@ -11,7 +11,8 @@ usage() {
 Usage: scripts/gpu_wheels.sh [DIR]
 
 Downloads into DIR (default: $GPU_WHEELS or gpu-wheels/) the wheels of pyzmq, msgspec,
-starlette, uvicorn, sse-starlette, openai, hypothesis and setuptools, with every dependency they need,
+starlette, uvicorn, sse-starlette, openai, hypothesis, setuptools, llguidance and jsonschema, with every
+dependency they need,
 for CPython 3.12 on manylinux x86_64 (whatever this machine runs). Copy DIR beside the
 repository on the GPU machine (or pass --wheels DIR to gpu_check.sh), which installs from it
 with `pip install --no-index --find-links DIR` whatever is missing there.
@@ -24,7 +25,7 @@ DIR=${1:-${GPU_WHEELS:-gpu-wheels}}
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] && ! "$PYTHON" -m pip --version >/dev/null 2>&1 && PYTHON=.venv/bin/python
 VERSION=${GPU_PYTHON_VERSION:-3.12}
-PACKAGES=(pyzmq msgspec starlette uvicorn sse-starlette openai hypothesis setuptools)
+PACKAGES=(pyzmq msgspec starlette uvicorn sse-starlette openai hypothesis setuptools "llguidance>=1.9,<2" jsonschema)
 platforms=()
 for tag in manylinux_2_39 manylinux_2_35 manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 \
            manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
