@@ -78,6 +78,13 @@ def tp_workers(engine_pid: int) -> list[int]:
     return [pid for pid in children_of(engine_pid) if "spawn_main" in cmdline(pid)]
 
 
+def wait_until_served(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"http://127.0.0.1:{port}/health").status_code != 200:
+        assert time.monotonic() < deadline, "the server did not reconnect to the engine"
+        time.sleep(0.1)
+
+
 def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path: Path) -> None:
     path = make_checkpoint(*FAMILIES["llama"])
     address = f"ipc://{tmp_path}/engine.sock"
@@ -92,7 +99,8 @@ def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path:
             engine = start_engine(path, address, log, "--served-model-name", "tiny", "--tensor-parallel-size", size)
             if server is None:
                 server = start_server(address, port, tmp_path / "server.log")
-            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=2, timeout=60)
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+            wait_until_served(port)  # the server reconnects to a new engine within its backoff
             reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
             texts[size] = reply.choices[0].message.content
             if size == "1":
@@ -120,6 +128,7 @@ def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path:
         engine = start_engine(
             path, address, tmp_path / "engine-again.log", "--served-model-name", "tiny", "--tensor-parallel-size", "2"
         )
+        wait_until_served(port)
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
         assert reply.choices[0].message.content == texts["1"]
         workers = tp_workers(engine.pid)
