@@ -53,9 +53,11 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         max_blocks = -(-max_model_len // self.block_size)
         self.graph_runner = DecodeGraphRunner(model, max_num_seqs, max_blocks, use_cuda_graphs)
+        self._row_indices = torch.arange(self.graph_runner.max_batch_size, dtype=torch.int64, device=self.device)
 
     def _first_rows(self, n: int) -> torch.Tensor:
-        return torch.arange(n, dtype=torch.int64, device=self.device)
+        """Indices 0..n-1, as a view of one tensor made once (a decode step needs them each time)."""
+        return self._row_indices[:n]
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

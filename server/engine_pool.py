@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from splitinfer.protocol import StatsReply
 from splitinfer.server.engine_client import EngineClient, EngineUnavailable, Health
 from splitinfer.server.errors import APIError, engine_unavailable
-from splitinfer.server.model_context import ModelContext
+from splitinfer.server.model_context import ModelContext, served_name
 from splitinfer.server.router import Candidate, Router
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,13 @@ class EngineHandle:
     @property
     def engine_id(self) -> str | None:
         return self.client.info.engine_id if self.client.info is not None else None
+
+    @property
+    def current_stats(self) -> StatsReply | None:
+        """The last stats, if they came from the instance connected now."""
+        if self.live and self.stats is not None and self.stats_engine_id == self.engine_id:
+            return self.stats
+        return None
 
     @property
     def load(self) -> int:
@@ -263,8 +270,7 @@ class EnginePool:
             raise engine_unavailable(f"no engine serving the model '{context.name}' is connected now")
         by_id = {h.engine_id: h for h in replicas}
         candidates = [
-            Candidate(h.engine_id, h.load, h.stats.kv_usage if h.stats and h.stats_engine_id == h.engine_id else 0.0)
-            for h in replicas
+            Candidate(h.engine_id, h.load, h.current_stats.kv_usage if h.current_stats else 0.0) for h in replicas
         ]
         chosen = self.router.choose(candidates, prompt_token_ids, context.info.block_size)
         return Lease(by_id[chosen], count)
@@ -306,4 +312,4 @@ class EnginePool:
 
     def model_name(self, handle: EngineHandle) -> str:
         """The name clients use for the model of a handle that has connected."""
-        return self._served_model_name or handle.client.info.model_name
+        return served_name(handle.client.info, self._served_model_name)

@@ -94,7 +94,7 @@ class ServerMetrics:
         An engine's load series are dropped while it is down: stale numbers would mislead."""
         for handle in pool.handles:
             self.engine_up.labels(handle.address).set(1 if handle.live else 0)
-            stats = handle.stats if handle.live and handle.stats_engine_id == handle.engine_id else None
+            stats = handle.current_stats
             labels = (handle.address, pool.model_name(handle)) if stats is not None else None
             shown = self._engine_labels.get(handle.address)
             if shown is not None and shown != labels:  # down, or back with another model

@@ -26,6 +26,11 @@ from splitinfer.server.errors import bad_request
 from splitinfer.server.tool_calls import TOOL_CALL_FORMATS, ToolCallFormat, detect_tool_call_format
 
 
+def served_name(info: HelloReply, served_model_name: str | None) -> str:
+    """The name clients send for an engine's model: the server's --served-model-name, else the engine's."""
+    return served_model_name or info.model_name
+
+
 def replica_identity(info: HelloReply) -> str:
     """A digest of what replicas of one model must share: everything a server reads from the
     HelloReply to serve it, but the engine's id and lease (`engine_pool.py`)."""
@@ -95,7 +100,7 @@ class ModelContext:
         )
         return cls(
             info=info,
-            name=served_model_name or info.model_name,
+            name=served_name(info, served_model_name),
             tokenizer=tokenizer,
             template=template,
             tool_template=tool_template,

@@ -18,6 +18,17 @@ from procs import REPO, children_of, free_port, pid_alive
 SCRIPT = REPO / "scripts" / "start_distributed.sh"
 
 
+def read_until(proc: subprocess.Popen, marker: str, output: str, timeout_s: float) -> str:
+    """`output` and the script's further lines, up to the one that holds `marker`."""
+    deadline = time.monotonic() + timeout_s
+    while marker not in output:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, f"the script exited early:\n{output}"
+        output += line
+        assert time.monotonic() < deadline, output
+    return output
+
+
 def two_free_ports() -> int:
     """A free port whose successor is free too (the script numbers its servers' ports up)."""
     for _ in range(100):
@@ -67,12 +78,7 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
     output = ""
     descendants: list[int] = []
     try:
-        deadline = time.monotonic() + 90
-        while "Ctrl-C stops everything" not in output:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, f"the script exited early:\n{output}"
-            output += line
-            assert time.monotonic() < deadline, output
+        output = read_until(proc, "Ctrl-C stops everything", output, timeout_s=90)
         assert f"http://127.0.0.1:{port}/v1" in output and f"http://127.0.0.1:{port + 1}/v1" in output
         assert "curl http://" in output
         engine_pid = int(re.search(r"engine \(pid (\d+)\)", output).group(1))
@@ -169,12 +175,7 @@ args = {engine_args}
     output = ""
     descendants: list[int] = []
     try:
-        deadline = time.monotonic() + 120
-        while "Ctrl-C stops everything" not in output:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, f"the script exited early:\n{output}"
-            output += line
-            assert time.monotonic() < deadline, output
+        output = read_until(proc, "Ctrl-C stops everything", output, timeout_s=120)
         assert "3 engines (pids" in output and "models: alpha, beta" in output
         for p in (port, port + 1):
             models = httpx.get(f"http://127.0.0.1:{p}/v1/models").json()["data"]
@@ -184,9 +185,7 @@ args = {engine_args}
         # An engine killed is started again; the servers carry on and pick it up.
         beta_pid = int(re.search(r"3 engines \(pids \d+, \d+, (\d+)\)", output).group(1))
         os.kill(beta_pid, signal.SIGKILL)
-        while "engine 2 (pid" not in output:
-            output += proc.stdout.readline()
-            assert time.monotonic() < deadline + 60, output
+        output = read_until(proc, "engine 2 (pid", output, timeout_s=60)
         assert "restarting it" in output
         for p in (port, port + 1):
             deadline_back = time.monotonic() + 60
