@@ -40,6 +40,7 @@ import torch.multiprocessing as mp
 from splitinfer.engine.errors import EngineDeadError
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
+from splitinfer.engine.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +156,11 @@ class Driver:
         self.workers = workers  # rank i + 1 is workers[i]
         self._stopped = False
 
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop` was called: workers exiting after it are no failure."""
+        return self._stopped
+
     def dead_worker(self) -> str | None:
         """Which worker has exited, said for a log line; None while all live."""
         for rank, proc in enumerate(self.workers, start=1):
@@ -210,7 +216,7 @@ def watch_workers(driver: Driver, on_death: Callable[[str], None], interval_s: f
     def watch() -> None:
         stop = threading.Event()
         while not stop.wait(interval_s):
-            if driver._stopped:
+            if driver.stopped:
                 return
             why = driver.dead_worker()
             if why is not None:
@@ -241,8 +247,6 @@ def worker_main(rank: int, rendezvous: Rendezvous, build: Callable[[object], obj
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the engine, which stops the workers
-    from splitinfer.engine.parallel import TensorParallel
-
     model_group, cpu_group = rendezvous.init(rank)
     model = build(TensorParallel(rank, rendezvous.world_size, model_group))
     channel = StepChannel(cpu_group)

@@ -151,8 +151,8 @@ class UsageError(Exception):
 # What to start -----------------------------------------------------------------------
 
 
-def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
-    """The one-engine interface: (fleet, run dir, config file or None)."""
+def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None]:
+    """What to start, from the flags (one engine) or the --config file they name: (fleet, run dir)."""
     values: dict[str, str] = {}
     engine_args: list[str] = []
     own = {
@@ -203,7 +203,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
             raise UsageError("--config describes everything but --run-dir and --no-restart: give no other flags")
         fleet = fleet_from_toml(Path(config))
         fleet.restart_engines = fleet.restart_engines and restart
-        return fleet, run_dir, Path(config)
+        return fleet, run_dir
     servers = ServerSpec(
         count=_positive(values.get("--servers", "1"), "--servers"),
         host=values.get("--host", "127.0.0.1"),
@@ -217,7 +217,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None, Path | None]:
         address=values.get("--engine-address"),
         args=engine_args,
     )
-    return Fleet([engine], servers, restart_engines=restart), run_dir, None
+    return Fleet([engine], servers, restart_engines=restart), run_dir
 
 
 ENGINE_KEYS = {"model", "served_model_name", "device", "address", "args"}
@@ -514,7 +514,7 @@ def main(argv: list[str]) -> int:
         print(USAGE + "\n" + engine_help())
         return 0
     try:
-        fleet, run_dir_arg, _ = fleet_from_flags(argv)
+        fleet, run_dir_arg = fleet_from_flags(argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
