@@ -32,6 +32,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from splitinfer.protocol.addresses import parse_address
 
@@ -106,20 +107,21 @@ class AllowedKeys:
             raise ValueError(f"the allowed-keys directory {self.directory} does not exist")
         self._lock = threading.Lock()
         self._unreadable: set[str] = set()  # files logged as not keys
-        self._allowed = self._read()
+        self._allowed = self._read(frozenset())
         self._refused: set[bytes] = set()
         if not self._allowed:
             logger.warning("no public keys in %s: every client will be refused", self.directory)
 
-    def _read(self) -> frozenset[bytes]:
-        """The public keys of the directory's .key files. Never raises: an exception here would
-        end pyzmq's authenticator thread, and every later handshake would hang."""
+    def _read(self, previous: frozenset[bytes]) -> frozenset[bytes]:
+        """The public keys of the directory's .key files (`previous` if it cannot be listed).
+        Never raises: an exception here would end pyzmq's authenticator thread, and every later
+        handshake would hang."""
         keys = set()
         try:
             files = sorted(self.directory.glob("*.key"))
         except OSError as exc:
             logger.error("cannot list the allowed keys in %s (%s): keeping the keys read before", self.directory, exc)
-            return getattr(self, "_allowed", frozenset())
+            return previous
         for file in files:
             try:
                 keys.add(zmq.auth.load_certificate(str(file))[0])
@@ -132,7 +134,7 @@ class AllowedKeys:
     def callback(self, domain: str, key: bytes) -> bool:
         """Called by the authenticator's thread with the client's Z85 public key."""
         with self._lock:
-            self._allowed = self._read()
+            self._allowed = self._read(self._allowed)
             if key in self._allowed:
                 return True
             if key not in self._refused:
@@ -186,8 +188,6 @@ class HandshakeWatch:
         self._thread.start()
 
     def _run(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
         logged = False
         try:
             while not self._stop.is_set():
