@@ -19,6 +19,14 @@ bucket is warmed up (Triton compiles) on the capture stream first with padding i
 row, graphs are captured largest first into one shared memory pool, Python scalars baked
 in are the same for every replay (`max_seqlen_q` 1, split count from the bucket size, the
 block tables' row stride), and each graph's output is consumed before the next replay.
+
+With tensor parallelism every rank holds its own runner, with its own buffers and graphs
+(the all-reduces inside them included: NCCL collectives can be captured, as long as every
+rank captures the same sequence and replays it in step). Rank 0's runner tells the workers'
+to capture when it does, and before each step sends them what it staged (`decode_call`:
+the padded rows and the block-table writes, so their slot tables mirror rank 0's); each
+worker's runner uploads the same bytes and replays the same bucket (`follow`). On CPU the
+same messages drive the eager static-buffer path, which is how this is tested without GPUs.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import gc
 import heapq
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -262,8 +271,12 @@ class DecodeGraphRunner:
         self._staged = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_outputs: dict[int, torch.Tensor] = {}
+        # Rank 0 of several: the workers build their runners (and capture) alongside this one.
+        self.driver = model.driver
+        if self.driver is not None:
+            self.driver.decode_runner(max_num_seqs, max_blocks_per_seq, use_cuda_graphs)
         if use_cuda_graphs:
-            self.capture()
+            self._mirrored(self.capture)
 
     @property
     def max_batch_size(self) -> int:
@@ -288,7 +301,18 @@ class DecodeGraphRunner:
             has_cached_prefix=True,
             decode_workspace=self.decode_workspace,
         )
-        return self.model(self.inputs.input_ids[:bs], self.inputs.positions[:bs], batch)
+        # This rank only: with tensor parallelism each rank runs (or captures) its own step.
+        return self.model.local_forward(self.inputs.input_ids[:bs], self.inputs.positions[:bs], batch)
+
+    def _mirrored(self, run: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+        """`run()`, which the other ranks are running too: if it fails on rank 0 they are left
+        waiting in a collective, so the failure is fatal (`Driver.collective_failed`)."""
+        if self.driver is None:
+            return run()
+        try:
+            return run()
+        except Exception as exc:
+            raise self.driver.collective_failed(exc) from exc
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -376,6 +400,10 @@ class DecodeGraphRunner:
         Only what a block table gained since it was last passed in crosses to the device, so a
         list passed again must have changed by appends only, as `Request.block_table` does
         (`TableSlots` says why); any other change must come as a new list."""
+        return self._load(step)[0]
+
+    def _load(self, step: DecodeStep) -> tuple[int, int, int]:
+        """`load_step`, returning (bucket, block-table writes, width of the longest table)."""
         n = step.num_seqs
         bs = self.bucket_for(n)
         try:
@@ -384,7 +412,7 @@ class DecodeGraphRunner:
         except BaseException:
             self.table_slots.forget()  # which writes reached the device is unknown now
             raise
-        return bs
+        return bs, num_writes, width
 
     @torch.inference_mode()
     def run(self, step: DecodeStep) -> torch.Tensor:
@@ -395,12 +423,41 @@ class DecodeGraphRunner:
 
         The result may live in the graph's memory pool: consume it before the next call.
         """
-        bs = self.load_step(step)
+        bs, num_writes, width = self._load(step)
+        if self.driver is not None:
+            self.driver.decode(*self.decode_call(bs, step.num_seqs, num_writes, width))
+        return self._mirrored(lambda: self._replay(bs))
+
+    def _replay(self, bs: int) -> torch.Tensor:
+        """The loaded step's forward: the bucket's graph, or the same forward run eagerly."""
         graph = self.graphs.get(bs)
         if graph is None:
             return self._forward(bs)
         graph.replay()
         return self.graph_outputs[bs]
+
+    def decode_call(self, bs: int, n: int, num_writes: int, width: int) -> tuple[list[int], list[torch.Tensor]]:
+        """What the other ranks need to run the step just staged here (`follow`): its sizes,
+        the padded rows and the block-table writes, all host tensors (no device sync)."""
+        s = self.staging
+        rows = [s.input_ids[:bs], s.positions[:bs], s.slot_mapping[:bs], s.seq_lens[:bs], s.table_slots[:bs]]
+        return [bs, n, num_writes, width], [*rows, *s.table_writes(num_writes)]
+
+    @torch.inference_mode()
+    def follow(self, ints: list[int], tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A worker's side of `run`: stage what rank 0 staged (`decode_call`), upload it the
+        same way and run the same bucket; returns its hidden states [bucket, hidden]."""
+        bs, n, num_writes, width = ints
+        if self._staged is not None and not self._staged.query():
+            self._staged.synchronize()  # the previous step's copy has read the staging memory
+        s = self.staging
+        for dest, src in zip((s.input_ids, s.positions, s.slot_mapping, s.seq_lens, s.table_slots), tensors):
+            dest[:bs].copy_(src)
+        if num_writes:
+            for dest, src in zip(s.table_writes(num_writes), tensors[5:]):
+                dest.copy_(src)
+        self._upload(n, num_writes, width)
+        return self._replay(bs)
 
     def check_block_tables(self, block_tables: list[list[int]]) -> None:
         """Raise unless the device's `block_tables` rows begin with these tables, in order

@@ -49,7 +49,7 @@ from splitinfer.engine.isolation import IsolatingExecutor, ItemResult
 from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.kv_manager import KVCacheManager
 from splitinfer.engine.loader import load_weights
-from splitinfer.engine.memory import blocks_from_budget, cuda_kv_budget
+from splitinfer.engine.memory import blocks_from_budget, check_utilization, cuda_kv_budget
 from splitinfer.engine.model import CausalLM
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.model_runner import ModelRunner
@@ -58,7 +58,15 @@ from splitinfer.engine.prompt_logprobs import ScoringPlan
 from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.sampler import Sampler
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
-from splitinfer.engine.tp_ranks import Driver, Rendezvous, StepChannel, free_port, watch_workers, worker_main
+from splitinfer.engine.tp_ranks import (
+    Driver,
+    Rendezvous,
+    StepChannel,
+    first_exited,
+    free_port,
+    watch_workers,
+    worker_main,
+)
 from splitinfer.protocol import RequestOutput, TokenLogprobs
 from splitinfer.protocol.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -191,12 +199,23 @@ class EngineCore:
         # Rank 0 of `tensor_parallel_size`: the workers start (and join the group) first.
         self.tp_failure: str | None = None  # set by the workers' watchdog when one exits unasked
         self.on_tp_failure: Callable[[], None] | None = None  # the engine loop's wake-up, if any
-        tp, driver = self._start_tensor_parallel(c)
+        tp, self.driver = self._start_tensor_parallel(c)
+        try:
+            self._build(c, tp, start)
+        except BaseException:
+            self.close()  # the workers must not outlive an engine that failed to start
+            raise
+
+    def _build(self, c: ModelConfig, tp: TensorParallel, start: float) -> None:
+        """Everything after the ranks have met: load, size and allocate the KV cache, warm up."""
+        config = self.config
+        if self.driver is not None:
+            # From now on a worker's death is noticed at once (and stops the load at the next
+            # tensor, `check_workers`), not at rank 0's next collective.
+            watch_workers(self.driver, self._worker_died)
         self.model = CausalLM.build(c, self.device, self.dtype, tp)
-        load_weights(self.model, c.path)
-        if driver is not None:
-            self.model.driver = driver
-            watch_workers(driver, self._worker_died)
+        load_weights(self.model, c.path, interrupt=self.check_workers)
+        self.model.driver = self.driver
         if self.device.type == "cpu" and config.cpu_weight_prepack:
             self._prepack_cpu_weights()
         if self._upcasts():
@@ -210,9 +229,6 @@ class EngineCore:
             )
         # Known once the model is on its device: the KV sizing reserves the graphs' memory by it.
         self.graphs_off = graphs_off_reason(self.device, config.enforce_eager, self.model.backend.uses_triton)
-        if self.graphs_off is None and driver is not None:
-            # Every rank would have to replay its own graph in step: not built yet.
-            self.graphs_off = "tensor parallelism (decode graphs are not captured across ranks yet)"
         self.stop_ids = frozenset(c.eos_token_ids)
         self.grammar = GrammarCompiler(c.path / "tokenizer.json", c.vocab_size, sorted(self.stop_ids))
         self.masks = MaskBuilder(c.vocab_size, config.max_num_seqs)
@@ -332,7 +348,9 @@ class EngineCore:
             device = f"cuda:{rank}" if self.device.type == "cuda" else "cpu"
             build = functools.partial(build_shard, c, device, self.dtype, self._prepack_rows(), self._upcasts())
             worker = context.Process(
-                target=worker_main, args=(rank, rendezvous, build, os.getpid()), name=f"tp-rank-{rank}"
+                target=worker_main,
+                args=(rank, rendezvous, build, os.getpid(), logging.getLogger().getEffectiveLevel()),
+                name=f"tp-rank-{rank}",
             )
             worker.start()
             workers.append(worker)
@@ -343,8 +361,8 @@ class EngineCore:
             ", ".join(str(w.pid) for w in workers),
         )
         try:
-            model_group, cpu_group = rendezvous.init(0)
-        except Exception:
+            model_group, cpu_group = rendezvous.init(0, lambda: first_exited(workers))
+        except BaseException:
             for worker in workers:
                 worker.kill()
             raise
@@ -356,10 +374,15 @@ class EngineCore:
         if self.on_tp_failure is not None:
             self.on_tp_failure()
 
+    def check_workers(self) -> None:
+        """Raise EngineDeadError if a tensor-parallel worker has died (the watchdog said so)."""
+        if self.tp_failure is not None:
+            raise EngineDeadError(self.tp_failure)
+
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any (the engine process does on its way out)."""
-        if self.model.driver is not None:
-            self.model.driver.stop()
+        if self.driver is not None:
+            self.driver.stop()
 
     def _bytes_per_block(self) -> int:
         c = self.model_config
@@ -371,11 +394,7 @@ class EngineCore:
         if self.config.num_kv_blocks is not None:
             blocks = self.config.num_kv_blocks
         elif self.device.type == "cuda":
-            reserve = self._graph_memory_reserve() if self.graphs_off is None else 0
-            blocks = blocks_from_budget(
-                cuda_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_forward, reserve),
-                per_block,
-            )
+            blocks = blocks_from_budget(self._cuda_kv_budget(), per_block)
         else:
             blocks = blocks_from_budget(self.config.kv_cache_gb * 1e9, per_block)
         if blocks <= 0:
@@ -384,6 +403,20 @@ class EngineCore:
                 "raise gpu_memory_utilization or kv_cache_gb, or set num_kv_blocks"
             )
         return blocks
+
+    def _cuda_kv_budget(self) -> float:
+        """Bytes for the KV cache on this device; with tensor parallelism, on the rank with the
+        least (every rank allocates the same number of blocks, each of its own KV heads). The
+        graphs' reserve is rank 0's measure for all: every rank captures the same shapes."""
+        utilization = self.config.gpu_memory_utilization
+        check_utilization(utilization)
+        reserve = self._graph_memory_reserve() if self.graphs_off is None else 0
+        driver = self.model.driver
+        if driver is None:
+            return cuda_kv_budget(self.device, utilization, self._profile_forward, reserve)
+        driver.memory_begin()
+        budget = cuda_kv_budget(self.device, utilization, self._profile_forward, reserve)
+        return driver.smallest_budget(budget, utilization, reserve)
 
     @torch.inference_mode()
     def _profile_forward(self) -> None:

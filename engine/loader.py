@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,11 +94,12 @@ def _open(file: Path):
         raise CheckpointError(file, f"cannot be read: {exc}") from exc
 
 
-def load_weights(model: CausalLM, path: str | Path) -> LoadReport:
+def load_weights(model: CausalLM, path: str | Path, interrupt: Callable[[], None] | None = None) -> LoadReport:
     """Fill every parameter of `model` from the checkpoint in `path`.
 
     Raises CheckpointError, before copying anything, when a tensor is missing, has the
-    wrong shape, or a file is unreadable.
+    wrong shape, or a file is unreadable. `interrupt`, if given, is called before each
+    tensor and may raise to abandon the load (a tensor-parallel rank died meanwhile).
     """
     path = Path(path)
     start = time.perf_counter()
@@ -115,6 +117,8 @@ def load_weights(model: CausalLM, path: str | Path) -> LoadReport:
             handle = handles[file]
             shard_bytes = 0
             for copy in tensors:
+                if interrupt is not None:
+                    interrupt()
                 try:
                     tensor = _read(handle, copy.source)
                 except SafetensorError as exc:

@@ -30,13 +30,29 @@ def kv_budget(
 
 def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[], None], reserve: int = 0) -> float:
     """Bytes left for the KV cache on `device` after a worst-case forward (`profile`); see `kv_budget`."""
+    check_utilization(utilization)
+    begin_profile(device)
+    profile()
+    return measured_budget(device, utilization, reserve)
+
+
+def check_utilization(utilization: float) -> None:
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+
+
+def begin_profile(device: torch.device) -> None:
+    """Start measuring: release cached blocks and reset the peak, so that the profiling
+    forward's peak is what `measured_budget` reads. (Tensor-parallel workers run this and
+    `measured_budget` around their share of rank 0's profiling forward.)"""
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    profile()
+
+
+def measured_budget(device: torch.device, utilization: float, reserve: int) -> float:
+    """The KV budget (`kv_budget`) from the peak since `begin_profile` and the device's free memory now."""
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     torch.cuda.empty_cache()
@@ -44,8 +60,9 @@ def cuda_kv_budget(device: torch.device, utilization: float, profile: Callable[[
     reserved = torch.cuda.memory_reserved(device)
     budget = kv_budget(total, free, reserved, peak, utilization, reserve)
     logger.info(
-        "GPU memory: %.2f GiB total, x %.2f utilization; profiling peak %.2f GiB, outside torch %.2f GiB, "
+        "GPU memory on %s: %.2f GiB total, x %.2f utilization; profiling peak %.2f GiB, outside torch %.2f GiB, "
         "CUDA graphs %.2f GiB; %.2f GiB left for the KV cache",
+        device,
         total / 2**30,
         utilization,
         peak / 2**30,

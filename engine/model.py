@@ -303,14 +303,16 @@ class CausalLM(nn.Module):
         when it is None); without one, nothing is written and `batch` may not have a cached prefix.
         """
         if self.driver is None:
-            return self._forward(input_ids, positions, batch)
+            return self.local_forward(input_ids, positions, batch)
         self.driver.forward(input_ids, positions, batch)
         try:
-            return self._forward(input_ids, positions, batch)
+            return self.local_forward(input_ids, positions, batch)
         except Exception as exc:  # the other ranks are left mid-call, out of step: fatal, whatever failed
             raise self.driver.collective_failed(exc) from exc
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def local_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """`forward` on this rank alone, sending nothing to the other ranks: for a caller that
+        keeps them in step itself (the decode graph runner, whose graphs every rank replays)."""
         hidden = self.model.embed_tokens(input_ids)
         residual = None
         for layer in self.model.layers:

@@ -397,8 +397,7 @@ class EngineService:
 
     def run_once(self) -> None:
         """One iteration: receive (blocking only when idle), expire leases, step, send."""
-        if self.core.tp_failure is not None:  # a tensor-parallel worker exited (the watchdog woke us)
-            raise EngineDeadError(self.core.tp_failure)
+        self.core.check_workers()  # a tensor-parallel worker may have exited (the watchdog woke us)
         busy = self.core.has_unfinished()
         start = time.perf_counter()
         self._receive(timeout_ms=0 if busy else int(1000 * self.clients.lease_s / 4))

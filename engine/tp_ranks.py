@@ -7,7 +7,10 @@ is first sent to the workers over `StepChannel`, which then make the same call o
 shard, so the collectives inside the model (all-reduces, the logits gather) meet in the
 same order on every rank. Workers never schedule or sample; they only follow. Whatever
 rank 0 runs (steps, warm-up, the KV profiling forward, prompt scoring in slices, the
-liveness probe) is mirrored without any of it knowing.
+liveness probe) is mirrored without any of it knowing. Two things are mirrored at a
+coarser grain: the decode graph runner (every rank builds its own, captures its own graphs
+and replays the bucket rank 0 names, `cuda_graph.py`), and the KV sizing on CUDA (every
+rank measures its own free memory around the profiling forward; the smallest budget wins).
 
 `StepChannel` packs one call into two broadcasts over a CPU gloo group (a fixed header of
 int64s, then one int64 payload holding every tensor), whatever backend the model's own
@@ -30,6 +33,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from splitinfer.engine import memory
+from splitinfer.engine.cuda_graph import DecodeGraphRunner
 from splitinfer.engine.errors import EngineDeadError
 from splitinfer.engine.forward_batch import ForwardBatch
 from splitinfer.engine.kv_cache import KVCache
@@ -46,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 COLLECTIVE_TIMEOUT_S = 60.0  # a rank silent this long in a collective counts as hung
 HEADER = 64  # int64s of a call's header
-FORWARD, LOGITS, BIND_KV, STOP = 1, 2, 3, 4
+FORWARD, LOGITS, BIND_KV, STOP, DECODE_RUNNER, DECODE, MEMORY_BEGIN, MEMORY_END = range(1, 9)
 _DTYPES = {torch.int64: 1, torch.int32: 2}
 _DTYPE_OF = {code: dtype for dtype, code in _DTYPES.items()}
 
@@ -66,18 +72,38 @@ class Rendezvous:
     world_size: int
     backend: str  # "gloo" (CPU) or "nccl" (CUDA)
 
-    def init(self, rank: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-        """Join the group: (the model's group, the CPU group calls travel on)."""
+    def init(
+        self, rank: int, dead_peer: Callable[[], str | None] = lambda: None
+    ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+        """Join the group: (the model's group, the CPU group calls travel on). Rank 0 hosts the
+        store and first waits for every other rank to check in, asking `dead_peer` (what has
+        exited, said for a log line) meanwhile: a worker that dies while starting ends the
+        wait at once with EngineDeadError, instead of the group's timeout."""
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
-        dist.init_process_group(
-            self.backend,
-            init_method=f"tcp://{self.address}:{self.port}",
-            rank=rank,
-            world_size=self.world_size,
-            timeout=timeout,
+        store = dist.TCPStore(
+            self.address, self.port, self.world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
         )
+        if rank == 0:
+            self._wait_for_ranks(store, dead_peer)
+        else:
+            store.set(f"joined/{rank}", "1")
+        dist.init_process_group(self.backend, store=store, rank=rank, world_size=self.world_size, timeout=timeout)
         cpu = dist.new_group(backend="gloo", timeout=timeout) if self.backend != "gloo" else dist.group.WORLD
         return dist.group.WORLD, cpu
+
+    def _wait_for_ranks(self, store: dist.TCPStore, dead_peer: Callable[[], str | None]) -> None:
+        keys = [f"joined/{rank}" for rank in range(1, self.world_size)]
+        deadline = time.monotonic() + COLLECTIVE_TIMEOUT_S
+        while not store.check(keys):
+            why = dead_peer()
+            if why is not None:
+                raise EngineDeadError(f"{why} while the ranks were starting")
+            if time.monotonic() > deadline:
+                missing = [key.removeprefix("joined/") for key in keys if not store.check([key])]
+                raise EngineDeadError(
+                    f"tensor-parallel ranks {', '.join(missing)} did not start within {COLLECTIVE_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.05)
 
 
 class StepChannel:
@@ -148,6 +174,16 @@ def _forward_args(ints: list[int], tensors: list, device: torch.device):
     return input_ids, positions, batch
 
 
+def first_exited(workers: list[mp.Process]) -> str | None:
+    """The first of `workers` (rank i + 1 is workers[i]) that has exited, said for a log
+    line; None while all live."""
+    for rank, proc in enumerate(workers, start=1):
+        if proc.exitcode is not None:
+            how = f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit status {proc.exitcode}"
+            return f"tensor-parallel rank {rank} (pid {proc.pid}) exited ({how})"
+    return None
+
+
 class Driver:
     """Rank 0's side: sends each model call to the workers first, and watches them."""
 
@@ -163,11 +199,7 @@ class Driver:
 
     def dead_worker(self) -> str | None:
         """Which worker has exited, said for a log line; None while all live."""
-        for rank, proc in enumerate(self.workers, start=1):
-            if proc.exitcode is not None:
-                how = f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit status {proc.exitcode}"
-                return f"tensor-parallel rank {rank} (pid {proc.pid}) exited ({how})"
-        return None
+        return first_exited(self.workers)
 
     def _send(self, op: int, ints: list[int], tensors: list) -> None:
         try:
@@ -183,6 +215,34 @@ class Driver:
 
     def bind_kv(self, num_blocks: int, block_size: int) -> None:
         self._send(BIND_KV, [num_blocks, block_size], [])
+
+    def decode_runner(self, max_num_seqs: int, max_blocks_per_seq: int, use_cuda_graphs: bool) -> None:
+        """Workers build their decode graph runners (capturing, if asked, as rank 0 does now)."""
+        self._send(DECODE_RUNNER, [max_num_seqs, max_blocks_per_seq, int(use_cuda_graphs)], [])
+
+    def decode(self, ints: list[int], tensors: list[torch.Tensor]) -> None:
+        """Workers run the decode step rank 0's runner staged (`DecodeGraphRunner.decode_call`)."""
+        self._send(DECODE, ints, tensors)
+
+    def memory_begin(self) -> None:
+        """Workers start measuring their device memory (`memory.begin_profile`)."""
+        self._send(MEMORY_BEGIN, [], [])
+
+    def smallest_budget(self, budget: float, utilization: float, reserve: int) -> float:
+        """Each worker's KV budget after the profiling forward since `memory_begin`, measured as
+        rank 0 measured `budget`: the smallest, since every rank allocates as many blocks."""
+        self._send(MEMORY_END, [round(utilization * 1e6), reserve], [])
+        try:
+            budgets = agree_on_budget(budget, self.channel.group)
+        except RuntimeError as exc:
+            raise EngineDeadError(self.dead_worker() or f"a tensor-parallel rank stopped answering: {exc}") from exc
+        rank = min(range(len(budgets)), key=budgets.__getitem__)
+        logger.info(
+            "KV budget per rank (GiB): %s; the smallest (rank %d) sizes the cache",
+            ", ".join(f"{b / 2**30:.2f}" for b in budgets),
+            rank,
+        )
+        return budgets[rank]
 
     def collective_failed(self, exc: Exception) -> EngineDeadError:
         """What a failure inside a mirrored call means: a rank is gone, or rank 0 failed midway
@@ -208,6 +268,14 @@ class Driver:
                 proc.join()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def agree_on_budget(budget: float, group: dist.ProcessGroup) -> list[float]:
+    """Every rank's KV budget in bytes, in rank order (each rank passes its own)."""
+    mine = torch.tensor([int(budget)], dtype=torch.int64)
+    budgets = [torch.empty(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(budgets, mine, group=group)
+    return [float(b.item()) for b in budgets]
 
 
 def watch_workers(driver: Driver, on_death: Callable[[str], None], interval_s: float = 0.5) -> threading.Thread:
@@ -240,18 +308,24 @@ def _die_with_parent() -> None:
         pass  # not Linux: a worker still exits when its next collective fails
 
 
-def worker_main(rank: int, rendezvous: Rendezvous, build: Callable[[object], object], parent_pid: int) -> None:
+def worker_main(
+    rank: int, rendezvous: Rendezvous, build: Callable[[object], object], parent_pid: int, log_level: int
+) -> None:
     """A worker's life: join the group, build and load its shard (`build(tp)` returns the
-    model), then follow rank 0's calls until STOP or until rank 0 is gone."""
+    model), then follow rank 0's calls until STOP or until rank 0 is gone. It logs as the
+    engine does (same stream, same level), each line marked with its rank."""
     _die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before the death signal was armed
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the engine, which stops the workers
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s")
     model_group, cpu_group = rendezvous.init(rank)
+    logger.info("tensor-parallel rank %d (pid %d) joined; loading its shard", rank, os.getpid())
     model = build(TensorParallel(rank, rendezvous.world_size, model_group))
     channel = StepChannel(cpu_group)
     device = model.rope_cache.device
     hidden = None
+    runner: DecodeGraphRunner | None = None
     try:
         with torch.inference_mode():
             while True:
@@ -275,6 +349,17 @@ def worker_main(rank: int, rendezvous: Rendezvous, build: Callable[[object], obj
                             device,
                         )
                     )
+                elif op == DECODE_RUNNER:
+                    max_num_seqs, max_blocks_per_seq, use_cuda_graphs = ints
+                    runner = DecodeGraphRunner(model, max_num_seqs, max_blocks_per_seq, bool(use_cuda_graphs))
+                elif op == DECODE:
+                    hidden = runner.follow(ints, tensors)
+                elif op == MEMORY_BEGIN:
+                    memory.begin_profile(device)
+                elif op == MEMORY_END:
+                    utilization_ppm, reserve = ints
+                    budget = memory.measured_budget(device, utilization_ppm / 1e6, reserve)
+                    agree_on_budget(budget, cpu_group)
                 elif op == STOP:
                     return
     except RuntimeError as exc:

@@ -24,7 +24,7 @@ from splitinfer.engine.cuda_graph import DecodeGraphRunner, DecodeStep
 
 def time_steps(n: int, blocks: int, steps: int, device: torch.device) -> list[float]:
     config = SimpleNamespace(num_heads=8, head_dim=64)
-    model = SimpleNamespace(rope_cache=torch.empty(0, device=device), config=config, shard=config)
+    model = SimpleNamespace(rope_cache=torch.empty(0, device=device), config=config, shard=config, driver=None)
     width = blocks + steps
     runner = DecodeGraphRunner(model, n, width, use_cuda_graphs=False)
     rng = random.Random(0)

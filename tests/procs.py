@@ -32,13 +32,13 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float 
 ENGINE = (PYTHON, "-m", "splitinfer.engine")
 
 
-def start_engine(
+def spawn_engine(
     checkpoint: Path, address: str, log: Path, *extra: str, launcher: tuple[str, ...] = ENGINE
 ) -> subprocess.Popen:
     """`python -m splitinfer.engine` (or another `launcher` taking its arguments) on CPU,
-    returned once it has logged `ready`."""
+    logging to `log`; returned at once."""
     with log.open("ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [
                 *launcher,
                 "--model",
@@ -57,6 +57,13 @@ def start_engine(
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
+
+
+def start_engine(
+    checkpoint: Path, address: str, log: Path, *extra: str, launcher: tuple[str, ...] = ENGINE
+) -> subprocess.Popen:
+    """`spawn_engine`, returned once the engine has logged `ready`."""
+    proc = spawn_engine(checkpoint, address, log, *extra, launcher=launcher)
     try:
         wait_for_log(proc, log, "ready on")
     except BaseException:

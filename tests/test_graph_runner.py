@@ -6,6 +6,7 @@ halves after a failure, and batches that change from step to step."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,9 +23,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.gpu])]
 
 
 def bare_runner(max_num_seqs: int, max_blocks: int, device: str = "cpu") -> DecodeGraphRunner:
-    """A runner without a model: enough to load steps into its buffers."""
+    """A runner without a model: enough to load steps into its buffers (its "forward" returns
+    the token ids it was given)."""
     config = SimpleNamespace(num_heads=2, head_dim=8)
-    model = SimpleNamespace(rope_cache=torch.empty(0, device=device), config=config, shard=config)
+    model = SimpleNamespace(
+        rope_cache=torch.empty(0, device=device),
+        config=config,
+        shard=config,
+        driver=None,
+        local_forward=lambda input_ids, positions, batch: input_ids.clone(),
+    )
     return DecodeGraphRunner(model, max_num_seqs, max_blocks, use_cuda_graphs=False)
 
 
@@ -113,10 +121,16 @@ def test_device_block_tables_follow_random_histories(device: str) -> None:
     batches and orders, some steps a sub-batch: after every step the device rows equal them.
     Block ids come from a small range, so a new table often agrees with a slot's old one in
     places (freed blocks are reused), which must not pass for an up-to-date slot."""
-    rng = random.Random(0)
     runner = bare_runner(max_num_seqs=8, max_blocks=40, device=device)
+    for batch in random_batches(random.Random(0), 600):
+        load(runner, batch)
+        runner.check_block_tables(batch)
+
+
+def random_batches(rng: random.Random, steps: int) -> Iterator[list[list[int]]]:
+    """The block tables of `steps` decode steps of a random history (see the test above)."""
     live: list[list[int]] = []
-    for _ in range(600):
+    for _ in range(steps):
         for i, table in enumerate(live):
             roll = rng.random()
             if roll < 0.3 and len(table) < 40:
@@ -127,9 +141,34 @@ def test_device_block_tables_follow_random_histories(device: str) -> None:
             live.pop(rng.randrange(len(live)))
         while len(live) < 8 and rng.random() < 0.3:
             live.append([rng.randrange(12) for _ in range(rng.randrange(1, 6))])
-        batch = rng.sample(live, rng.randrange(len(live) + 1))
-        load(runner, batch)
-        runner.check_block_tables(batch)
+        yield rng.sample(live, rng.randrange(len(live) + 1))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_worker_runner_following_rank_0_holds_the_same_tables_and_inputs(device: str) -> None:
+    """Tensor parallelism: a worker's runner gets only what rank 0's staged each step
+    (`decode_call`: padded rows and block-table writes) and must end every step with the same
+    device tables and inputs, through random histories, steps that failed on rank 0 before
+    being sent (rank 0 then rewrites whole tables, which the worker takes as they come) and
+    empty steps (the liveness probe)."""
+    rng = random.Random(1)
+    leader = bare_runner(max_num_seqs=8, max_blocks=40, device=device)
+    worker = bare_runner(max_num_seqs=8, max_blocks=40, device=device)
+    for step, batch in enumerate(random_batches(rng, 400)):
+        n = len(batch)
+        ids = [rng.randrange(1000) for _ in range(n)]
+        decode = DecodeStep(ids, list(range(n)), [rng.randrange(-1, 99) for _ in range(n)], [5] * n, batch)
+        if step % 37 == 5:  # fails after staging, before anything is sent: the worker never hears of it
+            leader.table_slots.forget()
+            continue
+        with torch.inference_mode():  # as `run` loads
+            bs, num_writes, width = leader._load(decode)
+        ints, tensors = leader.decode_call(bs, n, num_writes, width)
+        hidden = worker.follow(ints, [t.clone() for t in tensors])  # what StepChannel delivers: copies
+        worker.check_block_tables(batch)
+        assert hidden.tolist() == ids + [0] * (bs - n), "the worker ran the same rows, padding after"
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+            assert torch.equal(getattr(worker.inputs, name)[:bs], getattr(leader.inputs, name)[:bs]), name
 
 
 def test_a_step_that_fails_while_loading_leaves_no_stale_table(monkeypatch: pytest.MonkeyPatch) -> None:

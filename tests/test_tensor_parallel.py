@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import FAMILIES, VARIANTS
 from procs import free_port
-from tp_worker import load, run_rank, two_steps
+from tp_worker import BUDGETS, agree_rank, load, run_rank, two_steps
 
 from splitinfer.engine.errors import ConfigError
 from splitinfer.engine.model_config import ModelConfig
@@ -48,6 +48,14 @@ def test_two_ranks_compute_the_logits_of_one(make_checkpoint, tmp_path: Path, ca
         # Half of every split weight; the norms (and replicated KV heads) are whole on each rank.
         assert 0.45 < report["param_bytes"] / whole_params < 0.6, report
         assert 0.45 < report["read_bytes"] / whole_read < 0.6, report
+
+
+def test_every_rank_learns_every_ranks_kv_budget(tmp_path: Path) -> None:
+    """KV sizing on CUDA: each rank measures its own free memory; all must see every rank's
+    budget (rank 0 sizes the cache by the smallest), whatever the order they arrive in."""
+    mp.spawn(agree_rank, (3, free_port(), str(tmp_path)), nprocs=3, join=True)
+    for rank in range(3):
+        assert json.loads((tmp_path / f"budgets{rank}.json").read_text()) == BUDGETS
 
 
 def test_the_shard_plan_covers_every_head_and_row_once() -> None:

@@ -18,7 +18,7 @@ import openai
 import pytest
 from conftest import FAMILIES, VARIANTS
 from hf_oracle import hf_greedy
-from procs import children_of, free_port, pid_alive, start_engine, start_server, stop
+from procs import children_of, free_port, pid_alive, spawn_engine, start_engine, start_server, stop, wait_for_log
 
 from splitinfer.engine import LLM, SamplingParams
 
@@ -140,3 +140,35 @@ def test_through_the_engine_process_and_a_dead_worker(make_checkpoint, tmp_path:
             stop(engine)
     time.sleep(1)
     assert not [pid for pid in workers if pid_alive(pid)], "a worker outlived its engine"
+
+
+# When, while the engine starts, its worker is killed: as soon as it exists (it is importing
+# torch; rank 0 waits for it to join), or as soon as it says it has joined and loads its
+# shard (rank 0 is loading its own; with these tiny checkpoints the kill lands in the
+# worker's load or right after it, while rank 0 still loads or waits at the first call).
+STARTUP_MOMENTS = {
+    "before joining": "tensor parallelism: 2 ranks",
+    "while loading": "[rank 1] splitinfer.engine.tp_ranks: tensor-parallel rank 1",
+}
+
+
+@pytest.mark.parametrize("moment", sorted(STARTUP_MOMENTS))
+def test_a_worker_killed_while_the_engine_starts_ends_it_naming_the_rank(
+    make_checkpoint, tmp_path: Path, moment: str
+) -> None:
+    path = make_checkpoint(*FAMILIES["llama"])
+    log = tmp_path / "engine.log"
+    engine = spawn_engine(path, f"ipc://{tmp_path}/engine.sock", log, "--tensor-parallel-size", "2")
+    try:
+        wait_for_log(engine, log, STARTUP_MOMENTS[moment])
+        worker = int(re.search(r"worker pids (\d+)", log.read_text()).group(1))
+        killed = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        assert engine.wait(30) == 1
+        took = time.monotonic() - killed
+    finally:
+        stop(engine)
+    text = log.read_text()
+    assert re.search(rf"tensor-parallel rank 1 \(pid {worker}\) exited \(killed by signal 9\)", text), text[-3000:]
+    assert "ready on" not in text
+    assert took < 10, f"the engine took {took:.1f} s to notice"

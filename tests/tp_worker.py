@@ -19,6 +19,7 @@ from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import CausalLM
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.parallel import SINGLE, TensorParallel
+from splitinfer.engine.tp_ranks import agree_on_budget
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16
@@ -99,5 +100,18 @@ def run_rank(rank: int, world: int, port: int, checkpoint: str, out_dir: str) ->
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
         if logits is not None:
             torch.save(logits, Path(out_dir, "logits.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+BUDGETS = [5e9, 3e9, 4e9]  # each rank's "free memory" for the KV budget agreement
+
+
+def agree_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Agree on the KV budget with the other ranks, each passing its own (`BUDGETS[rank]`)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        budgets = agree_on_budget(BUDGETS[rank], dist.group.WORLD)
+        Path(out_dir, f"budgets{rank}.json").write_text(json.dumps(budgets))
     finally:
         dist.destroy_process_group()
