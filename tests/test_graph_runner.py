@@ -307,3 +307,46 @@ def test_device_block_tables_and_logits_stay_right_through_preemption_prefix_hit
     assert core.stats().num_preemptions >= 3, "the pool rarely ran out: preemption was not exercised"
     assert cached >= 16, "no prefix-cache hit was exercised"
     assert checked["decode steps"] >= 100 and checked["sub-batches"] >= 2
+
+
+class FollowingDriver:
+    """Stands in for rank 0's `Driver`: each decode call goes straight to a second runner on
+    the same model (a worker's, on one device), whose hidden states it keeps."""
+
+    def __init__(self, follower: DecodeGraphRunner) -> None:
+        self.follower = follower
+        self.hidden: list[torch.Tensor] = []
+
+    def decode(self, ints: list[int], tensors: list[torch.Tensor]) -> None:
+        copies = [t.clone() for t in tensors]  # what StepChannel delivers
+        self.hidden.append(self.follower.follow(ints, copies).clone())  # it may live in a graph pool
+
+    def collective_failed(self, exc: Exception) -> Exception:
+        return exc
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_worker_runner_replays_every_decode_step_as_rank_0_does(tiny_checkpoint: Path, device: str) -> None:
+    """What a tensor-parallel worker does, on one device: its own runner (its own buffers and,
+    on CUDA, its own captured graphs) fed only rank 0's `decode_call` computes the same
+    hidden states as rank 0's runner, step after step, as sequences grow across blocks and
+    finish (the KV cache is shared here, and both write the same K/V into it)."""
+    core = make_core(tiny_checkpoint, device, num_kv_blocks=512)
+    leader = core.runner.graph_runner
+    follower = DecodeGraphRunner(
+        core.model, core.config.max_num_seqs, leader.slot_tables.shape[1], use_cuda_graphs=bool(leader.graphs)
+    )
+    assert bool(follower.graphs) == (device == "cuda")
+    driver = FollowingDriver(follower)
+    leader.driver = driver
+    ours: list[torch.Tensor] = []
+    run = leader.run
+    leader.run = lambda step: ours.append(run(step).clone()) or ours[-1]
+    for i in range(6):
+        prompt = [(11 * i + j) % 500 for j in range(1 + 5 * i)]
+        core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=10 + 7 * i, temperature=0.0, ignore_eos=True))
+    while core.has_unfinished():
+        assert all(out.error is None for out in core.step())
+    assert len(ours) == len(driver.hidden) > 30
+    for step, (a, b) in enumerate(zip(ours, driver.hidden)):
+        assert torch.equal(a, b), f"step {step}: the follower's hidden states differ"
