@@ -7,7 +7,7 @@
 splitinfer_env() {
     local extra="${1:-}"
     local check="import splitinfer.protocol, torch, zmq, msgspec, safetensors, tokenizers, jinja2, starlette, uvicorn, sse_starlette, prometheus_client, llguidance"
-    [ "$extra" = "test" ] && check="$check, pytest, xdist, ruff, transformers, openai, httpx, hypothesis, msgpack, jsonschema"
+    [ "$extra" = "test" ] && check="$check, pytest, xdist, ruff, transformers, openai, httpx, hypothesis, msgpack, jsonschema, selenium"
     local torch_spec="${SPLITINFER_TORCH:-torch==2.13.0}"
     PYTHON="${PYTHON:-python3}"
     ready() { "$1" -c "$check" 2>/dev/null; }

@@ -61,8 +61,9 @@ Usage: scripts/start_distributed.sh [options] [engine flags...]
 
 Starts engines (each loads its model once), waits until they are ready, then starts N
 stateless HTTP servers on consecutive ports, each in front of every engine, prints their
-URLs, and keeps running until Ctrl-C or SIGTERM, when it stops everything it started. On a
-fresh clone it first creates .venv and installs splitinfer (as scripts/test.sh does).
+URLs (the API's and the chat page's), and keeps running until Ctrl-C or SIGTERM, when it
+stops everything it started and exits 0 (1 when a process failed). On a fresh clone it
+first creates .venv and installs splitinfer (as scripts/test.sh does).
 
 One engine, with flags:
   --model DIR            Hugging Face checkpoint directory. Without it, a small random demo
@@ -82,7 +83,7 @@ engine's own --help. Everything after `--` goes to the engine as is.
 
 Several engines, from a TOML file:
   --config FILE          [servers] as the flags above (count, host, port, api_key,
-                         tool_call_parser, args: more server flags) and one [[engines]]
+                         tool_call_parser, web_ui, args: more server flags) and one [[engines]]
                          table per engine: model, served_model_name (engines with the same
                          name are replicas of one model), device, address, args (more engine
                          flags). For example:
@@ -90,6 +91,8 @@ Several engines, from a TOML file:
 {EXAMPLE}
 Both:
   --run-dir DIR          Where logs and sockets go (default: runs/<date-time>).
+  --no-web-ui            The servers do not serve the chat page at / (in the TOML file,
+                         `web_ui = false` under [servers]).
   --no-restart           An engine that exits stops everything (default: it is started again,
                          up to 5 times in 10 minutes, while the servers keep running and
                          reconnect; in the TOML file, `restart_engines = false`). A server that
@@ -124,7 +127,12 @@ class ServerSpec:
     port: int = 8000
     api_key: str | None = None
     tool_call_parser: str | None = None
+    web_ui: bool = True  # the chat page at / of every server
     args: list[str] = field(default_factory=list)
+
+    @property
+    def serves_page(self) -> bool:
+        return self.web_ui and "--no-web-ui" not in self.args
 
     def command(self, port: int, addresses: list[str]) -> list[str]:
         cmd = [PYTHON, "-m", "splitinfer.server", "--host", self.host, "--port", str(port)]
@@ -134,6 +142,8 @@ class ServerSpec:
             cmd += ["--api-key", self.api_key]
         if self.tool_call_parser:
             cmd += ["--tool-call-parser", self.tool_call_parser]
+        if not self.web_ui:
+            cmd.append("--no-web-ui")
         return cmd + self.args
 
 
@@ -167,7 +177,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None]:
         "--run-dir",
         "--config",
     }
-    flags = {"--no-restart"}
+    flags = {"--no-restart", "--no-web-ui"}
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -198,11 +208,15 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None]:
     run_dir = values.pop("--run-dir", None)
     config = values.pop("--config", None)
     restart = values.pop("--no-restart", None) is None
+    web_ui = values.pop("--no-web-ui", None) is None
     if config is not None:
         if values or engine_args:
-            raise UsageError("--config describes everything but --run-dir and --no-restart: give no other flags")
+            raise UsageError(
+                "--config describes everything but --run-dir, --no-restart and --no-web-ui: give no other flags"
+            )
         fleet = fleet_from_toml(Path(config))
         fleet.restart_engines = fleet.restart_engines and restart
+        fleet.servers.web_ui = fleet.servers.web_ui and web_ui
         return fleet, run_dir
     servers = ServerSpec(
         count=_positive(values.get("--servers", "1"), "--servers"),
@@ -210,6 +224,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None]:
         port=_port(values.get("--port", "8000"), "--port"),
         api_key=values.get("--api-key"),
         tool_call_parser=values.get("--tool-call-parser"),
+        web_ui=web_ui,
     )
     engine = EngineSpec(
         model=Path(values["--model"]) if "--model" in values else demo_model(),
@@ -221,7 +236,7 @@ def fleet_from_flags(argv: list[str]) -> tuple[Fleet, str | None]:
 
 
 ENGINE_KEYS = {"model", "served_model_name", "device", "address", "args"}
-SERVER_KEYS = {"count", "host", "port", "api_key", "tool_call_parser", "args"}
+SERVER_KEYS = {"count", "host", "port", "api_key", "tool_call_parser", "web_ui", "args"}
 
 
 def fleet_from_toml(path: Path) -> Fleet:
@@ -238,9 +253,7 @@ def fleet_from_toml(path: Path) -> Fleet:
         raise UsageError(
             f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected restart_engines, [servers] and [[engines]]"
         )
-    restart = data.get("restart_engines", True)
-    if not isinstance(restart, bool):
-        raise UsageError(f"{path}: 'restart_engines' must be true or false")
+    restart = _boolean(data.get("restart_engines", True), f"{path}: 'restart_engines'")
     servers = data.get("servers", {})
     _check_keys(servers, SERVER_KEYS, f"{path} [servers]")
     engines = data.get("engines")
@@ -269,9 +282,16 @@ def fleet_from_toml(path: Path) -> Fleet:
         port=_port(servers.get("port", 8000), f"{path} [servers] port"),
         api_key=_string(servers, "api_key", f"{path} [servers]"),
         tool_call_parser=_string(servers, "tool_call_parser", f"{path} [servers]"),
+        web_ui=_boolean(servers.get("web_ui", True), f"{path} [servers] web_ui"),
         args=_strings(servers, "args", f"{path} [servers]"),
     )
     return Fleet(specs, server_spec, restart_engines=restart)
+
+
+def _boolean(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{what} must be true or false")
+    return value
 
 
 def _check_keys(table: object, allowed: set[str], where: str) -> None:
@@ -449,12 +469,14 @@ def run(fleet: Fleet, run_dir: Path) -> int:
             urls.append(url)
         wait_for_servers(servers, stopping)
     except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
         procs.stop_all()
+        if stopping:  # Ctrl-C reaches every child too: one that exited first is no failure
+            return 0
+        print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     except Stopping:
         procs.stop_all()
-        return 128 + stopping[0]
+        return 0
     pids = [str(proc.pid) for proc, _ in engines]
     what = f"1 engine (pid {pids[0]})" if len(pids) == 1 else f"{len(pids)} engines (pids {', '.join(pids)})"
     names = sorted({spec.served_model_name or spec.model.name for spec in fleet.engines})
@@ -462,6 +484,8 @@ def run(fleet: Fleet, run_dir: Path) -> int:
     print("models: " + ", ".join(names))
     for url in urls:
         print(f"  {url}/v1")
+    if fleet.servers.serves_page:
+        print("chat page (in a browser): " + ", ".join(f"{url}/" for url in urls))
     print("\nTry:")
     print(f"  curl {urls[0]}/v1/chat/completions -H 'Content-Type: application/json' \\")
     if fleet.servers.api_key:
@@ -472,7 +496,7 @@ def run(fleet: Fleet, run_dir: Path) -> int:
     restarts: dict[str, list[float]] = {}  # engine name -> when it was restarted
     while not stopping:
         dead = procs.dead()
-        if dead is not None:
+        if dead is not None and not stopping:
             name, proc, log = dead
             recent = [t for t in restarts.get(name, []) if time.monotonic() - t < RESTART_WINDOW_S]
             if name.startswith("engine ") and fleet.restart_engines and len(recent) < MAX_RESTARTS:
@@ -493,8 +517,10 @@ def run(fleet: Fleet, run_dir: Path) -> int:
             procs.stop_all()
             return 1
         time.sleep(0.5)
+    # Asked to stop (Ctrl-C, which a terminal sends to the whole process group, or SIGTERM):
+    # a clean stop, whatever the children made of the signal themselves.
     procs.stop_all()
-    return 128 + stopping[0]
+    return 0
 
 
 def engine_help() -> str:

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         "give its own after its address.",
     )
     p.add_argument(
+        "--no-web-ui",
+        action="store_true",
+        help="Do not serve the chat page at / (by default every server does: a page that lists the models, "
+        "streams replies from /v1/chat/completions and asks for the API key when one is required).",
+    )
+    p.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         engine_stall_timeout_s=args.engine_stall_timeout,
         enable_tokenizer_info=args.enable_tokenizer_info_endpoint,
         prefix_affinity=args.routing == "prefix-affinity",
+        web_ui=not args.no_web_ui,
     )
     server = OpenAIServer(config)
     uvicorn.run(

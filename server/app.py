@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from splitinfer.protocol.curve import ClientKeys
-from splitinfer.server import tokenization
+from splitinfer.server import tokenization, web_ui
 from splitinfer.server.engine_client import DEFAULT_STALL_TIMEOUT_S, EngineClient
 from splitinfer.server.engine_pool import EnginePool
 from splitinfer.server.errors import APIError, engine_unavailable, internal_error
@@ -78,6 +78,7 @@ class ServerConfig:
     engine_stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
     enable_tokenizer_info: bool = False  # GET /tokenizer_info shows the tokenizer config and chat template
     prefix_affinity: bool = True  # route a prompt to the replica that was sent its prefix (router.py)
+    web_ui: bool = True  # the chat page at / (web_ui.py)
     engine_keys: Mapping[str, ClientKeys] = field(default_factory=dict)  # CURVE, by engine address
 
 
@@ -114,6 +115,8 @@ class OpenAIServer:
             Route("/health", guarded(self.health), methods=["GET"]),
             Route("/metrics", guarded(self.metrics_endpoint), methods=["GET"]),
         ]
+        if config.web_ui:
+            routes += web_ui.routes()
         if config.enable_tokenizer_info:
             routes.append(
                 Route("/tokenizer_info", self._endpoint("tokenizer_info", self.tokenizer_info), methods=["GET"])
