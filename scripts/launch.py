@@ -66,9 +66,9 @@ stops everything it started and exits 0 (1 when a process failed). On a fresh cl
 first creates .venv and installs splitinfer (as scripts/test.sh does).
 
 One engine, with flags:
-  --model DIR            Hugging Face checkpoint directory. Without it, a small random demo
-                         checkpoint is built on first use under .cache/demo-model (it speaks
-                         gibberish, but exercises every path).
+  --model DIR            Hugging Face checkpoint directory. Without it, the demo model in
+                         models/demo-model: a 4.2M-parameter Llama trained on Debian's fortunes
+                         files (it writes English, loads in a second on CPU).
   --servers N            Number of HTTP servers (default: 1).
   --host HOST            Interface the servers listen on (default: 127.0.0.1).
   --port PORT            Port of the first server; the others count up from it (default: 8000).
@@ -337,14 +337,8 @@ def _port(value: object, what: str) -> int:
 
 
 def demo_model() -> Path:
-    """The random demo checkpoint, built on first use."""
-    path = REPO / ".cache" / "demo-model"
-    if not (path / "config.json").is_file():
-        print(f"building the demo checkpoint in {path}", flush=True)
-        subprocess.run(
-            [PYTHON, str(REPO / "scripts" / "make_tiny_model.py"), str(path)], check=True, capture_output=True
-        )
-    return path
+    """The demo checkpoint committed in the repository (scripts/train_demo_model.py rebuilds it)."""
+    return REPO / "models" / "demo-model"
 
 
 # Running it --------------------------------------------------------------------------
