@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from splitinfer.engine import tp_ranks
 from splitinfer.engine.cli_args import add_engine_arguments, engine_config
 from splitinfer.engine.errors import ConfigError, EngineDeadError
 from splitinfer.engine.service import DEFAULT_LEASE_S, EngineService
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # before the model loads: a refusal should not take minutes
         logger.error("cannot start: %s", exc)
         return 2
+    # This process may end itself: a tensor-parallel rank 0 left blocked in a collective with a
+    # dead worker (which a replayed CUDA graph's all-reduce never leaves) exits 1 after this
+    # long, and the start script or the operator starts it again.
+    tp_ranks.STUCK_EXIT_S = 15.0
     try:
         service = EngineService.start(
             config,

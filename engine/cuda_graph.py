@@ -399,7 +399,11 @@ class DecodeGraphRunner:
 
         Only what a block table gained since it was last passed in crosses to the device, so a
         list passed again must have changed by appends only, as `Request.block_table` does
-        (`TableSlots` says why); any other change must come as a new list."""
+        (`TableSlots` says why); any other change must come as a new list.
+
+        Not with tensor parallelism: the workers' tables would miss these writes (`run` sends them)."""
+        if self.driver is not None:
+            raise RuntimeError("load_step would leave the tensor-parallel workers' block tables behind; use run")
         return self._load(step)[0]
 
     def _load(self, step: DecodeStep) -> tuple[int, int, int]:

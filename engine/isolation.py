@@ -83,6 +83,8 @@ class IsolatingExecutor:
         (an out-of-memory error is the likeliest failure there). The first is logged with it."""
         try:
             return self._run(items)
+        except EngineDeadError:
+            raise  # tensor-parallel ranks out of step: no probe or retry can run, the engine stops
         except Exception as exc:
             failure = exc
         if first:

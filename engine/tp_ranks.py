@@ -50,7 +50,15 @@ from splitinfer.engine.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_S = 60.0  # a rank silent this long in a collective counts as hung
+COLLECTIVE_TIMEOUT_S = 60.0  # rank 0's limit: a rank silent this long in a collective counts as hung
+# A worker's limit, its wait for rank 0's next call included: an idle engine sends nothing for
+# as long as it is idle. (Each process sets its own; rank 0's death closes the connections,
+# and the kernel's death signal ends a worker anyway.)
+WORKER_TIMEOUT_S = 365 * 24 * 3600.0
+# Set by the engine process: how long after a worker's death rank 0 may take to stop by
+# itself before it exits on the spot (it may be blocked in a collective with the dead rank
+# that never returns, such as an all-reduce replayed from a CUDA graph). None: never.
+STUCK_EXIT_S: float | None = None
 HEADER = 64  # int64s of a call's header
 FORWARD, LOGITS, BIND_KV, STOP, DECODE_RUNNER, DECODE, MEMORY_BEGIN, MEMORY_END = range(1, 9)
 _DTYPES = {torch.int64: 1, torch.int32: 2}
@@ -71,6 +79,7 @@ class Rendezvous:
     port: int
     world_size: int
     backend: str  # "gloo" (CPU) or "nccl" (CUDA)
+    timeout_s: float = COLLECTIVE_TIMEOUT_S  # rank 0's, in every collective (workers wait longer)
 
     def init(
         self, rank: int, dead_peer: Callable[[], str | None] = lambda: None
@@ -79,21 +88,27 @@ class Rendezvous:
         store and first waits for every other rank to check in, asking `dead_peer` (what has
         exited, said for a log line) meanwhile: a worker that dies while starting ends the
         wait at once with EngineDeadError, instead of the group's timeout."""
-        timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
+        store_timeout = datetime.timedelta(seconds=self.timeout_s)
         store = dist.TCPStore(
-            self.address, self.port, self.world_size, is_master=rank == 0, timeout=timeout, wait_for_workers=False
+            self.address, self.port, self.world_size, is_master=rank == 0, timeout=store_timeout, wait_for_workers=False
         )
         if rank == 0:
             self._wait_for_ranks(store, dead_peer)
         else:
             store.set(f"joined/{rank}", "1")
-        dist.init_process_group(self.backend, store=store, rank=rank, world_size=self.world_size, timeout=timeout)
-        cpu = dist.new_group(backend="gloo", timeout=timeout) if self.backend != "gloo" else dist.group.WORLD
+        timeout = datetime.timedelta(seconds=self.timeout_s if rank == 0 else WORKER_TIMEOUT_S)
+        try:
+            dist.init_process_group(self.backend, store=store, rank=rank, world_size=self.world_size, timeout=timeout)
+            cpu = dist.new_group(backend="gloo", timeout=timeout) if self.backend != "gloo" else dist.group.WORLD
+        except Exception as exc:  # a rank that died after checking in: its connection never comes
+            if rank != 0:
+                raise
+            raise EngineDeadError(dead_peer() or f"the tensor-parallel group could not form: {exc}") from exc
         return dist.group.WORLD, cpu
 
     def _wait_for_ranks(self, store: dist.TCPStore, dead_peer: Callable[[], str | None]) -> None:
         keys = [f"joined/{rank}" for rank in range(1, self.world_size)]
-        deadline = time.monotonic() + COLLECTIVE_TIMEOUT_S
+        deadline = time.monotonic() + self.timeout_s
         while not store.check(keys):
             why = dead_peer()
             if why is not None:
@@ -101,7 +116,7 @@ class Rendezvous:
             if time.monotonic() > deadline:
                 missing = [key.removeprefix("joined/") for key in keys if not store.check([key])]
                 raise EngineDeadError(
-                    f"tensor-parallel ranks {', '.join(missing)} did not start within {COLLECTIVE_TIMEOUT_S:.0f} s"
+                    f"tensor-parallel ranks {', '.join(missing)} did not start within {self.timeout_s:.0f} s"
                 )
             time.sleep(0.05)
 
@@ -191,6 +206,7 @@ class Driver:
         self.channel = channel
         self.workers = workers  # rank i + 1 is workers[i]
         self._stopped = False
+        self._broken: str | None = None  # why the ranks are out of step, once they are
 
     @property
     def stopped(self) -> bool:
@@ -202,6 +218,8 @@ class Driver:
         return first_exited(self.workers)
 
     def _send(self, op: int, ints: list[int], tensors: list) -> None:
+        if self._broken is not None:  # the workers are stuck in an earlier call: never send another
+            raise EngineDeadError(self._broken)
         try:
             self.channel.send(op, ints, tensors)
         except RuntimeError as exc:  # gloo: a peer closed, or the timeout passed
@@ -247,9 +265,8 @@ class Driver:
     def collective_failed(self, exc: Exception) -> EngineDeadError:
         """What a failure inside a mirrored call means: a rank is gone, or rank 0 failed midway
         and left the others waiting in a collective. Either way the ranks are out of step."""
-        return EngineDeadError(
-            self.dead_worker() or f"a tensor-parallel call failed midway, the ranks are out of step: {exc!r}"
-        )
+        self._broken = self.dead_worker() or f"a tensor-parallel call failed midway, the ranks are out of step: {exc!r}"
+        return EngineDeadError(self._broken)
 
     def stop(self) -> None:
         """Tell the workers to exit and wait for them (killing any that do not)."""
@@ -278,8 +295,15 @@ def agree_on_budget(budget: float, group: dist.ProcessGroup) -> list[float]:
     return [float(b.item()) for b in budgets]
 
 
-def watch_workers(driver: Driver, on_death: Callable[[str], None], interval_s: float = 0.5) -> threading.Thread:
-    """A daemon thread that calls `on_death(why)` once when a worker exits unasked."""
+def watch_workers(
+    driver: Driver,
+    on_death: Callable[[str], None],
+    interval_s: float = 0.5,
+    exit_process: Callable[[int], None] = os._exit,
+) -> threading.Thread:
+    """A daemon thread that calls `on_death(why)` once when a worker exits unasked; then, if
+    `STUCK_EXIT_S` is set and the process is still here that long after, it logs why and
+    calls `exit_process(1)`: rank 0 is stuck in a collective with the dead rank."""
 
     def watch() -> None:
         stop = threading.Event()
@@ -289,6 +313,9 @@ def watch_workers(driver: Driver, on_death: Callable[[str], None], interval_s: f
             why = driver.dead_worker()
             if why is not None:
                 on_death(why)
+                if STUCK_EXIT_S is not None and not stop.wait(STUCK_EXIT_S):
+                    logger.critical("%s, and the engine has not stopped %.0f s later: exiting now", why, STUCK_EXIT_S)
+                    exit_process(1)
                 return
 
     thread = threading.Thread(target=watch, name="tp-watchdog", daemon=True)
@@ -330,6 +357,8 @@ def worker_main(
         with torch.inference_mode():
             while True:
                 op, ints, tensors = channel.receive()
+                if op in (MEMORY_BEGIN, BIND_KV, DECODE_RUNNER):
+                    hidden = None  # the last forward's activations would count against the KV cache
                 if op == FORWARD:
                     hidden = model(*_forward_args(ints, tensors, device))
                 elif op == LOGITS:

@@ -14,11 +14,14 @@ import torch
 import torch.multiprocessing as mp
 from conftest import FAMILIES, VARIANTS
 from procs import free_port
-from tp_worker import BUDGETS, agree_rank, load, run_rank, two_steps
+from tp_worker import BUDGETS, agree_rank, idle_rank, load, run_rank, two_steps
 
-from splitinfer.engine.errors import ConfigError
+from splitinfer.engine import tp_ranks
+from splitinfer.engine.errors import ConfigError, EngineDeadError
+from splitinfer.engine.isolation import IsolatingExecutor
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.parallel import ShardPlan, TensorParallel, check_tensor_parallel
+from splitinfer.engine.tp_ranks import STOP, Driver
 
 TOL = 1e-4
 CASES = {
@@ -56,6 +59,65 @@ def test_every_rank_learns_every_ranks_kv_budget(tmp_path: Path) -> None:
     mp.spawn(agree_rank, (3, free_port(), str(tmp_path)), nprocs=3, join=True)
     for rank in range(3):
         assert json.loads((tmp_path / f"budgets{rank}.json").read_text()) == BUDGETS
+
+
+def test_a_worker_waits_for_the_next_call_longer_than_rank_0s_timeout(tmp_path: Path) -> None:
+    """An idle engine sends its workers nothing: their wait for the next call must outlast
+    rank 0's collective timeout (which only bounds rank 0's own waits)."""
+    mp.spawn(idle_rank, (free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert json.loads((tmp_path / "received.json").read_text()) == [STOP, [7]]
+
+
+class StubRunner:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.probes = 0
+
+    def execute(self, plan: object, masks: object) -> None:
+        raise self.error
+
+    def probe(self) -> None:
+        self.probes += 1
+
+
+def test_ranks_out_of_step_stop_the_engine_without_a_probe_or_a_retry() -> None:
+    """A mirrored call that failed on rank 0 leaves the workers inside it: the probe (itself a
+    mirrored call) would pair with their pending collective, so the step must not be retried."""
+    runner = StubRunner(EngineDeadError("a tensor-parallel call failed midway"))
+    with pytest.raises(EngineDeadError):
+        IsolatingExecutor(runner).execute([])
+    assert runner.probes == 0
+    driver = Driver(StubChannel(), [])
+    driver.collective_failed(RuntimeError("out of memory"))
+    with pytest.raises(EngineDeadError, match="out of step"):
+        driver.bind_kv(4, 16)  # nothing is sent after that
+    assert driver.channel.sent == []
+
+
+class StubChannel:
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send(self, op: int, ints: list[int], tensors: list) -> None:
+        self.sent.append(op)
+
+
+class DeadWorker:
+    stopped = False
+
+    def dead_worker(self) -> str:
+        return "tensor-parallel rank 1 (pid 4242) exited (killed by signal 9)"
+
+
+def test_rank_0_stuck_after_a_worker_died_exits_by_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replayed CUDA graph's all-reduce with a dead rank never returns: the watchdog, having
+    told the engine, exits the process when it has not stopped `STUCK_EXIT_S` later."""
+    monkeypatch.setattr(tp_ranks, "STUCK_EXIT_S", 0.2)
+    told: list[str] = []
+    exits: list[int] = []
+    thread = tp_ranks.watch_workers(DeadWorker(), told.append, interval_s=0.01, exit_process=exits.append)
+    thread.join(5)
+    assert told == [DeadWorker().dead_worker()] and exits == [1]
 
 
 def test_the_shard_plan_covers_every_head_and_row_once() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from splitinfer.engine.loader import load_weights
 from splitinfer.engine.model import CausalLM
 from splitinfer.engine.model_config import ModelConfig
 from splitinfer.engine.parallel import SINGLE, TensorParallel
-from splitinfer.engine.tp_ranks import agree_on_budget
+from splitinfer.engine.tp_ranks import STOP, Rendezvous, StepChannel, agree_on_budget
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 16
@@ -113,5 +114,23 @@ def agree_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         budgets = agree_on_budget(BUDGETS[rank], dist.group.WORLD)
         Path(out_dir, f"budgets{rank}.json").write_text(json.dumps(budgets))
+    finally:
+        dist.destroy_process_group()
+
+
+IDLE_S = 3.0  # longer than rank 0's timeout in `idle_rank`
+
+
+def idle_rank(rank: int, port: int, out_dir: str) -> None:
+    """Rank 0 (with a 1 s collective timeout) sends nothing for `IDLE_S`, as an idle engine
+    does, then one call; the worker, waiting all along, must still get it."""
+    channel = StepChannel(Rendezvous("127.0.0.1", port, 2, "gloo", timeout_s=1.0).init(rank)[1])
+    try:
+        if rank == 0:
+            time.sleep(IDLE_S)
+            channel.send(STOP, [7], [])
+        else:
+            op, ints, _ = channel.receive()
+            Path(out_dir, "received.json").write_text(json.dumps([op, ints]))
     finally:
         dist.destroy_process_group()
