@@ -176,7 +176,10 @@ def send(driver, text: str) -> None:
         """
     )
     box = driver.find_element(By.ID, "input")
-    box.send_keys(text)
+    for i, line in enumerate(text.split("\n")):
+        if i:
+            box.send_keys(Keys.SHIFT, Keys.ENTER)  # a new line, as the page says; Enter alone sends
+        box.send_keys(line)
     box.send_keys(Keys.ENTER)
 
 
@@ -261,12 +264,18 @@ def test_the_chat_page_in_a_real_browser(tiny_checkpoint: Path, tmp_path: Path, 
         if os.environ.get("SPLITINFER_SAVE_SCREENSHOT") == "1":
             shutil.copyfile(shot, REPO / "docs" / "chat-page.png")
 
-        # Markup in the conversation is shown as text and never runs.
-        send(browser, '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> Give me a quote.')
+        # Markup in the conversation is shown as text and never runs; code blocks stay blocks.
+        send(
+            browser,
+            '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script> Give me a quote.\n'
+            "```python\nprint('<b>hi</b>')\n```",
+        )
         finished_reply(browser, 3)
         assert browser.execute_script("return window.pwned") is None
         assert last(browser, ".message.user")["text"].startswith("<img src=x onerror=")
-        assert not browser.find_elements(By.CSS_SELECTOR, "#conversation img, #conversation script")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#conversation img, #conversation script, #conversation b")
+        [code] = browser.find_elements(By.CSS_SELECTOR, ".message.user pre code")
+        assert code.text == "print('<b>hi</b>')"
 
         # Edit the last message and resend it: the old exchange goes, the new one comes.
         browser.find_element(By.ID, "edit").click()
@@ -276,6 +285,17 @@ def test_the_chat_page_in_a_real_browser(tiny_checkpoint: Path, tmp_path: Path, 
         send(browser, "Give me a quote.")
         assert finished_reply(browser, 3)["state"] == "done"
         assert last(browser, ".message.user")["text"] == "Give me a quote."
+
+        # A request the server refuses (a prompt past the model's 1024-token context): a 400,
+        # shown in the conversation.
+        browser.find_element(By.ID, "settings-toggle").click()
+        system = browser.find_element(By.ID, "system")  # pasted: typing 9000 characters takes long
+        browser.execute_script("arguments[0].value = arguments[1]", system, "Remember this. " * 600)
+        send(browser, "Hello?")
+        refused = wait_for(lambda: last(browser, ".message.error"), 30, "the refusal in the conversation")
+        assert refused["text"].startswith("400:") and "context_length_exceeded" in refused["text"], refused
+        set_field(browser, "system", "")
+        browser.find_element(By.ID, "settings-toggle").click()
 
         # A long reply, stopped mid-stream: the request ends in the engine, its KV blocks freed.
         browser.find_element(By.ID, "clear").click()
