@@ -9,6 +9,7 @@ import sys
 
 from splitinfer.engine import tp_ranks
 from splitinfer.engine.cli_args import add_engine_arguments, engine_config
+from splitinfer.engine.engine_core import run_worker_host
 from splitinfer.engine.errors import ConfigError, EngineDeadError
 from splitinfer.engine.service import DEFAULT_LEASE_S, EngineService
 from splitinfer.protocol import DEFAULT_LIMITS, default_engine_address, parse_address
@@ -106,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # before the model loads: a refusal should not take minutes
         logger.error("cannot start: %s", exc)
         return 2
+    if config.node_rank > 0:  # another host of a multi-host tensor-parallel engine: workers only
+        try:
+            return run_worker_host(config)
+        except (ValueError, OSError, EngineDeadError) as exc:
+            logger.error("cannot start: %s", exc)
+            return 2
     # This process may end itself: a tensor-parallel rank 0 left blocked in a collective with a
     # dead worker (which a replayed CUDA graph's all-reduce never leaves) exits 1 after this
     # long, and the start script or the operator starts it again.

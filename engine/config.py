@@ -119,6 +119,27 @@ class EngineConfig(Struct, frozen=True, forbid_unknown_fields=True):
             extra={"group": "model and memory"},
         ),
     ] = 1
+    nnodes: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=64,
+            description="Hosts the tensor-parallel ranks span, each running tensor_parallel_size / nnodes of them. "
+            "Run the same engine command on every host with its --node-rank, and with MASTER_ADDR and MASTER_PORT "
+            "(torch.distributed's env:// variables) set to host 0's address and a free port there.",
+            extra={"group": "model and memory"},
+        ),
+    ] = 1
+    node_rank: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=63,
+            description="This host's place among --nnodes: 0 runs the engine (rank 0, the scheduler and the "
+            "socket servers connect to) and its share of the workers; any other host runs only its workers.",
+            extra={"group": "model and memory"},
+        ),
+    ] = 0
     enforce_eager: Annotated[
         bool, Meta(description="Do not capture CUDA graphs for decode.", extra={"group": "batching"})
     ] = False

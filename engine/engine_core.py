@@ -58,12 +58,12 @@ from splitinfer.engine.prompt_logprobs import ScoringPlan
 from splitinfer.engine.request import Request, RequestStatus
 from splitinfer.engine.sampler import Sampler
 from splitinfer.engine.scheduler import ScheduledSeq, Scheduler
+from splitinfer.engine.tp_layout import Layout, layout_of
 from splitinfer.engine.tp_ranks import (
     Driver,
     Rendezvous,
     StepChannel,
     first_exited,
-    free_port,
     watch_workers,
     worker_main,
 )
@@ -177,6 +177,109 @@ class EngineStats:
     computed_tokens: int  # tokens fed through the model (prompts, recomputation, decode inputs)
     prompt_tokens: int  # of those, prompt positions (recomputed ones again after a preemption)
     generated_tokens: int
+
+
+def upcasts(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether half-precision matmuls of many rows run in fp32 (`cpu_linear.Upcast`)."""
+    return device.type == "cpu" and cpu_linear.half_matmul_is_slow(dtype)
+
+
+def prepack_rows(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> frozenset[int]:
+    """The decode batch sizes CPU matmul weights are prepacked for; none when off."""
+    if device.type != "cpu" or not config.cpu_weight_prepack or cpu_linear.check_prepack(dtype):
+        return frozenset()
+    # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
+    return frozenset(cpu_linear.packed_row_counts(decode_buckets(config.max_num_seqs)))
+
+
+def run_worker_host(config: EngineConfig) -> int:
+    """A host other than host 0 (`config.node_rank` > 0): start its worker ranks and wait
+    while they follow rank 0; 0 when rank 0 stopped them, 1 when one of them failed (the
+    others are then stopped: rank 0's next collective fails and the engine stops too)."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    c = ModelConfig.from_dir(config.model)
+    check_tensor_parallel(c, config.tensor_parallel_size)
+    layout = layout_of(config)
+    check_local_devices(device, layout)
+    rendezvous = tp_rendezvous(layout, device)
+    workers = start_workers(
+        c, layout, rendezvous, device.type, dtype, prepack_rows(config, device, dtype), upcasts(device, dtype)
+    )
+    first = layout.local_ranks.start
+    logger.info(
+        "host %d of %d: tensor-parallel ranks %d-%d (pids %s), joining %s:%d",
+        layout.node_rank,
+        layout.nnodes,
+        first,
+        layout.local_ranks.stop - 1,
+        ", ".join(str(w.pid) for w in workers),
+        layout.address,
+        layout.port,
+    )
+    try:
+        while all(w.exitcode is None for w in workers):
+            time.sleep(0.5)
+        failed = [w for w in workers if w.exitcode not in (None, 0)]
+        if failed:
+            logger.error("%s: stopping this host's other ranks", first_exited(failed, first + workers.index(failed[0])))
+            return 1
+        for worker in workers:
+            worker.join()
+        logger.info("rank 0 stopped the workers")
+        return 0
+    finally:
+        for worker in workers:
+            if worker.exitcode is None:
+                worker.kill()
+                worker.join()
+
+
+def check_local_devices(device: torch.device, layout: Layout) -> None:
+    """With tensor parallelism on CUDA: `--device cuda`, and a GPU for each of this host's ranks."""
+    if device.type != "cuda":
+        return
+    if device.index not in (None, 0):
+        raise ConfigError("with --tensor-parallel-size, give --device cuda: rank i runs on GPU i", "device")
+    if layout.per_node > torch.cuda.device_count():
+        raise ConfigError(
+            f"--tensor-parallel-size {layout.world_size} needs {layout.per_node} GPUs on this host; "
+            f"{torch.cuda.device_count()} are visible",
+            "tensor_parallel_size",
+        )
+
+
+def tp_rendezvous(layout: Layout, device: torch.device) -> Rendezvous:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return Rendezvous(layout.address, layout.port, layout.world_size, backend, join_timeout_s=layout.join_timeout_s)
+
+
+def start_workers(
+    c: ModelConfig,
+    layout: Layout,
+    rendezvous: Rendezvous,
+    device_type: str,
+    dtype: torch.dtype,
+    prepack_rows: frozenset[int],
+    upcast: bool,
+) -> list[mp.Process]:
+    """Start this host's worker ranks (all of its ranks but rank 0), each building its shard
+    as rank 0 builds its own (`build_shard`)."""
+    context = mp.get_context("spawn")
+    workers = []
+    for rank in layout.local_ranks:
+        if rank == 0:
+            continue
+        device = f"cuda:{layout.local_index(rank)}" if device_type == "cuda" else "cpu"
+        build = functools.partial(build_shard, c, device, dtype, prepack_rows, upcast)
+        worker = context.Process(
+            target=worker_main,
+            args=(rank, rendezvous, build, os.getpid(), logging.getLogger().getEffectiveLevel()),
+            name=f"tp-rank-{rank}",
+        )
+        worker.start()
+        workers.append(worker)
+    return workers
 
 
 class EngineCore:
@@ -293,15 +396,10 @@ class EngineCore:
         )
 
     def _upcasts(self) -> bool:
-        """Whether half-precision matmuls of many rows run in fp32 (`cpu_linear.Upcast`)."""
-        return self.device.type == "cpu" and cpu_linear.half_matmul_is_slow(self.dtype)
+        return upcasts(self.device, self.dtype)
 
     def _prepack_rows(self) -> frozenset[int]:
-        """The decode batch sizes CPU matmul weights are prepacked for; none when off."""
-        if self.device.type != "cpu" or not self.config.cpu_weight_prepack or cpu_linear.check_prepack(self.dtype):
-            return frozenset()
-        # Decode batches are padded to these sizes, so the set of shapes oneDNN sees stays fixed.
-        return frozenset(cpu_linear.packed_row_counts(decode_buckets(self.config.max_num_seqs)))
+        return prepack_rows(self.config, self.device, self.dtype)
 
     def _prepack_cpu_weights(self) -> None:
         extra = self.model.matmul_weight_bytes()
@@ -331,34 +429,23 @@ class EngineCore:
         the model or the machine does not allow before anything loads."""
         size = self.config.tensor_parallel_size
         check_tensor_parallel(c, size)
+        layout = layout_of(self.config)
         if size == 1:
             return SINGLE, None
-        if self.device.type == "cuda":
-            if self.device.index not in (None, 0):
-                raise ConfigError("with --tensor-parallel-size, give --device cuda: rank i runs on GPU i", "device")
-            if size > torch.cuda.device_count():
-                raise ConfigError(
-                    f"--tensor-parallel-size {size} needs {size} GPUs; {torch.cuda.device_count()} are visible",
-                    "tensor_parallel_size",
-                )
-        rendezvous = Rendezvous("127.0.0.1", free_port(), size, "nccl" if self.device.type == "cuda" else "gloo")
-        context = mp.get_context("spawn")
-        workers = []
-        for rank in range(1, size):
-            device = f"cuda:{rank}" if self.device.type == "cuda" else "cpu"
-            build = functools.partial(build_shard, c, device, self.dtype, self._prepack_rows(), self._upcasts())
-            worker = context.Process(
-                target=worker_main,
-                args=(rank, rendezvous, build, os.getpid(), logging.getLogger().getEffectiveLevel()),
-                name=f"tp-rank-{rank}",
-            )
-            worker.start()
-            workers.append(worker)
+        check_local_devices(self.device, layout)
+        rendezvous = tp_rendezvous(layout, self.device)
+        workers = start_workers(
+            c, layout, rendezvous, self.device.type, self.dtype, self._prepack_rows(), self._upcasts()
+        )
+        elsewhere = ""
+        if layout.nnodes > 1:
+            elsewhere = f"; ranks {layout.per_node}-{size - 1} join from {layout.nnodes - 1} other host(s)"
         logger.info(
-            "tensor parallelism: %d ranks over %s; worker pids %s",
+            "tensor parallelism: %d ranks over %s; worker pids %s%s",
             size,
             rendezvous.backend,
-            ", ".join(str(w.pid) for w in workers),
+            ", ".join(str(w.pid) for w in workers) or "none here",
+            elsewhere,
         )
         try:
             model_group, cpu_group = rendezvous.init(0, lambda: first_exited(workers))

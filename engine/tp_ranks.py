@@ -80,6 +80,7 @@ class Rendezvous:
     world_size: int
     backend: str  # "gloo" (CPU) or "nccl" (CUDA)
     timeout_s: float = COLLECTIVE_TIMEOUT_S  # rank 0's, in every collective (workers wait longer)
+    join_timeout_s: float | None = None  # rank 0's wait for the others to join; None: timeout_s
 
     def init(
         self, rank: int, dead_peer: Callable[[], str | None] = lambda: None
@@ -108,16 +109,15 @@ class Rendezvous:
 
     def _wait_for_ranks(self, store: dist.TCPStore, dead_peer: Callable[[], str | None]) -> None:
         keys = [f"joined/{rank}" for rank in range(1, self.world_size)]
-        deadline = time.monotonic() + self.timeout_s
+        limit = self.join_timeout_s or self.timeout_s
+        deadline = time.monotonic() + limit
         while not store.check(keys):
             why = dead_peer()
             if why is not None:
                 raise EngineDeadError(f"{why} while the ranks were starting")
             if time.monotonic() > deadline:
                 missing = [key.removeprefix("joined/") for key in keys if not store.check([key])]
-                raise EngineDeadError(
-                    f"tensor-parallel ranks {', '.join(missing)} did not start within {self.timeout_s:.0f} s"
-                )
+                raise EngineDeadError(f"tensor-parallel ranks {', '.join(missing)} did not join within {limit:.0f} s")
             time.sleep(0.05)
 
 
@@ -189,10 +189,10 @@ def _forward_args(ints: list[int], tensors: list, device: torch.device):
     return input_ids, positions, batch
 
 
-def first_exited(workers: list[mp.Process]) -> str | None:
-    """The first of `workers` (rank i + 1 is workers[i]) that has exited, said for a log
-    line; None while all live."""
-    for rank, proc in enumerate(workers, start=1):
+def first_exited(workers: list[mp.Process], first_rank: int = 1) -> str | None:
+    """The first of `workers` (rank first_rank + i is workers[i]) that has exited, said for a
+    log line; None while all live."""
+    for rank, proc in enumerate(workers, start=first_rank):
         if proc.exitcode is not None:
             how = f"killed by signal {-proc.exitcode}" if proc.exitcode < 0 else f"exit status {proc.exitcode}"
             return f"tensor-parallel rank {rank} (pid {proc.pid}) exited ({how})"

@@ -28,6 +28,8 @@ FLAGS = {  # field -> flag: the flags scripts and users already pass
     "max_num_batched_tokens": "--max-num-batched-tokens",
     "enable_prefix_caching": "--no-prefix-caching",
     "tensor_parallel_size": "--tensor-parallel-size",
+    "nnodes": "--nnodes",
+    "node_rank": "--node-rank",
     "enforce_eager": "--enforce-eager",
     "cpu_weight_prepack": "--no-cpu-weight-prepack",
     "seed": "--seed",

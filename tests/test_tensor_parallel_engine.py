@@ -20,7 +20,9 @@ from conftest import FAMILIES, VARIANTS
 from hf_oracle import hf_greedy
 from procs import children_of, free_port, pid_alive, spawn_engine, start_engine, start_server, stop, wait_for_log
 
-from splitinfer.engine import LLM, SamplingParams
+from splitinfer.engine import LLM, EngineConfig, SamplingParams
+from splitinfer.engine.errors import ConfigError
+from splitinfer.engine.tp_layout import layout_of
 
 CASES = {
     "llama, 2 KV heads split": FAMILIES["llama"],
@@ -172,3 +174,55 @@ def test_a_worker_killed_while_the_engine_starts_ends_it_naming_the_rank(
     assert re.search(rf"tensor-parallel rank 1 \(pid {worker}\) exited \(killed by signal 9\)", text), text[-3000:]
     assert "ready on" not in text
     assert took < 10, f"the engine took {took:.1f} s to notice"
+
+
+def test_two_hosts_meeting_at_master_addr_generate_what_one_rank_does(
+    make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Multi-host tensor parallelism on one machine: the same engine command with --nnodes 2,
+    host 0 (the engine, rank 0) and host 1 (a process running only rank 1), meeting at
+    MASTER_ADDR:MASTER_PORT. The SDK gets rank 0's single-rank text; stopping the engine
+    stops host 1's worker, which then exits 0."""
+    path = make_checkpoint(*FAMILIES["llama"])
+    prompt = [(5 * j + 3) % 500 for j in range(9)]
+    with LLM(path, **SETTINGS) as llm:
+        [expected] = llm.generate([prompt], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    address = f"ipc://{tmp_path}/engine.sock"
+    split = ("--served-model-name", "tiny", "--tensor-parallel-size", "2", "--nnodes", "2")
+    host1 = spawn_engine(path, f"ipc://{tmp_path}/unused.sock", tmp_path / "host1.log", *split, "--node-rank", "1")
+    engine = server = None
+    try:
+        engine = start_engine(path, address, tmp_path / "host0.log", *split)
+        assert not tp_workers(engine.pid), "host 0 runs rank 0 only: rank 1 is host 1's"
+        port = free_port()
+        server = start_server(address, port, tmp_path / "server.log")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        reply = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+        )
+        assert reply.choices[0].text == expected.text
+        stop(engine)
+        assert host1.wait(15) == 0
+        assert "host 1 of 2: tensor-parallel ranks 1-1" in (tmp_path / "host1.log").read_text()
+    finally:
+        for proc in (server, engine, host1):
+            if proc is not None:
+                stop(proc)
+
+
+def test_a_multi_host_layout_is_checked_before_anything_loads() -> None:
+    base = dict(model="unused", tensor_parallel_size=4)
+    env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    layout = layout_of(EngineConfig(**base, nnodes=2, node_rank=1), env)
+    assert list(layout.local_ranks) == [2, 3] and layout.local_index(3) == 1
+    assert (layout.address, layout.port) == ("10.0.0.1", 29500)
+    for fields, environ, message in (
+        (dict(nnodes=3), env, "--nnodes 3 does not divide --tensor-parallel-size 4"),
+        (dict(nnodes=2, node_rank=2), env, "--node-rank 2 is not below --nnodes 2"),
+        (dict(nnodes=2), {}, "set MASTER_ADDR and MASTER_PORT"),
+        (dict(nnodes=2), {"MASTER_ADDR": "h", "MASTER_PORT": "http"}, "MASTER_PORT must be a TCP port"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            layout_of(EngineConfig(**base, **fields), environ)
