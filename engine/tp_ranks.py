@@ -217,13 +217,25 @@ class Driver:
         """Which worker has exited, said for a log line; None while all live."""
         return first_exited(self.workers)
 
+    def _dead_worker_soon(self, wait_s: float = 2.0) -> str | None:
+        """`dead_worker`, after giving a dying worker `wait_s` to be seen exited: a killed
+        peer's closed connection can reach rank 0 before its process is reaped."""
+        if not self.workers:  # all on other hosts: nothing here to see exit
+            return None
+        deadline = time.monotonic() + wait_s
+        while (why := self.dead_worker()) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return why
+
     def _send(self, op: int, ints: list[int], tensors: list) -> None:
         if self._broken is not None:  # the workers are stuck in an earlier call: never send another
             raise EngineDeadError(self._broken)
         try:
             self.channel.send(op, ints, tensors)
         except RuntimeError as exc:  # gloo: a peer closed, or the timeout passed
-            raise EngineDeadError(self.dead_worker() or f"a tensor-parallel rank stopped answering: {exc}") from exc
+            raise EngineDeadError(
+                self._dead_worker_soon() or f"a tensor-parallel rank stopped answering: {exc}"
+            ) from exc
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
         self._send(FORWARD, *_forward_call(input_ids, positions, batch))
@@ -253,7 +265,9 @@ class Driver:
         try:
             budgets = agree_on_budget(budget, self.channel.group)
         except RuntimeError as exc:
-            raise EngineDeadError(self.dead_worker() or f"a tensor-parallel rank stopped answering: {exc}") from exc
+            raise EngineDeadError(
+                self._dead_worker_soon() or f"a tensor-parallel rank stopped answering: {exc}"
+            ) from exc
         rank = min(range(len(budgets)), key=budgets.__getitem__)
         logger.info(
             "KV budget per rank (GiB): %s; the smallest (rank %d) sizes the cache",
@@ -265,7 +279,9 @@ class Driver:
     def collective_failed(self, exc: Exception) -> EngineDeadError:
         """What a failure inside a mirrored call means: a rank is gone, or rank 0 failed midway
         and left the others waiting in a collective. Either way the ranks are out of step."""
-        self._broken = self.dead_worker() or f"a tensor-parallel call failed midway, the ranks are out of step: {exc!r}"
+        self._broken = (
+            self._dead_worker_soon() or f"a tensor-parallel call failed midway, the ranks are out of step: {exc!r}"
+        )
         return EngineDeadError(self._broken)
 
     def stop(self) -> None:
