@@ -226,3 +226,36 @@ def test_a_multi_host_layout_is_checked_before_anything_loads() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             layout_of(EngineConfig(**base, **fields), environ)
+
+
+def test_a_worker_dying_on_another_host_stops_that_host_and_the_engine(
+    make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 cannot watch another host's processes: the host does (it exits 1 naming the
+    rank), and rank 0 learns it from its next collective, whose connection is gone."""
+    path = make_checkpoint(*FAMILIES["llama"])
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    split = ("--tensor-parallel-size", "2", "--nnodes", "2")
+    host1 = spawn_engine(path, f"ipc://{tmp_path}/unused.sock", tmp_path / "host1.log", *split, "--node-rank", "1")
+    engine = server = None
+    try:
+        address = f"ipc://{tmp_path}/engine.sock"
+        engine = start_engine(path, address, tmp_path / "host0.log", *split, "--served-model-name", "tiny")
+        port = free_port()
+        server = start_server(address, port, tmp_path / "server.log")
+        [worker] = tp_workers(host1.pid)
+        os.kill(worker, signal.SIGKILL)
+        assert host1.wait(15) == 1
+        host1_log = (tmp_path / "host1.log").read_text()
+        assert re.search(r"tensor-parallel rank 1 \(pid \d+\) exited \(killed by signal 9\)", host1_log), host1_log
+        # Idle, rank 0 has no collective to fail: a request's first step finds rank 1 gone.
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 8}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_unavailable", reply.text
+        assert engine.wait(30) == 1
+        assert "stopping: a tensor-parallel rank stopped answering" in (tmp_path / "host0.log").read_text()
+    finally:
+        for proc in (server, engine, host1):
+            if proc is not None:
+                stop(proc)
