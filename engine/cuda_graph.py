@@ -116,6 +116,10 @@ class DecodeInputs:
         views["slot_mapping"].fill_(-1)  # every row starts as padding
         return cls(raw=raw, header_bytes=header_bytes, **views)
 
+    def rows(self) -> tuple[torch.Tensor, ...]:
+        """The per-row buffers, in the order a step's rows are staged, sent and followed."""
+        return (self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.table_slots)
+
     def nbytes(self, num_writes: int) -> int:
         return self.header_bytes + 12 * num_writes
 
@@ -257,16 +261,9 @@ class DecodeGraphRunner:
         self.table_slots = TableSlots(max_bs, max_blocks_per_seq)
         # Host views of the staging header, written every step.
         s = self.staging
-        self._host_rows = [
-            (buffer.numpy(), pad)
-            for buffer, pad in (
-                (s.input_ids, 0),
-                (s.positions, 0),
-                (s.slot_mapping, -1),
-                (s.seq_lens, 0),
-                (s.table_slots, 0),
-            )
-        ]
+        # Padding rows: slot -1 writes no K/V; every other field 0 (length 0 attends to nothing).
+        pads = (0, 0, -1, 0, 0)
+        self._host_rows = [(buffer.numpy(), pad) for buffer, pad in zip(s.rows(), pads)]
         # Marks when the last step's host-to-device copy was done, before staging is rewritten.
         self._staged = torch.cuda.Event() if on_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -305,14 +302,8 @@ class DecodeGraphRunner:
         return self.model.local_forward(self.inputs.input_ids[:bs], self.inputs.positions[:bs], batch)
 
     def _mirrored(self, run: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
-        """`run()`, which the other ranks are running too: if it fails on rank 0 they are left
-        waiting in a collective, so the failure is fatal (`Driver.collective_failed`)."""
-        if self.driver is None:
-            return run()
-        try:
-            return run()
-        except Exception as exc:
-            raise self.driver.collective_failed(exc) from exc
+        """`run()`, which the other ranks run too (`Driver.mirrored`), if there are any."""
+        return run() if self.driver is None else self.driver.mirrored(run)
 
     @torch.inference_mode()
     def warm_up(self) -> None:
@@ -443,9 +434,8 @@ class DecodeGraphRunner:
     def decode_call(self, bs: int, n: int, num_writes: int, width: int) -> tuple[list[int], list[torch.Tensor]]:
         """What the other ranks need to run the step just staged here (`follow`): its sizes,
         the padded rows and the block-table writes, all host tensors (no device sync)."""
-        s = self.staging
-        rows = [s.input_ids[:bs], s.positions[:bs], s.slot_mapping[:bs], s.seq_lens[:bs], s.table_slots[:bs]]
-        return [bs, n, num_writes, width], [*rows, *s.table_writes(num_writes)]
+        rows = [buffer[:bs] for buffer in self.staging.rows()]
+        return [bs, n, num_writes, width], [*rows, *self.staging.table_writes(num_writes)]
 
     @torch.inference_mode()
     def follow(self, ints: list[int], tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -454,11 +444,11 @@ class DecodeGraphRunner:
         bs, n, num_writes, width = ints
         if self._staged is not None and not self._staged.query():
             self._staged.synchronize()  # the previous step's copy has read the staging memory
-        s = self.staging
-        for dest, src in zip((s.input_ids, s.positions, s.slot_mapping, s.seq_lens, s.table_slots), tensors):
+        rows = self.staging.rows()
+        for dest, src in zip(rows, tensors):
             dest[:bs].copy_(src)
         if num_writes:
-            for dest, src in zip(s.table_writes(num_writes), tensors[5:]):
+            for dest, src in zip(self.staging.table_writes(num_writes), tensors[len(rows) :]):
                 dest.copy_(src)
         self._upload(n, num_writes, width)
         return self._replay(bs)

@@ -64,6 +64,7 @@ from splitinfer.engine.tp_ranks import (
     Rendezvous,
     StepChannel,
     first_exited,
+    free_port,
     watch_workers,
     worker_main,
 )
@@ -220,9 +221,9 @@ def run_worker_host(config: EngineConfig) -> int:
     try:
         while all(w.exitcode is None for w in workers):
             time.sleep(0.5)
-        failed = [w for w in workers if w.exitcode not in (None, 0)]
-        if failed:
-            logger.error("%s: stopping this host's other ranks", first_exited(failed, first + workers.index(failed[0])))
+        failed = next((i for i, w in enumerate(workers) if w.exitcode not in (None, 0)), None)
+        if failed is not None:
+            logger.error("%s: stopping this host's other ranks", first_exited([workers[failed]], first + failed))
             return 1
         for worker in workers:
             worker.join()
@@ -251,7 +252,8 @@ def check_local_devices(device: torch.device, layout: Layout) -> None:
 
 def tp_rendezvous(layout: Layout, device: torch.device) -> Rendezvous:
     backend = "nccl" if device.type == "cuda" else "gloo"
-    return Rendezvous(layout.address, layout.port, layout.world_size, backend, join_timeout_s=layout.join_timeout_s)
+    port = layout.port or free_port()
+    return Rendezvous(layout.address, port, layout.world_size, backend, join_timeout_s=layout.join_timeout_s)
 
 
 def start_workers(
@@ -498,12 +500,10 @@ class EngineCore:
         utilization = self.config.gpu_memory_utilization
         check_utilization(utilization)
         reserve = self._graph_memory_reserve() if self.graphs_off is None else 0
-        driver = self.model.driver
-        if driver is None:
-            return cuda_kv_budget(self.device, utilization, self._profile_forward, reserve)
-        driver.memory_begin()
+        if self.driver is not None:
+            self.driver.memory_begin()
         budget = cuda_kv_budget(self.device, utilization, self._profile_forward, reserve)
-        return driver.smallest_budget(budget, utilization, reserve)
+        return budget if self.driver is None else self.driver.smallest_budget(budget, utilization, reserve)
 
     @torch.inference_mode()
     def _profile_forward(self) -> None:

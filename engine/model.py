@@ -305,10 +305,7 @@ class CausalLM(nn.Module):
         if self.driver is None:
             return self.local_forward(input_ids, positions, batch)
         self.driver.forward(input_ids, positions, batch)
-        try:
-            return self.local_forward(input_ids, positions, batch)
-        except Exception as exc:  # the other ranks are left mid-call, out of step: fatal, whatever failed
-            raise self.driver.collective_failed(exc) from exc
+        return self.driver.mirrored(lambda: self.local_forward(input_ids, positions, batch))
 
     def local_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """`forward` on this rank alone, sending nothing to the other ranks: for a caller that
@@ -327,10 +324,7 @@ class CausalLM(nn.Module):
         if self.driver is None:
             return self._logits(hidden, indices)
         self.driver.logits(indices)
-        try:
-            return self._logits(hidden, indices)
-        except Exception as exc:  # as in `forward`: the other ranks wait in the gather
-            raise self.driver.collective_failed(exc) from exc
+        return self.driver.mirrored(lambda: self._logits(hidden, indices))
 
     def _logits(self, hidden: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor | None:
         if indices is not None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from splitinfer.engine.config import EngineConfig
 from splitinfer.engine.errors import ConfigError
-from splitinfer.engine.tp_ranks import free_port
 
 # Hosts are started by hand or by a cluster manager, one after the other: rank 0 waits this
 # long for the other hosts' ranks to join (its own workers join within seconds).
@@ -29,7 +28,7 @@ class Layout:
     nnodes: int
     node_rank: int
     address: str  # where the ranks meet: host 0's TCP store
-    port: int
+    port: int  # 0 on one host: any free port, chosen when the ranks start
 
     @property
     def per_node(self) -> int:
@@ -62,7 +61,7 @@ def layout_of(config: EngineConfig, environ: Mapping[str, str] = os.environ) -> 
     if node >= nnodes:
         raise ConfigError(f"--node-rank {node} is not below --nnodes {nnodes}", "node_rank")
     if nnodes == 1:
-        return Layout(size, 1, 0, "127.0.0.1", free_port())
+        return Layout(size, 1, 0, "127.0.0.1", 0)
     address, port = environ.get("MASTER_ADDR"), environ.get("MASTER_PORT")
     if not address or not port:
         raise ConfigError(

@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ from splitinfer.engine.kv_cache import KVCache
 from splitinfer.engine.parallel import TensorParallel
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COLLECTIVE_TIMEOUT_S = 60.0  # rank 0's limit: a rank silent this long in a collective counts as hung
 # A worker's limit, its wait for rank 0's next call included: an idle engine sends nothing for
@@ -233,9 +235,7 @@ class Driver:
         try:
             self.channel.send(op, ints, tensors)
         except RuntimeError as exc:  # gloo: a peer closed, or the timeout passed
-            raise EngineDeadError(
-                self._dead_worker_soon() or f"a tensor-parallel rank stopped answering: {exc}"
-            ) from exc
+            raise self._peer_lost(exc) from exc
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> None:
         self._send(FORWARD, *_forward_call(input_ids, positions, batch))
@@ -245,6 +245,10 @@ class Driver:
 
     def bind_kv(self, num_blocks: int, block_size: int) -> None:
         self._send(BIND_KV, [num_blocks, block_size], [])
+
+    def _peer_lost(self, exc: RuntimeError) -> EngineDeadError:
+        """What a failed exchange with the workers means: one died, or stopped answering."""
+        return EngineDeadError(self._dead_worker_soon() or f"a tensor-parallel rank stopped answering: {exc}")
 
     def decode_runner(self, max_num_seqs: int, max_blocks_per_seq: int, use_cuda_graphs: bool) -> None:
         """Workers build their decode graph runners (capturing, if asked, as rank 0 does now)."""
@@ -265,9 +269,7 @@ class Driver:
         try:
             budgets = agree_on_budget(budget, self.channel.group)
         except RuntimeError as exc:
-            raise EngineDeadError(
-                self._dead_worker_soon() or f"a tensor-parallel rank stopped answering: {exc}"
-            ) from exc
+            raise self._peer_lost(exc) from exc
         rank = min(range(len(budgets)), key=budgets.__getitem__)
         logger.info(
             "KV budget per rank (GiB): %s; the smallest (rank %d) sizes the cache",
@@ -275,6 +277,14 @@ class Driver:
             rank,
         )
         return budgets[rank]
+
+    def mirrored(self, run: Callable[[], T]) -> T:
+        """`run()`, a call the other ranks are making too: if it fails here they are left
+        waiting in a collective, so any failure is fatal (`collective_failed`)."""
+        try:
+            return run()
+        except Exception as exc:
+            raise self.collective_failed(exc) from exc
 
     def collective_failed(self, exc: Exception) -> EngineDeadError:
         """What a failure inside a mirrored call means: a rank is gone, or rank 0 failed midway

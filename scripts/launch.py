@@ -317,22 +317,22 @@ def _strings(table: dict, key: str, where: str) -> list[str]:
 
 
 def _positive(value: object, what: str) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if number < 1 or isinstance(value, bool):
-        raise UsageError(f"{what} must be a positive integer, got {value!r}")
-    return number
+    return _int_within(value, 1, None, f"{what} must be a positive integer")
 
 
 def _port(value: object, what: str) -> int:
+    return _int_within(value, 1, 65535, f"{what} must be a port number")
+
+
+def _int_within(value: object, low: int, high: int | None, message: str) -> int:
+    """`value` as an int in [low, high] (no upper bound when None), or a UsageError with
+    `message` and the value (a TOML boolean is no number)."""
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = -1
-    if not 1 <= number <= 65535 or isinstance(value, bool):
-        raise UsageError(f"{what} must be a port number, got {value!r}")
+        number = None
+    if number is None or isinstance(value, bool) or number < low or (high is not None and number > high):
+        raise UsageError(f"{message}, got {value!r}")
     return number
 
 

@@ -42,6 +42,15 @@ def two_free_ports() -> int:
     raise RuntimeError("no two consecutive free ports")
 
 
+def kill_everything(proc: subprocess.Popen, descendants: list[int]) -> None:
+    """After a test, whatever happened: the script's process group, then any child left."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in descendants:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_start_distributed_serves_through_n_servers_and_stops_everything(
     tiny_checkpoint: Path, tmp_path: Path, how: str
@@ -105,11 +114,7 @@ def test_start_distributed_serves_through_n_servers_and_stops_everything(
         assert {p.name for p in run_dir.iterdir()} >= {"engine-0.log", f"server-{port}.log", f"server-{port + 1}.log"}
         assert "stopped" in (run_dir / "engine-0.log").read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in descendants:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_everything(proc, descendants)
 
 
 def test_start_distributed_help_documents_every_flag() -> None:
@@ -208,11 +213,7 @@ args = {engine_args}
         assert [pid for pid in descendants if pid_alive(pid)] == [], "orphans left running"
         assert all("stopped" in (run_dir / f"engine-{i}.log").read_text() for i in range(3))
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        for pid in descendants:
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_everything(proc, descendants)
 
 
 @pytest.mark.parametrize(

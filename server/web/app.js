@@ -118,8 +118,7 @@ function addMessage(role, text) {
 }
 
 function showError(text) {
-  const { element } = addMessage("error", text);
-  element.querySelector(".role").textContent = "error";
+  addMessage("error", text);
 }
 
 // The server-sent events of a streamed reply, parsed: yields each `data:` payload's JSON
